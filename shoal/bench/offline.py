@@ -1,0 +1,155 @@
+"""``shoal bench offline``: fixed-length requests straight through the engine, C at a time.
+
+The transformers baseline runs ``generate`` on the same weights with the same batch size, so a
+speed-up is a ratio measured in one run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from rich.progress import Progress
+
+from shoal.engine.config import EngineConfig, resolve_dtype
+from shoal.engine.engine import Engine
+from shoal.engine.sampling_params import SamplingParams
+
+SAMPLE_TEXT = (
+    "The history of computing is a story of layers. Engineers built machines that could add, then "
+    "languages that could describe additions, then systems that could schedule many programs on one "
+    "machine, and finally networks that let programs on many machines cooperate. Each layer hid the "
+    "details of the one below while exposing new ways to fail. Serving large language models follows "
+    "the same pattern: a model computes one token at a time, an engine batches many requests on one "
+    "device, and a cluster spreads the work across many devices while keeping latency predictable. "
+)
+
+
+def make_prompts(tokenizer, vocab_size: int, n: int, input_len: int) -> list[list[int]]:
+    """``n`` distinct prompts of exactly ``input_len`` tokens, from real text when a tokenizer exists."""
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(1, vocab_size, (n, input_len), generator=g).tolist()
+    text = SAMPLE_TEXT * (1 + input_len // 64)
+    return [tokenizer.encode(f"Request {i}. {text}", add_special_tokens=False)[:input_len] for i in range(n)]
+
+
+def percentiles(xs: list[float]) -> dict[str, float]:
+    """Mean and p50 / p90 / p99 of a sample (zeros when empty)."""
+    if not xs:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    t = torch.tensor(xs, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    return {"mean": statistics.fmean(xs), "p50": q[0], "p90": q[1], "p99": q[2]}
+
+
+def run_offline_bench(
+    *,
+    model: str | None,
+    num_requests: int,
+    concurrency: int,
+    input_len: int,
+    output_len: int,
+    max_num_batched_tokens: int = 512,
+    dtype: str = "auto",
+    device: str = "auto",
+    engine: Engine | None = None,
+) -> dict:
+    """Run the benchmark; returns a JSON-able dict of throughput and latency figures (ms)."""
+    engine = engine or Engine(
+        EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=concurrency,
+                     max_num_batched_tokens=max_num_batched_tokens)
+    )
+    prompts = make_prompts(engine.tokenizer, engine.model_config.vocab_size, num_requests, input_len)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    # Warm up kernels once so the first request does not pay one-time costs.
+    engine.add(prompts[0][:16], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    ttft, tpot, e2e = [], [], []
+    out_tokens = 0
+    queue = list(prompts)
+    in_flight = 0
+    start = time.perf_counter()
+    with Progress(transient=True) as progress:
+        task = progress.add_task("requests", total=num_requests)
+        while queue or in_flight:
+            while queue and in_flight < concurrency:
+                engine.add(queue.pop(0), params)
+                in_flight += 1
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                in_flight -= 1
+                progress.advance(task)
+                n = out.num_output_tokens
+                out_tokens += n
+                first = out.first_token_time - out.arrival_time
+                total = out.finished_time - out.arrival_time
+                ttft.append(first * 1e3)
+                e2e.append(total * 1e3)
+                if n > 1:
+                    tpot.append((total - first) / (n - 1) * 1e3)
+    duration = time.perf_counter() - start
+    return {
+        "engine": "shoal",
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "num_requests": num_requests,
+        "concurrency": concurrency,
+        "input_len": input_len,
+        "output_len": output_len,
+        "duration_s": duration,
+        "request_throughput": num_requests / duration,
+        "output_token_throughput": out_tokens / duration,
+        "ttft_ms": percentiles(ttft),
+        "tpot_ms": percentiles(tpot),
+        "e2e_ms": percentiles(e2e),
+        "num_preemptions": engine.scheduler.num_preemptions,
+    }
+
+
+def run_transformers_baseline(
+    *, model: str | None, num_requests: int, concurrency: int, input_len: int, output_len: int, dtype: str = "auto"
+) -> dict:
+    """transformers ``generate`` on the same weights: batches of ``concurrency``, EOS blocked, greedy."""
+    import transformers
+
+    from shoal.model.loader import default_model_path, load_checkpoint, load_tokenizer
+
+    path = model or default_model_path()
+    torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
+    cfg, state = load_checkpoint(path, dtype=torch_dtype)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_scaling=cfg.rope_scaling,
+    )
+    hf = transformers.LlamaForCausalLM(hf_config).to(torch_dtype).eval()
+    hf.load_state_dict({f"model.{k}" if k != "lm_head.weight" else k: v for k, v in state.items()}, strict=False)
+    if cfg.tie_word_embeddings:
+        hf.tie_weights()
+    tokenizer = load_tokenizer(path)
+    prompts = make_prompts(tokenizer, cfg.vocab_size, num_requests, input_len)
+    out_tokens = 0
+    batches = [prompts[i : i + concurrency] for i in range(0, num_requests, concurrency)]
+    with torch.inference_mode():
+        hf.generate(torch.tensor(prompts[:1]), max_new_tokens=2, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        for batch in batches:
+            ids = torch.tensor(batch)
+            gen = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len, min_new_tokens=output_len,
+                do_sample=False, pad_token_id=0,
+            )
+            out_tokens += (gen.shape[1] - ids.shape[1]) * ids.shape[0]
+    duration = time.perf_counter() - start
+    return {
+        "engine": "transformers",
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "duration_s": duration,
+        "output_token_throughput": out_tokens / duration,
+    }

@@ -1,0 +1,90 @@
+"""The ``shoal`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Shoal: serve, benchmark and simulate LLMs.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+ModelOpt = typer.Option(None, "--model", help="GGUF file or Hugging Face folder (default: built-in SmolLM2-135M-Instruct)")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32")
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message"),
+    model: Optional[str] = ModelOpt,
+    max_tokens: int = typer.Option(128, "--max-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    system: Optional[str] = typer.Option(None, "--system", help="Optional system message"),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Answer one prompt with the chat template applied and print the answer."""
+    from shoal import LLM, SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    llm = LLM(model=model, dtype=dtype, device=device)
+    if raw:
+        out = llm.generate(prompt, params)[0]
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        out = llm.chat(messages, params)[0]
+    typer.echo(out.text)
+
+
+@bench_app.command("offline")
+def bench_offline(
+    model: Optional[str] = ModelOpt,
+    num_requests: int = typer.Option(64, "--num-requests", "-n"),
+    concurrency: int = typer.Option(8, "--concurrency", "-c", help="Requests in flight at once"),
+    input_len: int = typer.Option(110, "--input-len"),
+    output_len: int = typer.Option(128, "--output-len"),
+    max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens"),
+    baseline: bool = typer.Option(False, "--baseline", help="Also run transformers generate on the same weights and batches"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here"),
+) -> None:
+    """Run N fixed-length requests through the engine, C at a time; print throughput, TTFT, TPOT."""
+    from shoal.bench.offline import run_offline_bench, run_transformers_baseline
+
+    result = run_offline_bench(
+        model=model, num_requests=num_requests, concurrency=concurrency, input_len=input_len,
+        output_len=output_len, max_num_batched_tokens=max_num_batched_tokens, dtype=dtype, device=device,
+    )
+    if baseline:
+        base = run_transformers_baseline(
+            model=model, num_requests=num_requests, concurrency=concurrency, input_len=input_len,
+            output_len=output_len, dtype=dtype,
+        )
+        result["baseline_transformers"] = base
+        result["speedup_vs_transformers"] = result["output_token_throughput"] / base["output_token_throughput"]
+    typer.echo(json.dumps(result, indent=2))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log engine details")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    app()

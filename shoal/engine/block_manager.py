@@ -1,0 +1,312 @@
+"""Paged KV memory: the one owner of every device block and every swap block.
+
+Blocks hold ``block_size`` tokens of K and V for every layer. A request owns a block table (a list
+of device block ids). Full blocks are content-addressed by a hash chain over their tokens, so a
+new request whose prompt starts with the same tokens reuses them (prefix caching). A block whose
+reference count drops to zero stays in the cache and is reused least-recently-freed first. Pinned
+blocks (agent KV retention) count as used even when no request holds them.
+
+Invariant (checked by :meth:`check`): free + used == total, where a block is used when a request
+references it or it is pinned; when no request is left, used == pinned.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+class NoFreeBlocks(RuntimeError):
+    """Raised when an allocation is attempted without room; callers ask ``can_*`` first."""
+
+
+def hash_block(parent: int | None, tokens: tuple[int, ...]) -> int:
+    """Hash of one full block, chained to the hash of the block before it."""
+    return hash((parent, tokens))
+
+
+@dataclass
+class Block:
+    """One device block: its reference count, pin count and content hash (when full and cached)."""
+
+    block_id: int
+    ref_count: int = 0
+    pin_count: int = 0
+    hash: int | None = None
+
+    @property
+    def used(self) -> bool:
+        return self.ref_count > 0 or self.pin_count > 0
+
+
+@dataclass
+class BlockTable:
+    """A request's device blocks, plus the hashes of its leading full blocks."""
+
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+
+
+class BlockManager:
+    """Allocates device blocks and swap blocks to requests; keeps the prefix cache."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_swap_blocks: int = 0,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_swap_blocks = num_swap_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks without content first (a plain list used as a stack), then cached free
+        # blocks in least-recently-freed order (evicted from the front).
+        self._free_plain: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._free_cached: OrderedDict[int, None] = OrderedDict()
+        self._hash_to_block: dict[int, int] = {}
+        self._free_swap: list[int] = list(range(num_swap_blocks - 1, -1, -1))
+        self.tables: dict[str, BlockTable] = {}
+        self.swapped: dict[str, list[int]] = {}
+        self.num_used = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found
+
+    # ---- counts -------------------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        return self.num_blocks - self.num_used
+
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks that still hold reusable content."""
+        return len(self._free_cached)
+
+    @property
+    def num_pinned(self) -> int:
+        return sum(1 for b in self.blocks if b.pin_count > 0)
+
+    @property
+    def num_free_swap(self) -> int:
+        return len(self._free_swap)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- raw block life cycle -----------------------------------------------------------------
+
+    def _take_free(self) -> int:
+        if self._free_plain:
+            bid = self._free_plain.pop()
+        elif self._free_cached:
+            bid, _ = self._free_cached.popitem(last=False)
+            blk = self.blocks[bid]
+            if self._hash_to_block.get(blk.hash) == bid:
+                del self._hash_to_block[blk.hash]
+            blk.hash = None
+        else:
+            raise NoFreeBlocks("no free KV blocks")
+        self.num_used += 1
+        return bid
+
+    def _acquire(self, bid: int) -> None:
+        blk = self.blocks[bid]
+        if not blk.used:
+            self._free_cached.pop(bid, None)
+            self.num_used += 1
+        blk.ref_count += 1
+
+    def _release(self, bid: int) -> None:
+        blk = self.blocks[bid]
+        assert blk.ref_count > 0, f"block {bid} released more often than acquired"
+        blk.ref_count -= 1
+        if not blk.used:
+            self._mark_free(blk)
+
+    def _mark_free(self, blk: Block) -> None:
+        self.num_used -= 1
+        if blk.hash is not None and self._hash_to_block.get(blk.hash) == blk.block_id:
+            self._free_cached[blk.block_id] = None
+        else:
+            blk.hash = None
+            self._free_plain.append(blk.block_id)
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def table(self, req_id: str) -> list[int]:
+        return self.tables[req_id].blocks
+
+    def prefix_hashes(self, token_ids: list[int], max_blocks: int) -> list[int]:
+        """Chained hashes of the first ``max_blocks`` full blocks of ``token_ids``."""
+        hashes: list[int] = []
+        parent: int | None = None
+        bs = self.block_size
+        for i in range(min(max_blocks, len(token_ids) // bs)):
+            parent = hash_block(parent, tuple(token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(parent)
+        return hashes
+
+    def cached_prefix(self, token_ids: list[int]) -> list[int]:
+        """Device blocks holding the longest cached prefix of ``token_ids``, leaving at least one
+        token to compute (its logits are needed)."""
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        for h in self.prefix_hashes(token_ids, (len(token_ids) - 1) // self.block_size):
+            bid = self._hash_to_block.get(h)
+            if bid is None:
+                break
+            hits.append(bid)
+        return hits
+
+    def can_allocate(self, token_ids: list[int], num_tokens: int, reserve: int = 0) -> bool:
+        """Whether a new request can get blocks for its first ``num_tokens`` tokens, keeping
+        ``reserve`` blocks free."""
+        hits = self.cached_prefix(token_ids)
+        reused_free = sum(1 for b in hits if not self.blocks[b].used)
+        new = max(0, self.blocks_needed(num_tokens) - len(hits))
+        return new + reused_free + reserve <= self.num_free
+
+    def allocate(self, req_id: str, token_ids: list[int], num_tokens: int) -> int:
+        """Give a new request blocks for its first ``num_tokens`` tokens, reusing cached prefix
+        blocks. Returns how many leading tokens are already computed (prefix-cache hit)."""
+        assert req_id not in self.tables, f"{req_id} already has blocks"
+        hits = self.cached_prefix(token_ids)
+        self.prefix_queries += len(token_ids)
+        self.prefix_hits += len(hits) * self.block_size
+        table = BlockTable()
+        for bid in hits:
+            self._acquire(bid)
+            table.blocks.append(bid)
+            table.hashes.append(self.blocks[bid].hash)  # type: ignore[arg-type]
+        self.tables[req_id] = table
+        self.ensure_slots(req_id, max(num_tokens, len(hits) * self.block_size))
+        return len(hits) * self.block_size
+
+    def slots_needed(self, req_id: str, num_tokens: int) -> int:
+        """New blocks a request needs to hold ``num_tokens`` tokens."""
+        return max(0, self.blocks_needed(num_tokens) - len(self.tables[req_id].blocks))
+
+    def ensure_slots(self, req_id: str, num_tokens: int) -> list[int]:
+        """Grow a request's table to hold ``num_tokens`` tokens; returns the new block ids."""
+        need = self.slots_needed(req_id, num_tokens)
+        if need > self.num_free:
+            raise NoFreeBlocks(f"{req_id} needs {need} blocks, {self.num_free} free")
+        new = []
+        for _ in range(need):
+            bid = self._take_free()
+            self.blocks[bid].ref_count = 1
+            new.append(bid)
+        self.tables[req_id].blocks.extend(new)
+        return new
+
+    def has_new_full_blocks(self, req_id: str, num_computed: int) -> bool:
+        """Whether :meth:`commit` would register anything (cheap check for the hot path)."""
+        return self.enable_prefix_caching and num_computed // self.block_size > len(self.tables[req_id].hashes)
+
+    def commit(self, req_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Register the request's newly completed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        table = self.tables[req_id]
+        bs = self.block_size
+        full = min(num_computed // bs, len(table.blocks))
+        parent = table.hashes[-1] if table.hashes else None
+        for i in range(len(table.hashes), full):
+            parent = hash_block(parent, tuple(token_ids[i * bs : (i + 1) * bs]))
+            table.hashes.append(parent)
+            bid = table.blocks[i]
+            blk = self.blocks[bid]
+            if blk.hash is None and parent not in self._hash_to_block:
+                blk.hash = parent
+                self._hash_to_block[parent] = bid
+
+    def free(self, req_id: str) -> None:
+        """Release a request's device blocks (cached ones stay reusable) and its swap blocks."""
+        table = self.tables.pop(req_id, None)
+        if table is not None:
+            # Release tail first so the LRU evicts the end of a prefix before its start.
+            for bid in reversed(table.blocks):
+                self._release(bid)
+        self._free_swap.extend(self.swapped.pop(req_id, ()))
+
+    # ---- swap tier ----------------------------------------------------------------------------
+
+    def can_swap_out(self, req_id: str) -> bool:
+        return len(self.tables[req_id].blocks) <= len(self._free_swap)
+
+    def swap_out(self, req_id: str) -> list[tuple[int, int]]:
+        """Move a request's KV to the swap pool. Returns (device block, swap block) copies that
+        must run before its device blocks are reused."""
+        table = self.tables.pop(req_id)
+        if len(table.blocks) > len(self._free_swap):
+            self.tables[req_id] = table
+            raise NoFreeBlocks(f"{req_id} needs {len(table.blocks)} swap blocks")
+        pairs = [(bid, self._free_swap.pop()) for bid in table.blocks]
+        self.swapped[req_id] = [s for _, s in pairs]
+        for bid in reversed(table.blocks):
+            self._release(bid)
+        return pairs
+
+    def can_swap_in(self, req_id: str, reserve: int = 0) -> bool:
+        return len(self.swapped[req_id]) + reserve <= self.num_free
+
+    def swap_in(self, req_id: str) -> list[tuple[int, int]]:
+        """Bring a swapped request back onto fresh device blocks. Returns (swap, device) copies."""
+        swap_ids = self.swapped[req_id]
+        if len(swap_ids) > self.num_free:
+            raise NoFreeBlocks(f"{req_id} needs {len(swap_ids)} blocks to swap in")
+        del self.swapped[req_id]
+        table = BlockTable()
+        for _ in swap_ids:
+            bid = self._take_free()
+            self.blocks[bid].ref_count = 1
+            table.blocks.append(bid)
+        self.tables[req_id] = table
+        self._free_swap.extend(swap_ids)
+        return list(zip(swap_ids, table.blocks))
+
+    # ---- pins ---------------------------------------------------------------------------------
+
+    def pin(self, block_ids: list[int]) -> None:
+        """Keep blocks resident (and their content cached) until unpinned."""
+        for bid in block_ids:
+            blk = self.blocks[bid]
+            if not blk.used:
+                self._free_cached.pop(bid, None)
+                if bid in self._free_plain:
+                    self._free_plain.remove(bid)
+                self.num_used += 1
+            blk.pin_count += 1
+
+    def unpin(self, block_ids: list[int]) -> None:
+        for bid in block_ids:
+            blk = self.blocks[bid]
+            if blk.pin_count <= 0:
+                raise ValueError(f"block {bid} is not pinned")
+            blk.pin_count -= 1
+            if not blk.used:
+                self._mark_free(blk)
+
+    # ---- checks -------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Assert the accounting invariants (used by tests)."""
+        used = sum(1 for b in self.blocks if b.used)
+        assert used == self.num_used, (used, self.num_used)
+        free = len(self._free_plain) + len(self._free_cached)
+        assert free + used == self.num_blocks, (free, used, self.num_blocks)
+        refs = [0] * self.num_blocks
+        for t in self.tables.values():
+            for bid in t.blocks:
+                refs[bid] += 1
+        assert refs == [b.ref_count for b in self.blocks], "reference counts disagree with tables"
+        swap_used = sum(len(s) for s in self.swapped.values())
+        assert swap_used + len(self._free_swap) == self.num_swap_blocks
+        if not self.tables:
+            assert used == self.num_pinned, (used, self.num_pinned)

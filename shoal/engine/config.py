@@ -1,0 +1,65 @@
+"""Engine configuration and the device / dtype defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    """How one engine instance runs. ``None`` means "pick a sensible default for this machine"."""
+
+    model: str | None = None  # GGUF file or Hugging Face folder; None = built-in SmolLM2
+    dtype: str = "auto"  # auto | bfloat16 | float32 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    block_size: int = 16
+    kv_cache_gb: float | None = None  # device memory for KV blocks (default 1 GiB CPU, 60% free CUDA)
+    num_blocks: int | None = None  # overrides kv_cache_gb
+    swap_space_gb: float = 1.0  # host memory for preempted requests' KV
+    num_swap_blocks: int | None = None  # overrides swap_space_gb
+    max_model_len: int | None = None  # default: the model's context, bounded by the KV size
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    priority_aging_s: float | None = None
+    preemption_mode: str = "auto"  # auto (by cost) | swap | recompute
+    num_threads: int | None = None  # torch CPU threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        if self.preemption_mode not in ("auto", "swap", "recompute"):
+            raise ValueError(f"preemption_mode must be auto, swap or recompute, not {self.preemption_mode!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 where the device computes it natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[name]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -1,0 +1,77 @@
+"""Plain data the engine hands out: per-step request outputs, load snapshots, exported state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from shoal.engine.request import FinishReason
+from shoal.engine.sampler import Logprob
+from shoal.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    """What one step did for one request: the new tokens and text, and whether it ended."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int = 0
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    error: str | None = None
+    logprobs: list[tuple[Logprob, list[Logprob]]] | None = None
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass(frozen=True)
+class InstanceLoad:
+    """A snapshot of one engine's load, for dispatch and migration policies."""
+
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    num_total_blocks: int
+    num_free_blocks: int
+    num_used_blocks: int
+    num_cached_blocks: int
+    num_pinned_blocks: int
+    block_size: int
+    tokens_in_flight: int  # tokens held in KV by running requests
+    waiting_prompt_tokens: int  # demand of queued requests not yet in KV
+    num_preemptions: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.num_used_blocks / self.num_total_blocks
+
+
+@dataclass
+class RequestState:
+    """Everything needed to continue a request on another engine (live migration).
+
+    ``kv`` is ``[2, layers, blocks, block_size, kv_heads, head_dim]`` on CPU covering the first
+    ``num_computed_tokens`` tokens, or None when the request has no KV yet.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    arrival_time: float
+    num_computed_tokens: int
+    generator_state: torch.Tensor | None
+    emitted_text_len: int
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    kv: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,51 @@
+"""Preemption policy: which running request gives up its KV, and whether by swap or recompute.
+
+Pure functions over plain values, shared by the engine scheduler and the simulator.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterable, Protocol, TypeVar
+
+
+class PreemptionMode(enum.Enum):
+    SWAP = "swap"  # copy the KV blocks to the swap pool and back later
+    RECOMPUTE = "recompute"  # drop the KV and prefill prompt + output again later
+
+
+class Preemptible(Protocol):
+    @property
+    def sort_key(self) -> tuple[int, float, str]: ...
+
+
+T = TypeVar("T", bound=Preemptible)
+
+
+def pick_victim(candidates: Iterable[T]) -> T:
+    """The lowest-priority (highest number), latest-arrived candidate. The oldest request of the
+    best priority is never picked while another candidate exists, so it cannot starve."""
+    return max(candidates, key=lambda r: r.sort_key)
+
+
+@dataclass(frozen=True)
+class PreemptionCost:
+    """Cost model for choosing between swap and recompute.
+
+    ``recompute_s_per_token``: time to prefill one token again. ``swap_s_per_block``: time to copy
+    one KV block out *and* back in.
+    """
+
+    recompute_s_per_token: float = 5e-4
+    swap_s_per_block: float = 2e-4
+    force: PreemptionMode | None = None  # always this mode when possible
+
+    def choose(self, num_computed_tokens: int, num_blocks: int, swap_blocks_free: int) -> PreemptionMode:
+        if num_blocks == 0 or num_blocks > swap_blocks_free:
+            return PreemptionMode.RECOMPUTE
+        if self.force is not None:
+            return self.force
+        swap = num_blocks * self.swap_s_per_block
+        recompute = num_computed_tokens * self.recompute_s_per_token
+        return PreemptionMode.SWAP if swap < recompute else PreemptionMode.RECOMPUTE

@@ -1,0 +1,81 @@
+"""Per-request sampling parameters (a subset of vLLM's ``SamplingParams``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+_GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request and when to stop.
+
+    ``top_k`` of 0 or -1 disables top-k; ``logprobs`` is the number of top
+    alternatives to return per token (0 = only the sampled token's logprob,
+    None = no logprobs). ``stop`` accepts a single string.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids)
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(name: str, rule: str) -> None:
+            raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        def is_int(x: object) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x: object) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            fail("max_tokens", "an integer >= 1")
+        if not is_num(self.temperature) or self.temperature < 0:
+            fail("temperature", "a finite number >= 0")
+        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
+            fail("top_p", "in (0, 1]")
+        if not is_int(self.top_k) or self.top_k < -1:
+            fail("top_k", "-1 or 0 (disabled) or an integer >= 1")
+        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            fail("min_p", "in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not is_num(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                fail(name, "in [-2, 2]")
+        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail("repetition_penalty", "a finite number > 0")
+        if self.seed is not None and not is_int(self.seed):
+            fail("seed", "None or an integer")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            fail("stop", "a list of non-empty strings")
+        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+            fail("stop_token_ids", "a list of integers >= 0")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            fail("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling reduces to argmax (temperature below 1e-5)."""
+        return self.temperature < _GREEDY_EPS

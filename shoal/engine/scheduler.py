@@ -1,0 +1,231 @@
+"""The engine scheduler: decides, each step, which tokens of which requests run.
+
+It returns a :class:`StepPlan` (plain data); the model runner, or the simulator's cost model,
+executes it. One token budget per step is spent on running decodes first, then on prefill chunks
+(chunked prefill: a long prompt never stalls the decodes). When KV blocks run out, the
+lowest-priority, latest-arrived running request is preempted, by swap or by recompute as the cost
+model says. Nothing here reads a clock: ``now`` is handed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from shoal.engine.block_manager import BlockManager
+from shoal.engine.preemption import PreemptionCost, PreemptionMode, pick_victim
+from shoal.engine.request import Request, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    preemption_cost: PreemptionCost = field(default_factory=PreemptionCost)
+    priority_aging_s: float | None = None
+    """If set, a waiting request's priority improves by one level per this many seconds waited
+    (for admission order only), so low-priority work cannot wait forever under a steady stream
+    of urgent requests."""
+    watermark_blocks: int = 1
+    """Blocks kept free when admitting new requests, so running decodes are not preempted at once."""
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """``num_tokens`` tokens of one request, starting at position ``start``."""
+
+    req_id: str
+    start: int
+    token_ids: list[int]
+    block_table: list[int]
+    sample: bool  # the chunk reaches the end of the known tokens: sample the next one
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+@dataclass
+class StepPlan:
+    """What one engine step does. Copies run in order: swap-out, swap-in, then the forward pass
+    over ``chunks`` (decodes first)."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, swap block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (swap block, device block)
+    preempted: list[tuple[str, PreemptionMode]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for c in self.chunks if c.num_tokens == 1 and c.sample)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.chunks or self.swap_out or self.swap_in)
+
+
+class Scheduler:
+    """Continuous batching over waiting, running and swapped requests."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.swapped: list[Request] = []
+        self.num_preemptions = 0
+
+    # ---- queue management ---------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        req.status = Status.WAITING
+        self.waiting.append(req)
+
+    def remove(self, req: Request) -> None:
+        """Take a request out of every queue and release its KV (finish, abort, export)."""
+        for queue in (self.waiting, self.running, self.swapped):
+            if req in queue:
+                queue.remove(req)
+        self.bm.free(req.req_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.swapped)
+
+    def _effective_priority(self, req: Request, now: float) -> tuple[float, float, str]:
+        prio = float(req.priority)
+        if self.config.priority_aging_s:
+            prio -= (now - req.arrival_time) // self.config.priority_aging_s
+        return (prio, req.arrival_time, req.req_id)
+
+    # ---- the step plan ------------------------------------------------------------------------
+
+    def schedule(self, now: float) -> StepPlan:
+        plan = StepPlan()
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, ScheduledChunk] = {}
+
+        def preempt(victim: Request) -> None:
+            nonlocal budget
+            chunk = scheduled.pop(victim.req_id, None)
+            if chunk is not None:
+                budget += chunk.num_tokens
+                plan.chunks.remove(chunk)
+            self._preempt(victim, plan)
+
+        # 1. Running requests: decodes first, then prefill chunks, each in priority order.
+        for req in sorted(self.running, key=lambda r: (r.is_prefilling, r.sort_key)):
+            if budget == 0:
+                break
+            if req.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while self.bm.slots_needed(req.req_id, req.num_computed_tokens + n) > self.bm.num_free:
+                victim = pick_victim(self.running)
+                preempt(victim)
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:
+                continue
+            self.bm.ensure_slots(req.req_id, req.num_computed_tokens + n)
+            chunk = self._chunk(req, n, now)
+            scheduled[req.req_id] = chunk
+            plan.chunks.append(chunk)
+            budget -= n
+
+        # 2. Admit swapped and waiting requests in priority order, unless we just had to preempt.
+        if not plan.preempted:
+            self._admit(plan, budget, now)
+        # Decodes first in the batch (the runner batches them together).
+        plan.chunks.sort(key=lambda c: not (c.num_tokens == 1 and c.sample))
+        return plan
+
+    def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
+        candidates = sorted(self.swapped + self.waiting, key=lambda r: self._effective_priority(r, now))
+        reserve = self.config.watermark_blocks
+        for req in candidates:
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                return
+            if req.status is Status.SWAPPED:
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if not self._make_room(req, lambda: self.bm.can_swap_in(req.req_id, reserve + 1), plan, now):
+                    return
+                plan.swap_in.extend(self.bm.swap_in(req.req_id))
+                self.swapped.remove(req)
+            else:
+                tokens = req.all_token_ids
+                cached = self._cached_tokens(tokens)
+                n = min(req.num_tokens - cached, budget)
+                if not self._make_room(req, lambda: self.bm.can_allocate(tokens, cached + n, reserve), plan, now):
+                    return
+                req.num_computed_tokens = self.bm.allocate(req.req_id, tokens, cached + n)
+                if req.num_preemptions == 0:
+                    req.num_cached_tokens = req.num_computed_tokens
+                self.waiting.remove(req)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            self.bm.ensure_slots(req.req_id, req.num_computed_tokens + n)
+            plan.chunks.append(self._chunk(req, n, now))
+            budget -= n
+
+    def _cached_tokens(self, token_ids: list[int]) -> int:
+        return len(self.bm.cached_prefix(token_ids)) * self.bm.block_size
+
+    def _make_room(self, req: Request, fits: Callable[[], bool], plan: StepPlan, now: float) -> bool:
+        """Make ``fits()`` true for an arriving request by preempting strictly lower-priority
+        running requests; False if it cannot."""
+        while not fits():
+            lower = [r for r in self.running if r.priority > self._effective_priority(req, now)[0]]
+            if not lower:
+                return False
+            self._preempt(pick_victim(lower), plan)
+        return True
+
+    def _preempt(self, victim: Request, plan: StepPlan) -> None:
+        table = self.bm.table(victim.req_id)
+        mode = self.config.preemption_cost.choose(
+            victim.num_computed_tokens, len(table), self.bm.num_free_swap
+        )
+        self.running.remove(victim)
+        if mode is PreemptionMode.SWAP:
+            plan.swap_out.extend(self.bm.swap_out(victim.req_id))
+            victim.status = Status.SWAPPED
+            self.swapped.append(victim)
+        else:
+            self.bm.free(victim.req_id)
+            victim.num_computed_tokens = 0
+            victim.status = Status.WAITING
+            self.waiting.append(victim)
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        plan.preempted.append((victim.req_id, mode))
+
+    def _chunk(self, req: Request, n: int, now: float) -> ScheduledChunk:
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = now
+        start = req.num_computed_tokens
+        return ScheduledChunk(
+            req_id=req.req_id,
+            start=start,
+            token_ids=req.token_slice(start, start + n),
+            block_table=self.bm.table(req.req_id),
+            sample=start + n == req.num_tokens,
+        )
+
+    # ---- after the step -----------------------------------------------------------------------
+
+    def commit(self, plan: StepPlan, requests: dict[str, Request]) -> None:
+        """Advance computed-token counts and publish newly full blocks to the prefix cache."""
+        for chunk in plan.chunks:
+            req = requests[chunk.req_id]
+            req.num_computed_tokens += chunk.num_tokens
+            if self.bm.has_new_full_blocks(req.req_id, req.num_computed_tokens):
+                self.bm.commit(req.req_id, req.all_token_ids, req.num_computed_tokens)

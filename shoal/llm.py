@@ -1,0 +1,135 @@
+"""Offline batch API in the shape vLLM users know: ``LLM(model).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from shoal.engine.config import EngineConfig
+from shoal.engine.engine import Engine
+from shoal.engine.outputs import RequestOutput
+from shoal.engine.request import FinishReason
+from shoal.engine.sampler import Logprob
+from shoal.engine.sampling_params import SamplingParams
+
+Message = dict[str, str]
+
+
+@dataclass
+class Completion:
+    """One generated sequence."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    logprobs: list[tuple[Logprob, list[Logprob]]] | None = None
+
+
+@dataclass
+class GenerationOutput:
+    """The result for one prompt; ``outputs[0].text`` is the answer, as in vLLM."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[Completion] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+
+class LLM:
+    """Runs prompts to completion on one in-process engine."""
+
+    def __init__(self, model: str | None = None, **engine_options) -> None:
+        self.engine = Engine(EngineConfig(model=model, **engine_options))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        priority: Sequence[int] | None = None,
+    ) -> list[GenerationOutput]:
+        """Generate for each prompt (text, or token ids). Results come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        texts: list[str | None] = []
+        token_lists: list[list[int]] = []
+        for p in prompts:
+            if isinstance(p, str):
+                texts.append(p)
+                token_lists.append(self.tokenizer.encode(p, add_special_tokens=False))
+            else:
+                texts.append(None)
+                token_lists.append(list(p))
+        return self._run(texts, token_lists, params, priority)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationOutput]:
+        """Apply the model's chat template to each conversation and generate the assistant turn."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        texts: list[str | None] = []
+        token_lists: list[list[int]] = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True)
+            texts.append(text)
+            token_lists.append(self.tokenizer.encode(text, add_special_tokens=False))
+        return self._run(texts, token_lists, params, None)
+
+    def _run(
+        self,
+        texts: list[str | None],
+        token_lists: list[list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+        priority: Sequence[int] | None,
+    ) -> list[GenerationOutput]:
+        n = len(token_lists)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * n
+        if len(params) != n or (priority is not None and len(priority) != n):
+            raise ValueError("params and priority must have one entry per prompt")
+        # Validate every prompt before queueing any, so bad input changes nothing.
+        for tokens in token_lists:
+            self.engine._validate_prompt(tokens)
+        results: dict[str, GenerationOutput] = {}
+        order = []
+        for i, tokens in enumerate(token_lists):
+            rid = self.engine.add(tokens, params[i], priority=priority[i] if priority else 0)
+            order.append(rid)
+            results[rid] = GenerationOutput(prompt=texts[i], prompt_token_ids=tokens)
+            results[rid].outputs.append(Completion(text="", token_ids=[], finish_reason=None))
+        pending = set(order)
+        while pending:
+            for out in self.engine.step():
+                if out.req_id in pending:
+                    _accumulate(results[out.req_id], out)
+                    if out.finished:
+                        pending.discard(out.req_id)
+        return [results[r] for r in order]
+
+
+def _accumulate(result: GenerationOutput, out: RequestOutput) -> None:
+    c = result.outputs[0]
+    c.text += out.new_text
+    c.token_ids.extend(out.new_token_ids)
+    if out.logprobs:
+        c.logprobs = (c.logprobs or []) + out.logprobs
+    if out.finished:
+        c.finish_reason = out.finish_reason.value if out.finish_reason else None
+        c.stop_reason = out.stop_reason
+        result.num_cached_tokens = out.num_cached_tokens
+        if out.first_token_time is not None:
+            result.ttft_s = out.first_token_time - out.arrival_time
+        if out.finished_time is not None:
+            result.e2e_s = out.finished_time - out.arrival_time
+        if out.finish_reason is FinishReason.ERROR:
+            raise RuntimeError(f"request failed: {out.error}")

@@ -1,0 +1,124 @@
+"""Llama-family decoder over a paged KV cache. Knows token ids and positions, nothing of requests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.model.attention import AttentionMetadata, paged_attention
+from shoal.model.config import ModelConfig
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse RoPE frequencies, with Llama-3 style frequency scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * torch.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return inv_freq.float()
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
+        self.eps = config.rms_norm_eps
+        self.input_layernorm = nn.Parameter(torch.ones(h))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(h))
+        self.qkv_proj = nn.Linear(h, (config.num_heads + 2 * config.num_kv_heads) * d, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * d, h, bias=False)
+        self.gate_up_proj = nn.Linear(h, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, h, bias=False)
+        self.scale = d**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        h = F.rms_norm(x, x.shape[-1:], self.input_layernorm, self.eps)
+        qkv = self.qkv_proj(h)
+        nq, nkv, d = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
+        q = apply_rope(qkv[:, :nq].view(t, self.num_heads, d), cos, sin)
+        k = apply_rope(qkv[:, nq : nq + nkv].view(t, self.num_kv_heads, d), cos, sin)
+        v = qkv[:, nq + nkv :].view(t, self.num_kv_heads, d)
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        x = x + self.o_proj(attn.view(t, nq))
+        h = F.rms_norm(x, x.shape[-1:], self.post_attention_layernorm, self.eps)
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (Hugging Face layout). x: [T, heads, D]; cos/sin: [T, 1, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm and LM head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        return F.rms_norm(x, x.shape[-1:], self.norm, self.config.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load Hugging Face-named weights (no ``model.`` prefix), fusing q/k/v and gate/up."""
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(state["embed_tokens.weight"])
+            self.norm.copy_(state["norm.weight"])
+            if not self.config.tie_word_embeddings:
+                self.lm_head.weight.copy_(state["lm_head.weight"])
+            for i, layer in enumerate(self.layers):
+                p = f"layers.{i}."
+                layer.input_layernorm.copy_(state[p + "input_layernorm.weight"])
+                layer.post_attention_layernorm.copy_(state[p + "post_attention_layernorm.weight"])
+                layer.qkv_proj.weight.copy_(
+                    torch.cat([state[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], dim=0)
+                )
+                layer.o_proj.weight.copy_(state[p + "self_attn.o_proj.weight"])
+                layer.gate_up_proj.weight.copy_(
+                    torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]], dim=0)
+                )
+                layer.down_proj.weight.copy_(state[p + "mlp.down_proj.weight"])
