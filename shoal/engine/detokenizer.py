@@ -73,6 +73,18 @@ class IncrementalDetokenizer:
             self.finished = True
         return self.get_delta()
 
+    @property
+    def emitted_len(self) -> int:
+        """Characters of ``output_text`` already handed out by :meth:`get_delta`."""
+        return self._sent
+
+    def replay(self, token_ids: list[int], emitted_len: int) -> None:
+        """Rebuild the state after ``token_ids`` on another engine (migration), marking the first
+        ``emitted_len`` characters as already handed out."""
+        for t in token_ids:
+            self.update(t)
+        self._sent = min(emitted_len, len(self.output_text))
+
     def _decode_pending(self, flush: bool) -> str | None:
         """Decode tokens after ``read_offset`` into ``output_text``; return a matched stop string."""
         if self.read_offset == len(self.tokens):

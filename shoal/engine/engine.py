@@ -23,6 +23,7 @@ from shoal.engine.sampler import Sampler, SamplingState, make_generator
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import Scheduler, SchedulerConfig
 from shoal.model.config import ModelConfig
+from shoal.model.linear import can_pack, pack_linears
 from shoal.model.llama import LlamaModel
 from shoal.model.loader import default_model_path, load_checkpoint, load_tokenizer
 
@@ -59,6 +60,9 @@ class Engine:
             tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model_config: ModelConfig = model.config
+        num_params = sum(p.numel() for p in self.model.parameters())
+        if can_pack(self.device, self.dtype):
+            pack_linears(self.model)
         self.tokenizer = tokenizer
 
         bs = config.block_size
@@ -76,7 +80,7 @@ class Engine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             preemption_cost=PreemptionCost(
-                recompute_s_per_token=2.0 * self._param_count() / 400e9,
+                recompute_s_per_token=2.0 * num_params / 400e9,
                 swap_s_per_block=2 * block_bytes / (20e9 if self.device.type == "cuda" else 5e9),
                 force=None if config.preemption_mode == "auto" else PreemptionMode(config.preemption_mode),
             ),
@@ -104,9 +108,6 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(self.device)
             return max(1, int(0.6 * free // block_bytes))
         return max(1, int((gb or 1.0) * GiB // block_bytes))
-
-    def _param_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
 
     # ---- requests in ----------------------------------------------------------------------------
 
@@ -345,7 +346,7 @@ class Engine:
             raise ValueError(f"request has {req.num_tokens} tokens; this engine holds {self.max_model_len}")
         bm = self.block_manager
         if state.kv is not None:
-            n_blocks = state.kv.shape[2]
+            n_blocks = state.kv.shape[3]
             if n_blocks != bm.blocks_needed(state.num_computed_tokens):
                 raise ValueError("exported KV does not match its computed-token count")
             if n_blocks > bm.num_free:

@@ -11,8 +11,8 @@ from shoal.model.llama import LlamaModel
 
 
 class KVCache:
-    """Device KV blocks ``[layers, blocks, block_size, kv_heads, head_dim]`` for K and for V, and
-    a swap pool of the same block shape in host memory."""
+    """Device KV blocks ``[layers, kv_heads, blocks, block_size, head_dim]`` for K and for V, and
+    a swap pool of the same block shape in host memory. Blocks are dimension 2."""
 
     def __init__(
         self,
@@ -23,10 +23,10 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, config.num_kv_heads, num_blocks, block_size, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        swap_shape = (config.num_layers, num_swap_blocks, *shape[2:])
+        swap_shape = (config.num_layers, config.num_kv_heads, num_swap_blocks, block_size, config.head_dim)
         pin = device.type == "cuda"
         self.swap_k = torch.zeros(swap_shape, dtype=dtype, pin_memory=pin)
         self.swap_v = torch.zeros(swap_shape, dtype=dtype, pin_memory=pin)
@@ -40,29 +40,29 @@ class KVCache:
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         if pairs:
             src, dst = _index(pairs, self.k.device)
-            self.swap_k[:, dst.cpu()] = self.k[:, src].cpu()
-            self.swap_v[:, dst.cpu()] = self.v[:, src].cpu()
+            self.swap_k[:, :, dst.cpu()] = self.k[:, :, src].cpu()
+            self.swap_v[:, :, dst.cpu()] = self.v[:, :, src].cpu()
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         if pairs:
             src, dst = _index(pairs, self.k.device)
-            self.k[:, dst] = self.swap_k[:, src.cpu()].to(self.k.device, non_blocking=True)
-            self.v[:, dst] = self.swap_v[:, src.cpu()].to(self.v.device, non_blocking=True)
+            self.k[:, :, dst] = self.swap_k[:, :, src.cpu()].to(self.k.device, non_blocking=True)
+            self.v[:, :, dst] = self.swap_v[:, :, src.cpu()].to(self.v.device, non_blocking=True)
 
     def read(self, block_ids: list[int], swapped: bool = False) -> torch.Tensor:
-        """Copy blocks out as one CPU tensor ``[2, layers, n, block_size, kv_heads, head_dim]``."""
+        """Copy blocks out as one CPU tensor ``[2, layers, kv_heads, n, block_size, head_dim]``."""
         k, v = (self.swap_k, self.swap_v) if swapped else (self.k, self.v)
         idx = torch.tensor(block_ids, dtype=torch.long, device=k.device)
-        return torch.stack([k[:, idx], v[:, idx]]).cpu()
+        return torch.stack([k[:, :, idx], v[:, :, idx]]).cpu()
 
     def write(self, block_ids: list[int], data: torch.Tensor) -> None:
         """Inverse of :meth:`read`, into device blocks."""
-        expected = (2, self.k.shape[0], len(block_ids), *self.k.shape[2:])
+        expected = (2, *self.k.shape[:2], len(block_ids), *self.k.shape[3:])
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
-        self.k[:, idx] = data[0].to(self.k.device, self.k.dtype)
-        self.v[:, idx] = data[1].to(self.v.device, self.v.dtype)
+        self.k[:, :, idx] = data[0].to(self.k.device, self.k.dtype)
+        self.v[:, :, idx] = data[1].to(self.v.device, self.v.dtype)
 
 
 def _index(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +129,16 @@ class ModelRunner:
         decode_tables = decode_mask = None
         if nd:
             max_blocks = max(-(-c.context_len // bs) for c in decodes)
-            padded = [c.block_table[:max_blocks] + [0] * (max_blocks - len(c.block_table[:max_blocks])) for c in decodes]
+            padded: list[int] = []
+            for c in decodes:
+                table = c.block_table[:max_blocks]
+                padded.extend(table)
+                padded.extend([0] * (max_blocks - len(table)))
             decode_tables = torch.tensor(padded, dtype=torch.long, device=dev)
             ctx = torch.tensor([c.context_len for c in decodes], device=dev)
             valid = torch.arange(max_blocks * bs, device=dev)[None, :] < ctx[:, None]
             decode_mask = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))
-            decode_mask = decode_mask[:, None, None, :]
+            decode_mask = decode_mask[None, :, None, :]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=nd,

@@ -57,7 +57,7 @@ class InstanceLoad:
 class RequestState:
     """Everything needed to continue a request on another engine (live migration).
 
-    ``kv`` is ``[2, layers, blocks, block_size, kv_heads, head_dim]`` on CPU covering the first
+    ``kv`` is ``[2, layers, kv_heads, blocks, block_size, head_dim]`` on CPU covering the first
     ``num_computed_tokens`` tokens, or None when the request has no KV yet.
     """
 

@@ -1,7 +1,8 @@
 """Attention over a paged KV cache.
 
-The cache of one layer is a tensor ``[num_blocks, block_size, num_kv_heads, head_dim]`` for K and
-the same for V. A step's tokens are laid out decodes first (one query each), then prefill chunks.
+The cache of one layer is a tensor ``[num_kv_heads, num_blocks, block_size, head_dim]`` for K and
+the same for V: head-major, so gathering a batch's blocks with one ``index_select`` yields the
+``[heads, batch, context, head_dim]`` layout the batched matmuls want, with no further copy. A step's tokens are laid out decodes first (one query each), then prefill chunks.
 New K/V are written to their slots, then
 
 * all decodes attend together: their blocks are gathered into one padded batch and a masked,
@@ -36,15 +37,16 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] long: block * block_size + offset for each token
     num_decodes: int
-    decode_block_tables: torch.Tensor | None  # [D, max_blocks] long (padded with 0)
-    decode_mask: torch.Tensor | None  # [D, 1, 1, max_blocks * block_size] additive float mask
+    decode_block_tables: torch.Tensor | None  # [D * max_blocks] long, row-major, padded with 0
+    decode_mask: torch.Tensor | None  # [1, D, 1, max_blocks * block_size] additive float mask
     prefills: list[PrefillMeta]
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store this step's K/V ([T, Hkv, D]) into their cache slots."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+    hkv, _, _, d = k_cache.shape
+    k_cache.view(hkv, -1, d).index_copy_(1, slots, k.transpose(0, 1))
+    v_cache.view(hkv, -1, d).index_copy_(1, slots, v.transpose(0, 1))
 
 
 def paged_attention(
@@ -67,13 +69,14 @@ def paged_attention(
         rows = slice(p.q_start, p.q_start + p.q_len)
         if p.mask is None:
             kc, vc = k[rows], v[rows]
+            kc, vc = kc.transpose(0, 1), vc.transpose(0, 1)
         else:
-            kc = k_cache[p.block_table].flatten(0, 1)[: p.ctx_len]
-            vc = v_cache[p.block_table].flatten(0, 1)[: p.ctx_len]
+            kc = _gather(k_cache, p.block_table, 1)[:, 0, : p.ctx_len]
+            vc = _gather(v_cache, p.block_table, 1)[:, 0, : p.ctx_len]
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0),
-            kc.transpose(0, 1).unsqueeze(0),
-            vc.transpose(0, 1).unsqueeze(0),
+            kc.unsqueeze(0),
+            vc.unsqueeze(0),
             attn_mask=p.mask,
             is_causal=p.mask is None,
             scale=scale,
@@ -83,18 +86,23 @@ def paged_attention(
     return out
 
 
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Blocks of ``batch`` equally long block tables (flattened) -> [Hkv, batch, context, D]."""
+    hkv, _, bs, d = cache.shape
+    return cache.index_select(1, block_ids).view(hkv, batch, -1, d)
+
+
 def _decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Single-query attention for a batch of decodes: [D, H, Dh] -> [D, H, Dh]."""
     n, h, dh = q.shape
-    hkv = k_cache.shape[2]
-    bt = meta.decode_block_tables
-    kc = k_cache[bt].flatten(1, 2)  # [D, L, Hkv, Dh]
-    vc = v_cache[bt].flatten(1, 2)
-    qg = q.view(n, hkv, h // hkv, dh)  # [D, Hkv, G, Dh]
-    scores = torch.matmul(qg, kc.permute(0, 2, 3, 1)) * scale  # [D, Hkv, G, L]
-    scores = scores.float() + meta.decode_mask
+    hkv = k_cache.shape[0]
+    kc = _gather(k_cache, meta.decode_block_tables, n)  # [Hkv, D, L, Dh]
+    vc = _gather(v_cache, meta.decode_block_tables, n)
+    qg = q.view(n, hkv, h // hkv, dh).transpose(0, 1).contiguous()  # [Hkv, D, G, Dh]
+    scores = torch.matmul(qg, kc.transpose(-1, -2)).float()  # [Hkv, D, G, L]
+    scores = torch.add(meta.decode_mask, scores, alpha=scale)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = torch.matmul(probs, vc.transpose(1, 2))  # [D, Hkv, G, Dh]
-    return out.reshape(n, h, dh)
+    out = torch.matmul(probs, vc)  # [Hkv, D, G, Dh]
+    return out.transpose(0, 1).reshape(n, h, dh)

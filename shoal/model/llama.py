@@ -53,21 +53,21 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         h = F.rms_norm(x, x.shape[-1:], self.input_layernorm, self.eps)
         qkv = self.qkv_proj(h)
-        nq, nkv, d = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim
-        q = apply_rope(qkv[:, :nq].view(t, self.num_heads, d), cos, sin)
-        k = apply_rope(qkv[:, nq : nq + nkv].view(t, self.num_kv_heads, d), cos, sin)
-        v = qkv[:, nq + nkv :].view(t, self.num_kv_heads, d)
+        nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qk = apply_rope(qkv[:, : (nh + nkv) * d].view(t, nh + nkv, d), cos, sin)
+        q, k = qk[:, :nh], qk[:, nh:]
+        v = qkv[:, (nh + nkv) * d :].view(t, nkv, d)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        x = x + self.o_proj(attn.view(t, nq))
+        x = x + self.o_proj(attn.view(t, nh * d))
         h = F.rms_norm(x, x.shape[-1:], self.post_attention_layernorm, self.eps)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (Hugging Face layout). x: [T, heads, D]; cos/sin: [T, 1, D]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate-half RoPE (Hugging Face layout). x: [T, heads, D]; cos: [T, 1, D]; ``sin`` has its
+    first half negated, so rotate_half(x) * sin == roll(x, D/2) * sin."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class LlamaModel(nn.Module):
@@ -93,9 +93,9 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        freqs = (positions.float()[:, None] * self.inv_freq[None, :])[:, None, :]
+        cos = freqs.cos().repeat(1, 1, 2).to(x.dtype)
+        sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(x.dtype)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return F.rms_norm(x, x.shape[-1:], self.norm, self.config.rms_norm_eps)
