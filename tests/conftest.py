@@ -56,8 +56,7 @@ def make_tiny_engine(tiny_model_dir):
 
     def make(**overrides) -> Engine:
         config, state = load_checkpoint(tiny_model_dir, dtype=torch.float32)
-        model = LlamaModel(config)
-        model.load_weights(state)
+        model = LlamaModel.from_state_dict(config, state)
         opts = dict(dtype="float32", device="cpu", block_size=4, num_blocks=256, num_swap_blocks=256)
         opts.update(overrides)
         return Engine(EngineConfig(**opts), model=model)

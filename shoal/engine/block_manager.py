@@ -164,19 +164,25 @@ class BlockManager:
             hits.append(bid)
         return hits
 
+    def _free_blocks_taken(self, hits: list[int], num_tokens: int) -> int:
+        """Free blocks an allocation of ``num_tokens`` tokens with prefix ``hits`` takes."""
+        reused_free = sum(1 for b in hits if not self.blocks[b].used)
+        return max(0, self.blocks_needed(num_tokens) - len(hits)) + reused_free
+
     def can_allocate(self, token_ids: list[int], num_tokens: int, reserve: int = 0) -> bool:
         """Whether a new request can get blocks for its first ``num_tokens`` tokens, keeping
         ``reserve`` blocks free."""
-        hits = self.cached_prefix(token_ids)
-        reused_free = sum(1 for b in hits if not self.blocks[b].used)
-        new = max(0, self.blocks_needed(num_tokens) - len(hits))
-        return new + reused_free + reserve <= self.num_free
+        return self._free_blocks_taken(self.cached_prefix(token_ids), num_tokens) + reserve <= self.num_free
 
     def allocate(self, req_id: str, token_ids: list[int], num_tokens: int) -> int:
         """Give a new request blocks for its first ``num_tokens`` tokens, reusing cached prefix
-        blocks. Returns how many leading tokens are already computed (prefix-cache hit)."""
+        blocks. Returns how many leading tokens are already computed (prefix-cache hit). Raises
+        NoFreeBlocks, changing nothing, when there is no room."""
         assert req_id not in self.tables, f"{req_id} already has blocks"
         hits = self.cached_prefix(token_ids)
+        need = self._free_blocks_taken(hits, num_tokens)
+        if need > self.num_free:
+            raise NoFreeBlocks(f"{req_id} needs {need} blocks, {self.num_free} free")
         self.prefix_queries += len(token_ids)
         self.prefix_hits += len(hits) * self.block_size
         table = BlockTable()

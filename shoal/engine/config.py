@@ -25,6 +25,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     priority_aging_s: float | None = None
     preemption_mode: str = "auto"  # auto (by cost) | swap | recompute
+    int4_small_batch: bool = True  # CPU bf16: run steps of few rows on 4-bit weights when exact
     num_threads: int | None = None  # torch CPU threads; None = torch's default
 
     def __post_init__(self) -> None:

@@ -51,18 +51,20 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        packing = can_pack(self.device, self.dtype)
         if model is None:
             path = config.model or default_model_path()
-            model_config, state = load_checkpoint(path, dtype=self.dtype)
-            model = LlamaModel(model_config)
-            model.load_weights(state)
+            # Packing needs full-precision weights (to find exactly-4-bit ones); cast afterwards.
+            model_config, state = load_checkpoint(path, dtype=torch.float32 if packing else self.dtype)
+            model = LlamaModel.from_state_dict(model_config, state)
             del state
             tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
+        num_params = sum(p.numel() for p in model.parameters())
+        if packing:
+            n4 = pack_linears(model, self.dtype, config.int4_small_batch and self.dtype == torch.bfloat16)
+            log.info("packed linear weights for oneDNN; %d layers also kept in exact int4", n4)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model_config: ModelConfig = model.config
-        num_params = sum(p.numel() for p in self.model.parameters())
-        if can_pack(self.device, self.dtype):
-            pack_linears(self.model)
         self.tokenizer = tokenizer
 
         bs = config.block_size

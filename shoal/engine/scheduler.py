@@ -150,13 +150,12 @@ class Scheduler:
 
     def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
         candidates = sorted(self.swapped + self.waiting, key=lambda r: self._effective_priority(r, now))
-        reserve = self.config.watermark_blocks
         for req in candidates:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 return
             if req.status is Status.SWAPPED:
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
-                if not self._make_room(req, lambda: self.bm.can_swap_in(req.req_id, reserve + 1), plan, now):
+                if not self._make_room(req, lambda: self.bm.can_swap_in(req.req_id, self._watermark() + 1), plan, now):
                     return
                 plan.swap_in.extend(self.bm.swap_in(req.req_id))
                 self.swapped.remove(req)
@@ -164,7 +163,7 @@ class Scheduler:
                 tokens = req.all_token_ids
                 cached = self._cached_tokens(tokens)
                 n = min(req.num_tokens - cached, budget)
-                if not self._make_room(req, lambda: self.bm.can_allocate(tokens, cached + n, reserve), plan, now):
+                if not self._make_room(req, lambda: self.bm.can_allocate(tokens, cached + n, self._watermark()), plan, now):
                     return
                 req.num_computed_tokens = self.bm.allocate(req.req_id, tokens, cached + n)
                 if req.num_preemptions == 0:
@@ -175,6 +174,11 @@ class Scheduler:
             self.bm.ensure_slots(req.req_id, req.num_computed_tokens + n)
             plan.chunks.append(self._chunk(req, n, now))
             budget -= n
+
+    def _watermark(self) -> int:
+        """Blocks kept free when admitting; none while nothing runs, so that a request which
+        needs every block can still start."""
+        return self.config.watermark_blocks if self.running else 0
 
     def _cached_tokens(self, token_ids: list[int]) -> int:
         return len(self.bm.cached_prefix(token_ids)) * self.bm.block_size

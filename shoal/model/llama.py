@@ -11,7 +11,7 @@ from shoal.model.config import ModelConfig
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse RoPE frequencies, with Llama-3 style frequency scaling when configured."""
+    """Inverse RoPE frequencies (float64), with Llama-3 style frequency scaling when configured."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaling = config.rope_scaling or {}
@@ -24,7 +24,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
         mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
         inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
-    return inv_freq.float()
+    return inv_freq
 
 
 class DecoderLayer(nn.Module):
@@ -82,7 +82,18 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # RoPE tables stay float32 whatever the model dtype; built on first use on its device.
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and first-half-negated sin for every position, [max_positions, head_dim] float32."""
+        if self._rope is None or self._rope[0].device != device:
+            pos = torch.arange(self.config.max_position_embeddings, dtype=torch.float64)
+            freqs = pos[:, None] * rope_inv_freq(self.config)[None, :]
+            cos = freqs.cos().repeat(1, 2)
+            sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+            self._rope = (cos.float().to(device), sin.float().to(device))
+        return self._rope
 
     def forward(
         self,
@@ -93,9 +104,9 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
-        freqs = (positions.float()[:, None] * self.inv_freq[None, :])[:, None, :]
-        cos = freqs.cos().repeat(1, 1, 2).to(x.dtype)
-        sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(x.dtype)
+        cos_table, sin_table = self._rope_tables(x.device)
+        cos = cos_table[positions].to(x.dtype)[:, None, :]
+        sin = sin_table[positions].to(x.dtype)[:, None, :]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return F.rms_norm(x, x.shape[-1:], self.norm, self.config.rms_norm_eps)
@@ -103,9 +114,21 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, torch.Tensor]) -> "LlamaModel":
+        """Build the model straight from loaded weights, skipping random initialisation."""
+        with torch.device("meta"):
+            model = cls(config)
+        dtype = state["embed_tokens.weight"].dtype
+        model = model.to_empty(device="cpu").to(dtype)
+        model.load_weights(state)
+        return model
+
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face-named weights (no ``model.`` prefix), fusing q/k/v and gate/up."""
         with torch.no_grad():
+            if self.config.tie_word_embeddings:  # re-tie: to_empty() gives each its own tensor
+                self.lm_head.weight = self.embed_tokens.weight
             self.embed_tokens.weight.copy_(state["embed_tokens.weight"])
             self.norm.copy_(state["norm.weight"])
             if not self.config.tie_word_embeddings:
