@@ -48,6 +48,46 @@ def generate(
     typer.echo(out.text)
 
 
+@app.command()
+def serve(
+    model: Optional[str] = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Name clients use (default: the model file's name)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SHOAL_API_KEY", help="Require this bearer token on /v1"),
+    max_waiting: int = typer.Option(256, "--max-waiting", help="Answer 429 when this many requests wait"),
+    max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
+    max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
+    kv_cache_gb: Optional[float] = typer.Option(None, "--kv-cache-gb"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Serve the OpenAI API (completions, chat, models, tokenize, metrics)."""
+    import uvicorn
+
+    from shoal.engine.config import EngineConfig
+    from shoal.engine.engine import Engine
+    from shoal.model.loader import default_model_path
+    from shoal.server.api import create_app
+    from shoal.server.async_engine import AsyncEngine
+
+    log = logging.getLogger("shoal.serve")
+    log.setLevel(logging.INFO)
+    config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                          kv_cache_gb=kv_cache_gb)
+    engine = Engine(config)
+    name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
+    app = create_app(AsyncEngine(engine, max_waiting=max_waiting), name, api_key)
+
+    @app.on_event("startup")
+    async def _ready() -> None:
+        log.warning("Shoal ready: model %r at http://%s:%d/v1 (max_model_len %d)", name, host, port, engine.max_model_len)
+
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @bench_app.command("offline")
 def bench_offline(
     model: Optional[str] = ModelOpt,

@@ -245,6 +245,7 @@ class Engine:
             error=req.error,
             logprobs=[logprob] if logprob is not None else None,
             arrival_time=req.arrival_time,
+            first_scheduled_time=req.first_scheduled_time,
             first_token_time=req.first_token_time,
             finished_time=req.finished_time,
         )

@@ -27,6 +27,7 @@ class RequestOutput:
     error: str | None = None
     logprobs: list[tuple[Logprob, list[Logprob]]] | None = None
     arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
 

@@ -111,15 +111,6 @@ class Scheduler:
     def schedule(self, now: float) -> StepPlan:
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
-        scheduled: dict[str, ScheduledChunk] = {}
-
-        def preempt(victim: Request) -> None:
-            nonlocal budget
-            chunk = scheduled.pop(victim.req_id, None)
-            if chunk is not None:
-                budget += chunk.num_tokens
-                plan.chunks.remove(chunk)
-            self._preempt(victim, plan)
 
         # 1. Running requests: decodes first, then prefill chunks, each in priority order.
         for req in sorted(self.running, key=lambda r: (r.is_prefilling, r.sort_key)):
@@ -130,15 +121,13 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while self.bm.slots_needed(req.req_id, req.num_computed_tokens + n) > self.bm.num_free:
                 victim = pick_victim(self.running)
-                preempt(victim)
+                budget += self._preempt(victim, plan)
                 if victim is req:
                     break
             if req.status is not Status.RUNNING:
                 continue
             self.bm.ensure_slots(req.req_id, req.num_computed_tokens + n)
-            chunk = self._chunk(req, n, now)
-            scheduled[req.req_id] = chunk
-            plan.chunks.append(chunk)
+            plan.chunks.append(self._chunk(req, n, now))
             budget -= n
 
         # 2. Admit swapped and waiting requests in priority order, unless we just had to preempt.
@@ -193,11 +182,16 @@ class Scheduler:
             self._preempt(pick_victim(lower), plan)
         return True
 
-    def _preempt(self, victim: Request, plan: StepPlan) -> None:
+    def _preempt(self, victim: Request, plan: StepPlan) -> int:
+        """Preempt a running request, dropping its chunk from the plan if it already has one.
+        Returns the tokens of that chunk (budget given back)."""
+        chunk = next((c for c in plan.chunks if c.req_id == victim.req_id), None)
+        if chunk is not None:
+            plan.chunks.remove(chunk)
         table = self.bm.table(victim.req_id)
-        mode = self.config.preemption_cost.choose(
-            victim.num_computed_tokens, len(table), self.bm.num_free_swap
-        )
+        # Swap-outs run before swap-ins: swap blocks a swap-in of this step frees are not free yet.
+        swap_free = 0 if plan.swap_in else self.bm.num_free_swap
+        mode = self.config.preemption_cost.choose(victim.num_computed_tokens, len(table), swap_free)
         self.running.remove(victim)
         if mode is PreemptionMode.SWAP:
             plan.swap_out.extend(self.bm.swap_out(victim.req_id))
@@ -211,6 +205,7 @@ class Scheduler:
         victim.num_preemptions += 1
         self.num_preemptions += 1
         plan.preempted.append((victim.req_id, mode))
+        return chunk.num_tokens if chunk is not None else 0
 
     def _chunk(self, req: Request, n: int, now: float) -> ScheduledChunk:
         if req.first_scheduled_time is None:

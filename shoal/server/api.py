@@ -1,0 +1,402 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over an :class:`AsyncEngine`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import shoal
+from shoal.engine.outputs import RequestOutput
+from shoal.server.async_engine import AsyncEngine, QueueFull
+from shoal.server.metrics import ServerMetrics
+from shoal.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    _SamplingRequest,
+)
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """Build the app. ``engine`` must already be running; the app shuts it down on exit."""
+    app = FastAPI(title="Shoal", version=shoal.__version__)
+    metrics = ServerMetrics(model_name)
+    tokenizer = engine.tokenizer
+    max_model_len = engine.engine.max_model_len
+    bm = engine.engine.block_manager
+    last_token: dict[str, float] = {}
+
+    def on_step(outputs: list[RequestOutput]) -> None:  # runs on the engine thread
+        now = time.monotonic()
+        for out in outputs:
+            metrics.observe_output(out, now, last_token.get(out.req_id))
+            if out.finished:
+                last_token.pop(out.req_id, None)
+            elif out.new_token_ids:
+                last_token[out.req_id] = now
+        metrics.observe_load(engine.load(), bm.prefix_queries, bm.prefix_hits)
+
+    engine.step_listeners.append(on_step)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request")
+        return error_response(400, msg, "BadRequestError", loc or None)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error_response(401, "Invalid or missing API key.", "AuthenticationError")
+        return await call_next(request)
+
+    @app.on_event("shutdown")
+    def _shutdown() -> None:
+        engine.shutdown()
+
+    # ---- plain endpoints -------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.dead:
+            return error_response(503, f"engine stopped: {engine.dead}", "ServiceUnavailableError")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": shoal.__version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": int(time.time()), "owned_by": "shoal",
+            "max_model_len": max_model_len,
+        }]}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict:
+        check_model(req.model)
+        if req.messages is not None:
+            ids = chat_token_ids(req.messages, req.add_generation_prompt)
+        elif req.prompt is not None:
+            ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        check_model(req.model)
+        vocab = engine.engine.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
+
+    # ---- helpers ---------------------------------------------------------------------------------
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
+
+    def chat_token_ids(messages, add_generation_prompt: bool) -> list[int]:
+        try:
+            conv = [{"role": m.role, "content": m.text()} for m in messages]
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def check_length(prompt_len: int, max_tokens: int | None, what: str) -> int:
+        """Validate prompt + completion against the context; returns the max_tokens to use."""
+        if prompt_len == 0:
+            raise APIError(400, "The prompt is empty.", param=what)
+        if max_tokens is not None and max_tokens <= 0:
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        requested = prompt_len + (max_tokens or 1)
+        if prompt_len >= max_model_len or requested > max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{requested} tokens ({prompt_len} in the {what}, {max_tokens or 1} in the completion). "
+                f"Please reduce the length of the {what} or completion.",
+                param=what,
+            )
+        return max_tokens if max_tokens is not None else max_model_len - prompt_len
+
+    def build_params(req: _SamplingRequest, max_tokens: int, logprobs: int | None, index: int):
+        try:
+            return req.sampling_params(max_tokens, logprobs, index)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+
+    async def start(prompt_ids: list[int], params, req_id: str, priority: int):
+        """Submit, turning engine refusals into API errors before any byte is sent."""
+        try:
+            return await engine.submit(prompt_ids, params, req_id, priority)
+        except QueueFull as exc:
+            raise APIError(429, f"Server busy: {exc}. Retry later.", "RateLimitError",
+                           headers={"Retry-After": "1"}) from exc
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+        except RuntimeError as exc:
+            raise APIError(503, str(exc), "ServiceUnavailableError") from exc
+
+    async def run_choices(prompts: list[list[int]], req: _SamplingRequest, max_tokens: list[int],
+                          logprobs: int | None, base_id: str):
+        """Start every (prompt, n) choice; returns one output stream per choice, in index order."""
+        streams = []
+        try:
+            for p_i, ids in enumerate(prompts):
+                for j in range(req.n):
+                    index = p_i * req.n + j
+                    params = build_params(req, max_tokens[p_i], logprobs, j)
+                    streams.append(await start(ids, params, f"{base_id}-{index}", req.priority))
+        except BaseException:
+            for s in streams:
+                await s.aclose()
+            raise
+        return streams
+
+    async def merged(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Interleave several output streams as (choice index, output)."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, s) -> None:
+            try:
+                async for out in s:
+                    await queue.put((i, out))
+            finally:
+                await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, out = await queue.get()
+                if out is None:
+                    remaining -= 1
+                else:
+                    yield i, out
+        finally:
+            for t in tasks:
+                t.cancel()
+            for s in streams:
+                await s.aclose()
+
+    async def until_disconnect(request: Request, work):
+        """Run ``work`` but abort it (freeing its KV) if the client goes away first."""
+        task = asyncio.ensure_future(work)
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected", "ClientClosedRequest")
+        return task.result()
+
+    def failed(out: RequestOutput) -> None:
+        if out.finish_reason is not None and out.finish_reason.value == "error":
+            raise APIError(500, out.error or "generation failed", "InternalServerError")
+
+    def token_text(t: int) -> str:
+        return tokenizer.decode([t])
+
+    # ---- completions -----------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        check_model(req.model)
+        prompts: list[list[int]]
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [tokenizer.encode(p, add_special_tokens=False)]
+        elif p and isinstance(p[0], str):
+            prompts = [tokenizer.encode(x, add_special_tokens=False) for x in p]  # type: ignore[arg-type]
+        elif p and isinstance(p[0], int):
+            prompts = [list(p)]  # type: ignore[arg-type]
+        else:
+            prompts = [list(x) for x in p]  # type: ignore[union-attr]
+        if not prompts:
+            raise APIError(400, "The prompt is empty.", param="prompt")
+        max_tokens = [check_length(len(ids), req.max_tokens, "prompt") for ids in prompts]
+        base = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        streams = await run_choices(prompts, req, max_tokens, req.logprobs, base)
+        n_choices = len(streams)
+        prompt_tokens = sum(len(x) for x in prompts)
+
+        def lp_block(outs: list[RequestOutput], offset0: int):
+            if req.logprobs is None:
+                return None
+            tokens, token_lps, tops, offsets, off = [], [], [], [], offset0
+            for o in outs:
+                for chosen, top in o.logprobs or []:
+                    text = token_text(chosen.token_id)
+                    tokens.append(text)
+                    token_lps.append(chosen.logprob)
+                    tops.append({token_text(a.token_id): a.logprob for a in top} if req.logprobs else None)
+                    offsets.append(off)
+                    off += len(text)
+            return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+        def prefix(i: int) -> str:
+            return tokenizer.decode(prompts[i // req.n]) if req.echo else ""
+
+        if req.stream:
+            async def sse():
+                completion_tokens = 0
+                offsets = [0] * n_choices
+                async for i, out in merged(streams):
+                    completion_tokens += len(out.new_token_ids)
+                    text = out.new_text
+                    if offsets[i] == 0 and req.echo:
+                        text = prefix(i) + text
+                    choice = {"index": i, "text": text, "logprobs": lp_block([out], offsets[i]),
+                              "finish_reason": reason(out)}
+                    offsets[i] += len(text)
+                    yield sse_event({"id": base, "object": "text_completion", "created": created,
+                                     "model": model_name, "choices": [choice]})
+                if req.stream_options and req.stream_options.include_usage:
+                    yield sse_event({"id": base, "object": "text_completion", "created": created,
+                                     "model": model_name, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream")
+
+        results = await until_disconnect(request, collect(streams))
+        choices = []
+        completion_tokens = 0
+        for i, outs in enumerate(results):
+            final = outs[-1]
+            failed(final)
+            completion_tokens += final.num_output_tokens
+            choices.append({"index": i, "text": prefix(i) + "".join(o.new_text for o in outs),
+                            "logprobs": lp_block(outs, len(prefix(i))), "finish_reason": reason(final),
+                            "stop_reason": final.stop_reason})
+        return {"id": base, "object": "text_completion", "created": created, "model": model_name,
+                "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+    # ---- chat completions ------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        check_model(req.model)
+        ids = chat_token_ids(req.messages, req.add_generation_prompt)
+        max_tokens = check_length(len(ids), req.effective_max_tokens(), "messages")
+        req.max_tokens = max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        base = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        streams = await run_choices([ids], req, [max_tokens], logprobs, base)
+
+        def lp_content(outs: list[RequestOutput]):
+            if logprobs is None:
+                return None
+            content = []
+            for o in outs:
+                for chosen, top in o.logprobs or []:
+                    text = token_text(chosen.token_id)
+                    content.append({"token": text, "logprob": chosen.logprob, "bytes": list(text.encode()),
+                                    "top_logprobs": [{"token": token_text(a.token_id), "logprob": a.logprob,
+                                                      "bytes": list(token_text(a.token_id).encode())} for a in top]})
+            return {"content": content}
+
+        def chunk(choices: list[dict], **extra) -> str:
+            return sse_event({"id": base, "object": "chat.completion.chunk", "created": created,
+                              "model": model_name, "choices": choices, **extra})
+
+        if req.stream:
+            async def sse():
+                completion_tokens = 0
+                for i in range(len(streams)):
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+                async for i, out in merged(streams):
+                    completion_tokens += len(out.new_token_ids)
+                    delta = {"content": out.new_text} if out.new_text or not out.finished else {}
+                    yield chunk([{"index": i, "delta": delta, "logprobs": lp_content([out]),
+                                  "finish_reason": reason(out)}])
+                if req.stream_options and req.stream_options.include_usage:
+                    yield chunk([], usage=usage(len(ids), completion_tokens))
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream")
+
+        results = await until_disconnect(request, collect(streams))
+        choices = []
+        completion_tokens = 0
+        for i, outs in enumerate(results):
+            final = outs[-1]
+            failed(final)
+            completion_tokens += final.num_output_tokens
+            choices.append({"index": i, "message": {"role": "assistant", "content": "".join(o.new_text for o in outs)},
+                            "logprobs": lp_content(outs), "finish_reason": reason(final),
+                            "stop_reason": final.stop_reason})
+        return {"id": base, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": choices, "usage": usage(len(ids), completion_tokens)}
+
+    return app
+
+
+async def collect(streams) -> list[list[RequestOutput]]:
+    """Drain each choice's stream concurrently."""
+
+    async def drain(s) -> list[RequestOutput]:
+        return [o async for o in s]
+
+    try:
+        return list(await asyncio.gather(*(drain(s) for s in streams)))
+    finally:
+        for s in streams:
+            await s.aclose()
+
+
+def reason(out: RequestOutput) -> str | None:
+    if not out.finished or out.finish_reason is None:
+        return None
+    return "length" if out.finish_reason.value == "length" else ("abort" if out.finish_reason.value == "abort" else "stop")
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse_event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

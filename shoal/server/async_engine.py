@@ -1,0 +1,190 @@
+"""Runs the synchronous engine's step loop in its own thread and streams outputs to asyncio.
+
+The engine core stays single-threaded: only the loop thread touches it. Callers on the event loop
+submit work through a thread-safe inbox and receive :class:`RequestOutput` objects on a per-request
+``asyncio.Queue``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from shoal.engine.engine import Engine
+from shoal.engine.outputs import InstanceLoad, RequestOutput
+from shoal.engine.request import FinishReason
+from shoal.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is over its bound; the caller should retry later."""
+
+
+@dataclass
+class _Add:
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    sink: Callable[[RequestOutput], None]
+    admitted: "asyncio.Future[None]"
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    req_id: str
+
+
+class AsyncEngine:
+    """Thread-backed asyncio front of one :class:`Engine`."""
+
+    def __init__(self, engine: Engine, max_waiting: int | None = None) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._load = engine.load()
+        self._thread = threading.Thread(target=self._run, name="shoal-engine", daemon=True)
+        self._stopped = threading.Event()
+        self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
+        self.dead: str | None = None  # why the loop stopped, if it crashed
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def load(self) -> InstanceLoad:
+        """The latest load snapshot (refreshed by the loop thread after every step)."""
+        return self._load
+
+    async def submit(
+        self, prompt_token_ids: list[int], params: SamplingParams, req_id: str, priority: int = 0
+    ) -> "RequestStream":
+        """Admit a request; returns the stream of its outputs. Raises QueueFull when the waiting
+        queue is over its bound, ValueError for input the engine refuses, RuntimeError if the
+        engine has stopped."""
+        if self.dead:
+            raise RuntimeError(f"engine stopped: {self.dead}")
+        if self.max_waiting is not None and self._load.num_waiting >= self.max_waiting:
+            raise QueueFull(f"{self._load.num_waiting} requests are waiting (limit {self.max_waiting})")
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        admitted: asyncio.Future[None] = loop.create_future()
+
+        def sink(out: RequestOutput) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, out)
+
+        self._inbox.put(_Add(req_id, prompt_token_ids, params, priority, sink, admitted, loop))
+        await admitted
+        return RequestStream(self, req_id, outputs)
+
+    def abort(self, req_id: str) -> None:
+        self._inbox.put(_Abort(req_id))
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    # ---- the loop thread --------------------------------------------------------------------------
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return
+        while item is not None:
+            self._handle(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item: _Add | _Abort) -> None:
+        if isinstance(item, _Abort):
+            self._sinks.pop(item.req_id, None)
+            self.engine.abort(item.req_id)
+            return
+        try:
+            self.engine.add(item.prompt_token_ids, item.params, req_id=item.req_id, priority=item.priority)
+        except (ValueError, TypeError) as exc:
+            item.loop.call_soon_threadsafe(_set_exception, item.admitted, exc)
+            return
+        self._sinks[item.req_id] = item.sink
+        item.loop.call_soon_threadsafe(_set_result, item.admitted)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._drain(block=not self.engine.has_unfinished())
+                if not self.engine.has_unfinished():
+                    continue
+                outputs = self.engine.step()
+                self._load = self.engine.load()
+                for out in outputs:
+                    sink = self._sinks.get(out.req_id)
+                    if sink is not None:
+                        sink(out)
+                        if out.finished:
+                            del self._sinks[out.req_id]
+                for listener in self.step_listeners:
+                    listener(outputs)
+        except Exception as exc:  # the engine itself broke: fail everyone, loudly
+            log.exception("engine loop crashed")
+            self.dead = repr(exc)
+            for req_id, sink in self._sinks.items():
+                sink(_failed_output(req_id, self.dead))
+            self._sinks.clear()
+
+
+class RequestStream:
+    """Async iterator over one request's outputs. Closing it before the request finished (the
+    client went away) aborts the request, which frees its KV blocks at once."""
+
+    def __init__(self, engine: AsyncEngine, req_id: str, outputs: "asyncio.Queue[RequestOutput]") -> None:
+        self.engine, self.req_id, self._outputs = engine, req_id, outputs
+        self.finished = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self._outputs.get()
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+        self.finished = out.finished
+        return out
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.req_id)
+
+
+def _set_result(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def _failed_output(req_id: str, reason: str) -> RequestOutput:
+    return RequestOutput(
+        req_id=req_id, new_token_ids=[], new_text="", finished=True, num_prompt_tokens=0,
+        num_output_tokens=0, finish_reason=FinishReason.ERROR, error=f"engine stopped: {reason}",
+    )

@@ -1,0 +1,75 @@
+"""Prometheus metrics named as vLLM names them (prefix ``shoal:`` instead of ``vllm:``), so a
+vLLM dashboard maps over by swapping the prefix."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shoal.engine.outputs import InstanceLoad, RequestOutput
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class ServerMetrics:
+    """All series of one server, in their own registry."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        r, labels = self.registry, ["model_name"]
+        self.model_name = model_name
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"shoal:{name}", doc, labels, registry=r)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"shoal:{name}", doc, labels + list(extra), registry=r)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(f"shoal:{name}", doc, labels, buckets=_LATENCY_BUCKETS, registry=r)
+
+        self.running = gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.swapped = gauge("num_requests_swapped", "Preempted requests whose KV is swapped out.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.preemptions = counter("num_preemptions", "Requests preempted (swap or recompute).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self.success = counter("request_success", "Requests ended, by finish reason.", ("finished_reason",))
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.")
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens.")
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.")
+        self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.")
+        self._seen_queries = self._seen_hits = self._seen_preemptions = 0
+
+    def _l(self, metric, **extra):
+        return metric.labels(model_name=self.model_name, **extra)
+
+    def observe_load(self, load: InstanceLoad, prefix_queries: int, prefix_hits: int) -> None:
+        """Refresh gauges and move the counters that the engine keeps as running totals."""
+        self._l(self.running).set(load.num_running)
+        self._l(self.waiting).set(load.num_waiting)
+        self._l(self.swapped).set(load.num_swapped)
+        self._l(self.kv_usage).set(load.kv_usage)
+        self._l(self.prefix_queries).inc(prefix_queries - self._seen_queries)
+        self._l(self.prefix_hits).inc(prefix_hits - self._seen_hits)
+        self._l(self.preemptions).inc(load.num_preemptions - self._seen_preemptions)
+        self._seen_queries, self._seen_hits = prefix_queries, prefix_hits
+        self._seen_preemptions = load.num_preemptions
+
+    def observe_output(self, out: RequestOutput, now: float, last_token_time: float | None) -> None:
+        """Account one engine output; ``last_token_time`` is when this request's previous token came."""
+        if out.new_token_ids:
+            self._l(self.generation_tokens).inc(len(out.new_token_ids))
+            if last_token_time is None:
+                self._l(self.ttft).observe(now - out.arrival_time)
+                if out.first_scheduled_time is not None:
+                    self._l(self.queue_time).observe(out.first_scheduled_time - out.arrival_time)
+            else:
+                self._l(self.itl).observe(now - last_token_time)
+        if out.finished:
+            self._l(self.prompt_tokens).inc(out.num_prompt_tokens)
+            reason = out.finish_reason.value if out.finish_reason else "unknown"
+            self._l(self.success, finished_reason=reason).inc()
+            self._l(self.e2e).observe(now - out.arrival_time)
