@@ -121,6 +121,60 @@ def bench_offline(
         out.write_text(json.dumps(result, indent=2))
 
 
+@bench_app.command("serve")
+def bench_serve(
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Base URL of an OpenAI-compatible server"),
+    workload: str = typer.Option("poisson", "--workload", help="poisson | gamma | trace:PATH (Azure or BurstGPT CSV)"),
+    rate: float = typer.Option(1.0, "--rate", help="Mean arrivals per second (poisson, gamma)"),
+    burstiness: float = typer.Option(0.5, "--burstiness", help="Gamma shape: <1 bursty, 1 Poisson"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Closed loop: keep C requests in flight"),
+    time_scale: float = typer.Option(1.0, "--time-scale", help="Trace: multiply arrival gaps (0.5 = 2x rate)"),
+    trace_start: float = typer.Option(0.0, "--trace-start", help="Trace: skip requests before this second"),
+    num_requests: int = typer.Option(100, "--num-requests", "-n"),
+    max_duration: float = typer.Option(600.0, "--max-duration", help="Stop after this many seconds"),
+    prompt_len: int = typer.Option(128, "--prompt-len"),
+    output_len: int = typer.Option(128, "--output-len"),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="Clip trace requests to this many tokens (default: the server's max_model_len if it says, else 2048)"),
+    slo_ttft_ms: float = typer.Option(1000.0, "--slo-ttft-ms"),
+    slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms"),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name to send (default: the server's first)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="GGUF or HF folder for building prompts (default: built-in SmolLM2)"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("bench-out"), "--out", help="Directory for result.json, requests.jsonl, plots"),
+) -> None:
+    """Replay a workload against a server; write the result JSON and plots."""
+    import asyncio
+
+    import httpx
+
+    from shoal.bench import report, workloads
+    from shoal.bench.serve import run_workload
+    from shoal.model.loader import default_model_path, load_tokenizer
+
+    if workload.startswith("trace:"):
+        if max_context is None:
+            try:
+                info = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=10).json()["data"][0]
+                max_context = int(info.get("max_model_len") or 2048)
+            except (httpx.HTTPError, KeyError, IndexError, ValueError):
+                max_context = 2048
+        wl = workloads.load_trace(workload[6:], time_scale=time_scale, max_context=max_context,
+                                  num_requests=num_requests, start_s=trace_start)
+    elif concurrency is not None:
+        wl = workloads.closed_loop(num_requests, concurrency, prompt_len, output_len)
+    else:
+        wl = workloads.synthetic(workload, num_requests, rate, prompt_len, output_len, burstiness, seed)
+    tok = load_tokenizer(tokenizer or default_model_path())
+    records, queue, duration = asyncio.run(run_workload(
+        url, wl, tok, model=model, concurrency=concurrency, max_duration_s=max_duration, api_key=api_key))
+    result = report.summarize(records, wl.description, slo_ttft_ms, slo_tpot_ms, duration_s=duration,
+                              extra={"url": url})
+    report.write(out, result, records, queue)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "workload"}, indent=2))
+    typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png")
+
+
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log engine details")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")

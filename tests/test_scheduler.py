@@ -282,15 +282,17 @@ class Sim:
                 assert is_decode(chunks[r.req_id])
 
         # Admission: a prefix of the waiting/swapped queue in (effective) priority order.
-        cands = [r for r in pre["candidates"] if r.req_id in self.requests]
-        admitted = [r for r in cands if r.status is Status.RUNNING]
-        left_out = [r for r in cands if r.status is not Status.RUNNING and r.req_id not in preempted]
+        # (With priority aging, a request admitted early may be preempted for a later one of
+        # better plain priority in the same step.)
+        cands = sorted((r for r in pre["candidates"] if r.req_id in self.requests), key=lambda r: self._eff(r, now))
+        admitted = [r for r in cands if r.status is Status.RUNNING or r.req_id in preempted]
+        left_out = [r for r in cands if r not in admitted]
         if admitted and left_out:
             assert max(self._eff(r, now) for r in admitted) < min(self._eff(r, now) for r in left_out), (
                 "admitted out of priority order"
             )
         for r in admitted:
-            assert r.req_id in chunks, f"{r.req_id} admitted without a chunk"
+            assert r.req_id in chunks or r.req_id in preempted, f"{r.req_id} admitted without a chunk"
             if status[r.req_id] is Status.SWAPPED:
                 self.stats["swap in"] += 1
         if plan.preempted:
@@ -312,13 +314,12 @@ class Sim:
         was_running = [v for v in victims if v in running0]
         assert was_running == order[: len(was_running)], "victims are not the last in priority order"
         if victims and admitted:  # preempted to admit: only for a strictly better priority
-            best = min(self._eff(r, now)[0] for r in cands)
+            best = min(r.priority for r in admitted)
             for v in victims:
                 assert v.priority > best, "admission preempted a request of equal or better priority"
-        # No starvation: the oldest request of the best priority, once running, is never preempted
-        # (priority aging may rank a waiting request above it, by design).
+        # No starvation: the oldest request of the best priority, once running, is never preempted.
         oldest = pre["oldest"]
-        if oldest is not None and status[oldest.req_id] is Status.RUNNING and not wl.priority_aging_s:
+        if oldest is not None and status[oldest.req_id] is Status.RUNNING:
             assert oldest.req_id not in preempted, "the oldest request was preempted"
 
         # Swap-out pairs: the victim's blocks (its table, plus any it got this step) to free swap blocks.
@@ -344,6 +345,8 @@ class Sim:
             pairs = plan.swap_in[i : i + len(ids)]
             i += len(ids)
             assert [s for s, _ in pairs] == ids
+            if r.req_id in preempted:
+                continue
             assert bm.table(r.req_id)[: len(ids)] == [d for _, d in pairs]
             for _, d in pairs:
                 assert bm.blocks[d].ref_count == 1 and bm.blocks[d].hash is None

@@ -6,42 +6,24 @@ speed-up is a ratio measured in one run.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 from rich.progress import Progress
 
+from shoal.bench.prompts import PromptMaker
+from shoal.bench.report import stats
 from shoal.engine.config import EngineConfig, resolve_dtype
 from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
-
-SAMPLE_TEXT = (
-    "The history of computing is a story of layers. Engineers built machines that could add, then "
-    "languages that could describe additions, then systems that could schedule many programs on one "
-    "machine, and finally networks that let programs on many machines cooperate. Each layer hid the "
-    "details of the one below while exposing new ways to fail. Serving large language models follows "
-    "the same pattern: a model computes one token at a time, an engine batches many requests on one "
-    "device, and a cluster spreads the work across many devices while keeping latency predictable. "
-)
-
 
 def make_prompts(tokenizer, vocab_size: int, n: int, input_len: int) -> list[list[int]]:
     """``n`` distinct prompts of exactly ``input_len`` tokens, from real text when a tokenizer exists."""
     if tokenizer is None:
         g = torch.Generator().manual_seed(0)
         return torch.randint(1, vocab_size, (n, input_len), generator=g).tolist()
-    text = SAMPLE_TEXT * (1 + input_len // 64)
-    return [tokenizer.encode(f"Request {i}. {text}", add_special_tokens=False)[:input_len] for i in range(n)]
-
-
-def percentiles(xs: list[float]) -> dict[str, float]:
-    """Mean and p50 / p90 / p99 of a sample (zeros when empty)."""
-    if not xs:
-        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
-    t = torch.tensor(xs, dtype=torch.float64)
-    q = torch.quantile(t, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
-    return {"mean": statistics.fmean(xs), "p50": q[0], "p90": q[1], "p99": q[2]}
+    maker = PromptMaker(tokenizer)
+    return [maker.token_ids(input_len, i) for i in range(n)]
 
 
 def run_offline_bench(
@@ -103,9 +85,9 @@ def run_offline_bench(
         "duration_s": duration,
         "request_throughput": num_requests / duration,
         "output_token_throughput": out_tokens / duration,
-        "ttft_ms": percentiles(ttft),
-        "tpot_ms": percentiles(tpot),
-        "e2e_ms": percentiles(e2e),
+        "ttft_ms": stats(ttft, 1.0),
+        "tpot_ms": stats(tpot, 1.0),
+        "e2e_ms": stats(e2e, 1.0),
         "num_preemptions": engine.scheduler.num_preemptions,
     }
 

@@ -144,7 +144,7 @@ class Scheduler:
                 return
             if req.status is Status.SWAPPED:
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
-                if not self._make_room(req, lambda: self.bm.can_swap_in(req.req_id, self._watermark() + 1), plan, now):
+                if not self._make_room(req, lambda: self.bm.can_swap_in(req.req_id, self._watermark() + 1), plan):
                     return
                 plan.swap_in.extend(self.bm.swap_in(req.req_id))
                 self.swapped.remove(req)
@@ -152,7 +152,7 @@ class Scheduler:
                 tokens = req.all_token_ids
                 cached = self._cached_tokens(tokens)
                 n = min(req.num_tokens - cached, budget)
-                if not self._make_room(req, lambda: self.bm.can_allocate(tokens, cached + n, self._watermark()), plan, now):
+                if not self._make_room(req, lambda: self.bm.can_allocate(tokens, cached + n, self._watermark()), plan):
                     return
                 req.num_computed_tokens = self.bm.allocate(req.req_id, tokens, cached + n)
                 if req.num_preemptions == 0:
@@ -172,11 +172,13 @@ class Scheduler:
     def _cached_tokens(self, token_ids: list[int]) -> int:
         return len(self.bm.cached_prefix(token_ids)) * self.bm.block_size
 
-    def _make_room(self, req: Request, fits: Callable[[], bool], plan: StepPlan, now: float) -> bool:
+    def _make_room(self, req: Request, fits: Callable[[], bool], plan: StepPlan) -> bool:
         """Make ``fits()`` true for an arriving request by preempting strictly lower-priority
         running requests; False if it cannot."""
         while not fits():
-            lower = [r for r in self.running if r.priority > self._effective_priority(req, now)[0]]
+            # Plain priorities: aging orders admission only; letting it preempt equal-priority
+            # running requests makes two aged requests preempt each other forever.
+            lower = [r for r in self.running if r.priority > req.priority]
             if not lower:
                 return False
             self._preempt(pick_victim(lower), plan)

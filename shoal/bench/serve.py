@@ -1,0 +1,132 @@
+"""``shoal bench serve``: an async load generator for any OpenAI-compatible server.
+
+It streams ``/v1/completions`` (text prompts of exact token lengths, ``ignore_eos`` so outputs have
+the requested length), timestamps every streamed chunk, and samples the server's waiting queue from
+``/metrics`` when the server exports one (Shoal's or vLLM's names). It talks to the given URL only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import httpx
+from rich.progress import Progress
+
+from shoal.bench.prompts import PromptMaker
+from shoal.bench.report import RequestRecord
+from shoal.bench.workloads import Workload
+
+_WAITING = re.compile(r"^(?:shoal|vllm):num_requests_waiting(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
+
+
+async def discover_model(client: httpx.AsyncClient, url: str) -> str:
+    r = await client.get(f"{url}/v1/models")
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, rec: RequestRecord, t0: float) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": rec.output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    rec.start_s = time.perf_counter() - t0
+    chunks = 0
+    usage_tokens = None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                rec.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if event.get("usage"):
+                    usage_tokens = event["usage"].get("completion_tokens")
+                for choice in event.get("choices", []):
+                    if choice.get("text"):
+                        now = time.perf_counter() - t0
+                        if rec.first_token_s is None:
+                            rec.first_token_s = now
+                        rec.token_times_s.append(now)
+                        chunks += 1
+        rec.end_s = time.perf_counter() - t0
+        rec.output_tokens = usage_tokens if usage_tokens is not None else chunks
+        if rec.first_token_s is None:
+            rec.error = "no tokens received"
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        rec.error = f"{type(exc).__name__}: {exc}"
+    except asyncio.CancelledError:
+        rec.error = "cancelled at the duration limit"
+        raise
+
+
+async def _sample_queue(client: httpx.AsyncClient, url: str, t0: float, out: list[tuple[float, float]]) -> None:
+    while True:
+        try:
+            r = await client.get(f"{url}/metrics", timeout=2.0)
+            m = _WAITING.search(r.text) if r.status_code == 200 else None
+            if m is None:
+                return  # the server exports no such metric
+            out.append((time.perf_counter() - t0, float(m.group(1))))
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.5)
+
+
+async def run_workload(
+    url: str,
+    workload: Workload,
+    tokenizer,
+    *,
+    model: str | None = None,
+    concurrency: int | None = None,
+    max_duration_s: float | None = None,
+    api_key: str | None = None,
+    show_progress: bool = True,
+) -> tuple[list[RequestRecord], list[tuple[float, float]], float]:
+    """Replay ``workload`` against ``url``. Open loop (requests at their arrival times) unless
+    ``concurrency`` is set (closed loop: that many in flight). Returns the per-request records,
+    the server's waiting-queue samples and the run's duration."""
+    url = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    maker = PromptMaker(tokenizer)
+    prompts = [maker.text(r.prompt_len, i) for i, r in enumerate(workload.requests)]
+    records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len) for r in workload.requests]
+    queue_samples: list[tuple[float, float]] = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits, headers=headers) as client:
+        model = model or await discover_model(client, url)
+        t0 = time.perf_counter()
+        sampler = asyncio.create_task(_sample_queue(client, url, t0, queue_samples))
+        slots = asyncio.Semaphore(concurrency) if concurrency else None
+
+        async def launch(i: int) -> None:
+            rec = records[i]
+            if slots is None:
+                await asyncio.sleep(max(0.0, rec.arrival_s - (time.perf_counter() - t0)))
+                await _one(client, url, model, prompts[i], rec, t0)
+            else:
+                async with slots:
+                    await _one(client, url, model, prompts[i], rec, t0)
+            progress.advance(task)
+
+        with Progress(transient=True, disable=not show_progress) as progress:
+            task = progress.add_task("requests", total=len(records))
+            jobs = [asyncio.create_task(launch(i)) for i in range(len(records))]
+            done, pending = await asyncio.wait(jobs, timeout=max_duration_s)
+            for job in pending:
+                job.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        duration = time.perf_counter() - t0
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+    for rec in records:
+        if rec.start_s is None and rec.error is None:
+            rec.error = "not sent before the duration limit"
+    return records, queue_samples, duration
