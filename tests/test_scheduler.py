@@ -23,7 +23,7 @@ from shoal.engine.request import FinishReason, Request, Status
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 
-MAX_STEPS = 2000
+MAX_STEPS = 1000
 COSTS = {
     "swap": PreemptionCost(force=PreemptionMode.SWAP),
     "recompute": PreemptionCost(force=PreemptionMode.RECOMPUTE),

@@ -144,7 +144,9 @@ class Scheduler:
                 return
             if req.status is Status.SWAPPED:
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
-                if not self._make_room(req, lambda: self.bm.can_swap_in(req.req_id, self._watermark() + 1), plan):
+                # Blocks the chunk needs beyond those swapped back in count like the watermark.
+                grow = max(0, self.bm.blocks_needed(req.num_computed_tokens + n) - len(self.bm.swapped[req.req_id]))
+                if not self._make_room(req, lambda: self.bm.can_swap_in(req.req_id, grow + self._watermark()), plan):
                     return
                 plan.swap_in.extend(self.bm.swap_in(req.req_id))
                 self.swapped.remove(req)

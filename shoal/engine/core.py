@@ -1,0 +1,323 @@
+"""The synchronous engine core: ``add``, ``abort``, ``step``, ``export`` / ``import_``, ``load``.
+
+No threads, no asyncio, no HTTP: servers, cluster actors and the simulator wrap it. It owns the
+requests, the scheduler and the block manager; an :class:`Executor` runs each step's plan (the
+model on a device, or a cost model in the simulator). Every request ends exactly once, as finished
+(stop / length), aborted, or failed with a readable reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from shoal.engine.block_manager import BlockManager
+from shoal.engine.detokenizer import IncrementalDetokenizer
+from shoal.engine.executor import Executor
+from shoal.engine.outputs import InstanceLoad, RequestOutput, RequestState
+from shoal.engine.request import FinishReason, Request, Status
+from shoal.engine.sampler import SamplingState, make_generator
+from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+
+log = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Continuous batching over one executor. Times come only from ``clock``."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        block_manager: BlockManager,
+        scheduler_config: SchedulerConfig,
+        *,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_ids: set[int] | frozenset[int] = frozenset(),
+        tokenizer=None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.executor = executor
+        self.block_manager = block_manager
+        self.scheduler = Scheduler(scheduler_config, block_manager)
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.requests: dict[str, Request] = {}
+        self.last_plan: StepPlan | None = None
+        self._sampling: dict[str, SamplingState] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._pending: list[RequestOutput] = []  # outputs of requests ended outside step()
+        self._eos = set(eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self._eos.add(tokenizer.eos_token_id)
+        self._next_id = 0
+
+    # ---- requests in ----------------------------------------------------------------------------
+
+    def add(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        *,
+        req_id: str | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a request. Raises ValueError (and changes nothing) for bad input."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params must be a SamplingParams")
+        if req_id is None:
+            req_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if req_id in self.requests:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        self._validate_prompt(prompt_token_ids)
+        req = Request(
+            req_id=req_id,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            arrival_time=self.clock() if arrival_time is None else arrival_time,
+            priority=priority,
+        )
+        self._track(req, make_generator(params))
+        self.scheduler.add(req)
+        return req_id
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if len(ids) == 0:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                "(prompt plus at least one generated token)"
+            )
+        vocab = self.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
+
+    def _track(self, req: Request, generator: torch.Generator | None) -> None:
+        self.requests[req.req_id] = req
+        self._sampling[req.req_id] = SamplingState(
+            params=req.params,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=req.output_token_ids,
+            generator=generator,
+        )
+        if self.tokenizer is not None:
+            self._detok[req.req_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params)
+
+    def abort(self, req_id: str) -> bool:
+        """Cancel a request; its final output comes with the next ``step``. False if unknown or
+        already ended."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return False
+        self._finish(req, FinishReason.ABORT, pending=True)
+        return True
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule and run one forward pass; return the outputs of requests that advanced or ended."""
+        outputs, self._pending = self._pending, []
+        now = self.clock()
+        plan = self.scheduler.schedule(now)
+        self.last_plan = plan
+        if plan.empty:
+            return outputs
+        sampled = [c for c in plan.chunks if c.sample]
+        try:
+            result = self.executor.execute(plan, [self._sampling[c.req_id] for c in sampled])
+            self.scheduler.commit(plan, self.requests)
+        except Exception as exc:  # a failed forward fails its batch, not the engine
+            log.exception("step failed")
+            for c in plan.chunks:
+                req = self.requests.get(c.req_id)
+                if req is not None:
+                    outputs.append(self._finish(req, FinishReason.ERROR, error=f"engine step failed: {exc}"))
+            return outputs
+        now = self.clock()
+        for i, c in enumerate(sampled):
+            req = self.requests[c.req_id]
+            lp = result.logprobs[i]
+            outputs.append(self._append_token(req, result.token_ids[i], lp, now))
+        return outputs
+
+    def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
+        req.output_token_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        params = req.params
+        reason, stop = None, None
+        detok = self._detok.get(req.req_id)
+        stop_str = detok.update(token) if detok is not None else None
+        if token in params.stop_token_ids:
+            reason, stop = FinishReason.STOP, token
+        elif token in self._eos and not params.ignore_eos:
+            reason = FinishReason.STOP
+        elif stop_str is not None:
+            reason, stop = FinishReason.STOP, stop_str
+        elif len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            req.stop_reason = stop
+            out = self._finish(req, reason, now=now)
+            out.new_token_ids = [token]
+            out.logprobs = [logprob] if logprob is not None else None
+            return out
+        return self._output(req, [token], detok.get_delta() if detok else "", logprob)
+
+    def _output(self, req: Request, tokens: list[int], text: str, logprob=None) -> RequestOutput:
+        return RequestOutput(
+            req_id=req.req_id,
+            new_token_ids=tokens,
+            new_text=text,
+            finished=req.finished,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=len(req.output_token_ids),
+            num_cached_tokens=req.num_cached_tokens,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            error=req.error,
+            logprobs=[logprob] if logprob is not None else None,
+            arrival_time=req.arrival_time,
+            first_scheduled_time=req.first_scheduled_time,
+            first_token_time=req.first_token_time,
+            finished_time=req.finished_time,
+        )
+
+    def _finish(
+        self,
+        req: Request,
+        reason: FinishReason,
+        *,
+        error: str | None = None,
+        now: float | None = None,
+        pending: bool = False,
+    ) -> RequestOutput:
+        """End a request exactly once: free its KV, forget it, build its final output."""
+        self.scheduler.remove(req)
+        del self.requests[req.req_id]
+        self._sampling.pop(req.req_id)
+        detok = self._detok.pop(req.req_id, None)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.error = error
+        req.finished_time = self.clock() if now is None else now
+        text = detok.finish() if detok is not None else ""
+        out = self._output(req, [], text)
+        if pending:
+            self._pending.append(out)
+        return out
+
+    # ---- load and migration ---------------------------------------------------------------------
+
+    def load(self) -> InstanceLoad:
+        bm, s = self.block_manager, self.scheduler
+        return InstanceLoad(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            num_swapped=len(s.swapped),
+            num_total_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free,
+            num_used_blocks=bm.num_used,
+            num_cached_blocks=bm.num_cached_free,
+            num_pinned_blocks=bm.num_pinned,
+            block_size=bm.block_size,
+            tokens_in_flight=sum(r.num_computed_tokens for r in s.running),
+            waiting_prompt_tokens=sum(r.num_tokens - r.num_computed_tokens for r in s.waiting),
+            num_preemptions=s.num_preemptions,
+        )
+
+    def export(self, req_id: str) -> RequestState:
+        """Take a request out of this engine with everything needed to resume it elsewhere
+        (tokens, sampling RNG, detokenizer position, KV blocks). It produces no final output here."""
+        req = self.requests.get(req_id)
+        if req is None:
+            raise KeyError(f"unknown request {req_id!r}")
+        kv = None
+        bm = self.block_manager
+        if req.status is Status.SWAPPED:
+            kv = self.executor.read_kv(bm.swapped[req_id], swapped=True)
+        elif req.status is Status.RUNNING and req.num_computed_tokens:
+            n = bm.blocks_needed(req.num_computed_tokens)
+            kv = self.executor.read_kv(bm.table(req_id)[:n])
+        num_computed = req.num_computed_tokens if kv is not None else 0
+        gen = self._sampling[req_id].generator
+        detok = self._detok.get(req_id)
+        state = RequestState(
+            req_id=req_id,
+            prompt_token_ids=list(req.prompt_token_ids),
+            output_token_ids=list(req.output_token_ids),
+            params=req.params,
+            priority=req.priority,
+            arrival_time=req.arrival_time,
+            num_computed_tokens=num_computed,
+            generator_state=gen.get_state() if gen is not None else None,
+            emitted_text_len=detok.emitted_len if detok is not None else 0,
+            num_cached_tokens=req.num_cached_tokens,
+            num_preemptions=req.num_preemptions,
+            first_token_time=req.first_token_time,
+            kv=kv,
+        )
+        self.scheduler.remove(req)
+        del self.requests[req_id]
+        self._sampling.pop(req_id)
+        self._detok.pop(req_id, None)
+        return state
+
+    def import_(self, state: RequestState) -> None:
+        """Resume an exported request here. Raises ValueError (changing nothing) if it does not fit."""
+        if state.req_id in self.requests:
+            raise ValueError(f"request id {state.req_id!r} is already in use")
+        req = Request(
+            req_id=state.req_id,
+            prompt_token_ids=list(state.prompt_token_ids),
+            params=state.params,
+            arrival_time=state.arrival_time,
+            priority=state.priority,
+            output_token_ids=list(state.output_token_ids),
+            num_cached_tokens=state.num_cached_tokens,
+            num_preemptions=state.num_preemptions,
+            first_token_time=state.first_token_time,
+        )
+        if req.num_tokens >= self.max_model_len:
+            raise ValueError(f"request has {req.num_tokens} tokens; this engine holds {self.max_model_len}")
+        bm = self.block_manager
+        if state.kv is not None:
+            n_blocks = state.kv.shape[3]
+            if n_blocks != bm.blocks_needed(state.num_computed_tokens):
+                raise ValueError("exported KV does not match its computed-token count")
+            if n_blocks > bm.num_free:
+                raise ValueError(f"no room: {n_blocks} KV blocks needed, {bm.num_free} free")
+            bm.allocate(req.req_id, [], 0)
+            blocks = bm.ensure_slots(req.req_id, state.num_computed_tokens)
+            try:
+                self.executor.write_kv(blocks, state.kv)
+            except Exception:
+                bm.free(req.req_id)
+                raise
+            req.num_computed_tokens = state.num_computed_tokens
+            req.status = Status.RUNNING
+            self.scheduler.running.append(req)
+        else:
+            self.scheduler.add(req)
+        gen = None
+        if state.generator_state is not None:
+            gen = make_generator(state.params)
+            gen.set_state(state.generator_state)
+        self._track(req, gen)
+        detok = self._detok.get(req.req_id)
+        if detok is not None:
+            detok.replay(req.output_token_ids, state.emitted_text_len)

@@ -1,0 +1,44 @@
+"""What runs a step plan: the model on a device, or (in the simulator) a cost model."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from shoal.engine.model_runner import KVCache, ModelRunner
+from shoal.engine.sampler import Sampler, SampleResult, SamplingState
+from shoal.engine.scheduler import StepPlan
+
+
+class Executor(Protocol):
+    def execute(self, plan: StepPlan, states: list[SamplingState]) -> SampleResult:
+        """Run the plan; return one sampled token per chunk with ``sample=True``, in order."""
+        ...
+
+    def read_kv(self, block_ids: list[int], swapped: bool = False) -> torch.Tensor:
+        """KV of these blocks as one CPU tensor (see :class:`KVCache`)."""
+        ...
+
+    def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None: ...
+
+
+class ModelExecutor:
+    """The real thing: a forward pass on the device, then the sampler."""
+
+    def __init__(self, runner: ModelRunner, sampler: Sampler) -> None:
+        self.runner = runner
+        self.sampler = sampler
+
+    @property
+    def kv(self) -> KVCache:
+        return self.runner.kv
+
+    def execute(self, plan: StepPlan, states: list[SamplingState]) -> SampleResult:
+        return self.sampler(self.runner.execute(plan), states)
+
+    def read_kv(self, block_ids: list[int], swapped: bool = False) -> torch.Tensor:
+        return self.runner.kv.read(block_ids, swapped)
+
+    def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
+        self.runner.kv.write(block_ids, data)
