@@ -148,29 +148,110 @@ def bench_serve(
 
     import httpx
 
-    from shoal.bench import report, workloads
+    from shoal.bench import report
     from shoal.bench.serve import run_workload
     from shoal.model.loader import default_model_path, load_tokenizer
 
-    if workload.startswith("trace:"):
-        if max_context is None:
-            try:
-                info = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=10).json()["data"][0]
-                max_context = int(info.get("max_model_len") or 2048)
-            except (httpx.HTTPError, KeyError, IndexError, ValueError):
-                max_context = 2048
-        wl = workloads.load_trace(workload[6:], time_scale=time_scale, max_context=max_context,
-                                  num_requests=num_requests, start_s=trace_start)
-    elif concurrency is not None:
-        wl = workloads.closed_loop(num_requests, concurrency, prompt_len, output_len)
-    else:
-        wl = workloads.synthetic(workload, num_requests, rate, prompt_len, output_len, burstiness, seed)
+    if workload.startswith("trace:") and max_context is None:
+        try:
+            info = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=10).json()["data"][0]
+            max_context = int(info.get("max_model_len") or 2048)
+        except (httpx.HTTPError, KeyError, IndexError, ValueError):
+            max_context = 2048
+    wl = _build_workload(workload, rate, burstiness, concurrency, time_scale, trace_start, num_requests,
+                         prompt_len, output_len, max_context, seed)
     tok = load_tokenizer(tokenizer or default_model_path())
     records, queue, duration = asyncio.run(run_workload(
         url, wl, tok, model=model, concurrency=concurrency, max_duration_s=max_duration, api_key=api_key))
     result = report.summarize(records, wl.description, slo_ttft_ms, slo_tpot_ms, duration_s=duration,
                               extra={"url": url})
     report.write(out, result, records, queue)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "workload"}, indent=2))
+    typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png")
+
+
+def _build_workload(workload: str, rate: float, burstiness: float, concurrency: Optional[int], time_scale: float,
+                    trace_start: float, num_requests: int, prompt_len: int, output_len: int,
+                    max_context: Optional[int], seed: int):
+    from shoal.bench import workloads
+
+    try:
+        if workload.startswith("trace:"):
+            return workloads.load_trace(workload[6:], time_scale=time_scale, max_context=max_context,
+                                        num_requests=num_requests, start_s=trace_start)
+        if concurrency is not None:
+            return workloads.closed_loop(num_requests, concurrency, prompt_len, output_len)
+        return workloads.synthetic(workload, num_requests, rate, prompt_len, output_len, burstiness, seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command()
+def profile(
+    out: Path = typer.Option(Path("profile.json"), "--out", help="Where to write the fitted cost model"),
+    model: Optional[str] = ModelOpt,
+    repeats: int = typer.Option(3, "--repeats"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Time the engine's steps over a grid of batch shapes and fit the simulator's cost model."""
+    from shoal.engine.config import EngineConfig
+    from shoal.engine.engine import Engine
+    from shoal.sim.profile import fit_profile
+
+    engine = Engine(EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=64))
+    cost = fit_profile(engine, repeats)
+    cost.save(out)
+    typer.echo(json.dumps({"device": cost.device, "model": cost.model, "dtype": cost.dtype, "fit": cost.fit}, indent=2))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def sim(
+    workload: str = typer.Option("poisson", "--workload", help="poisson | gamma | trace:PATH (Azure or BurstGPT CSV)"),
+    rate: float = typer.Option(1.0, "--rate"),
+    burstiness: float = typer.Option(0.5, "--burstiness"),
+    time_scale: float = typer.Option(1.0, "--time-scale"),
+    trace_start: float = typer.Option(0.0, "--trace-start"),
+    num_requests: int = typer.Option(100, "--num-requests", "-n"),
+    prompt_len: int = typer.Option(128, "--prompt-len"),
+    output_len: int = typer.Option(128, "--output-len"),
+    max_context: int = typer.Option(2048, "--max-context", help="Clip trace requests to this many tokens"),
+    instances: int = typer.Option(1, "--instances"),
+    cost_model: Optional[Path] = typer.Option(None, "--cost-model", help="Fitted profile JSON (default: the committed SmolLM2-on-CPU one)"),
+    policy: str = typer.Option("least_load", "--policy", help="round_robin | least_load | prefix_aware | session_affinity"),
+    num_blocks: int = typer.Option(2800, "--num-blocks", help="KV blocks per instance"),
+    max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
+    max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens"),
+    slo_ttft_ms: float = typer.Option(1000.0, "--slo-ttft-ms"),
+    slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("sim-out"), "--out"),
+) -> None:
+    """Simulate a cluster on the real scheduler code with a cost model; same JSON as bench serve."""
+    import time
+
+    from shoal.bench import report
+    from shoal.cluster.policies import make_dispatch_policy
+    from shoal.sim.cost_model import LinearCostModel, default_profile_path
+    from shoal.sim.simulator import InstanceSpec, simulate
+
+    wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
+                         output_len, max_context, seed)
+    cm = LinearCostModel.load(cost_model or default_profile_path())
+    spec = InstanceSpec(cm, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                        max_num_batched_tokens=max_num_batched_tokens)
+    try:
+        dispatch = make_dispatch_policy(policy)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    t = time.perf_counter()
+    records, duration, _ = simulate(wl, [spec] * instances, dispatch, seed)
+    wall = time.perf_counter() - t
+    result = report.summarize(records, wl.description, slo_ttft_ms, slo_tpot_ms, duration_s=duration, extra={
+        "simulated": True, "instances": instances, "policy": policy, "cost_model": {"device": cm.device, "model": cm.model},
+        "sim_wall_s": wall})
+    report.write(out, result, records)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "workload"}, indent=2))
     typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png")
 

@@ -76,12 +76,10 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request")
         return error_response(400, msg, "BadRequestError", loc or None)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_response(401, "Invalid or missing API key.", "AuthenticationError")
-        return await call_next(request)
+    if api_key:
+        # A plain ASGI middleware: @app.middleware("http") (BaseHTTPMiddleware) would hide client
+        # disconnects from request.is_disconnected(), so aborted non-streaming requests kept running.
+        app.add_middleware(_BearerAuth, api_key=api_key)
 
     @app.on_event("shutdown")
     def _shutdown() -> None:
@@ -372,6 +370,21 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                 "choices": choices, "usage": usage(len(ids), completion_tokens)}
 
     return app
+
+
+class _BearerAuth:
+    """Require ``Authorization: Bearer <api_key>`` on every ``/v1`` path."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            if dict(scope["headers"]).get(b"authorization", b"") != self.expected:
+                response = error_response(401, "Invalid or missing API key.", "AuthenticationError")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def collect(streams) -> list[list[RequestOutput]]:
