@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from unittest import mock
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 
 from shoal.engine.block_manager import BlockManager
@@ -313,8 +314,8 @@ class Sim:
         order = sorted(running0, key=lambda r: r.sort_key, reverse=True)
         was_running = [v for v in victims if v in running0]
         assert was_running == order[: len(was_running)], "victims are not the last in priority order"
-        if victims and admitted:  # preempted to admit: only for a strictly better priority
-            best = min(r.priority for r in admitted)
+        if victims and admitted:  # preempted to admit: only for a strictly better plain priority
+            best = min(r.priority for r in admitted + left_out[:1])
             for v in victims:
                 assert v.priority > best, "admission preempted a request of equal or better priority"
         # No starvation: the oldest request of the best priority, once running, is never preempted.
@@ -468,6 +469,45 @@ def test_same_clock_same_plans(wl: Workload):
 
 
 # ---- targeted examples --------------------------------------------------------------------------
+
+
+def _wl(specs, **kw) -> Workload:
+    base = dict(num_swap_blocks=0, prefix_caching=True, cost="cost", priority_aging_s=None, aborts=())
+    return Workload(specs=tuple(Spec(*s) for s in specs), **{**base, **kw})
+
+
+# Minimal workloads hypothesis found, one per scheduler bug fixed (each failed before its fix).
+REGRESSIONS = {
+    # A prompt needing every block never started: the admission watermark applied with nothing running.
+    "watermark-alone": _wl(
+        [(0, (1, 2, 3, 4, 5), 1, 0)], num_blocks=3, block_size=2, max_num_seqs=1, max_num_batched_tokens=5
+    ),
+    # Aged priorities preempted running requests of equal priority: two requests preempted each
+    # other forever.
+    "aging-livelock": _wl(
+        [(0, (0,), 5, 0), (0, (0,), 5, 0)],
+        num_blocks=3, block_size=3, max_num_seqs=2, max_num_batched_tokens=2, priority_aging_s=0.2,
+    ),
+    # Swap-in reserved one block past the swapped ones, but a preempted prefill needs more: the
+    # scheduler raised NoFreeBlocks (or, with nothing else running, never swapped it back in).
+    "swap-in-growth": _wl(
+        [(0, (1, 2, 3, 0, 0, 0, 0, 0), 3, 0), (0, (0, 0, 0, 0, 0, 0, 0), 1, 0)]
+        + [(0, (0,), 1, 0)] * 3,
+        num_blocks=8, block_size=2, num_swap_blocks=1, max_num_seqs=2, max_num_batched_tokens=9,
+    ),
+    # A swap-out after a swap-in in the same step reused the swap blocks the swap-in still had
+    # to read (the runner copies out before in).
+    "swap-block-reuse": _wl(
+        [(1, (0,), 1, 0), (1, (0, 0, 0, 0), 1, 1), (1, (0,), 1, 0), (1, (0,), 1, 0), (3, (0,), 1, 0), (3, (0,), 1, 0)],
+        num_blocks=3, block_size=2, num_swap_blocks=2, max_num_seqs=2, max_num_batched_tokens=2,
+        priority_aging_s=0.2,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+def test_regressions(name: str):
+    Sim(REGRESSIONS[name]).run()
 
 
 def _sched(num_blocks=16, block_size=4, num_swap=16, **kw) -> Scheduler:

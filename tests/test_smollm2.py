@@ -50,15 +50,31 @@ def model_path() -> str:
         pytest.skip(str(e))
 
 
+_LOADED: dict = {}  # what the fp32 engine's own loading produced, reused to build LLM() faster
+
+
 @pytest.fixture(scope="module")
 def engine(model_path) -> Engine:
     """fp32 engine on the default model, loaded by the engine itself; chunked prefill."""
-    return Engine(
-        EngineConfig(
-            dtype="float32", device="cpu", block_size=BLOCK, num_blocks=96, num_swap_blocks=8,
-            max_num_batched_tokens=BUDGET,
+    import shoal.engine.engine as engine_module
+
+    def spy(fn, key):
+        def wrapper(*args, **kw):
+            _LOADED[key] = out = fn(*args, **kw)
+            return out
+
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_module, "load_checkpoint", spy(engine_module.load_checkpoint, "checkpoint"))
+        mp.setattr(engine_module, "load_tokenizer", spy(engine_module.load_tokenizer, "tokenizer"))
+        engine = Engine(
+            EngineConfig(
+                dtype="float32", device="cpu", block_size=BLOCK, num_blocks=96, num_swap_blocks=8,
+                max_num_batched_tokens=BUDGET,
+            )
         )
-    )
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +94,19 @@ def hf(model_path):
 
 
 @pytest.fixture(scope="module")
-def llm(model_path) -> LLM:
-    return LLM()
+def llm(model_path, engine) -> LLM:
+    """The default ``LLM()``. Parsing the GGUF (weights, tokenizer) again would only repeat what
+    the fp32 engine did with the same file, so those two calls return its results."""
+    import shoal.engine.engine as engine_module
+
+    with pytest.MonkeyPatch.context() as mp:
+        if "checkpoint" in _LOADED:
+            config, state = _LOADED.pop("checkpoint")
+            mp.setattr(engine_module, "load_checkpoint", lambda path, dtype: (config, {k: v.to(dtype) for k, v in state.items()}))
+        if "tokenizer" in _LOADED:
+            tokenizer = _LOADED.pop("tokenizer")
+            mp.setattr(engine_module, "load_tokenizer", lambda path: tokenizer)
+        return LLM()
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +270,7 @@ def test_bf16_top1_agrees_with_fp32_reference(bf16_engine, hf, prompts):
 
 def test_llm_chat_and_generate_return_text(llm):
     (out,) = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                      SamplingParams(temperature=0.0, max_tokens=24))
+                      SamplingParams(temperature=0.0, max_tokens=10))
     assert isinstance(out.text, str) and "Paris" in out.text
     c = out.outputs[0]
     assert c.token_ids and c.finish_reason in ("stop", "length")
@@ -261,30 +288,34 @@ def test_llm_chat_and_generate_return_text(llm):
 
 def test_stop_string_cuts_text_exactly(llm):
     msgs = [{"role": "user", "content": "Tell me about Paris in two sentences."}]
-    (full,) = llm.chat(msgs, SamplingParams(temperature=0.0, max_tokens=40))
+    greedy = SamplingParams(temperature=0.0, max_tokens=40)
+    full, stopped, kept = llm.chat(
+        [msgs] * 3,
+        [greedy, dataclasses.replace(greedy, stop=["."]),
+         dataclasses.replace(greedy, stop=["."], include_stop_str_in_output=True)],
+    )
     assert "." in full.text, full.text
     cut = full.text.index(".")
-    (stopped,) = llm.chat(msgs, SamplingParams(temperature=0.0, max_tokens=40, stop=["."]))
+    assert len(full.text) > cut + 1, "the answer goes on after its first sentence"
     assert stopped.text == full.text[:cut]
     assert "." not in stopped.text
     assert stopped.outputs[0].finish_reason == "stop" and stopped.outputs[0].stop_reason == "."
-    (kept,) = llm.chat(
-        msgs, SamplingParams(temperature=0.0, max_tokens=40, stop=["."], include_stop_str_in_output=True)
-    )
+    assert len(stopped.outputs[0].token_ids) < len(full.outputs[0].token_ids)
     assert kept.text == full.text[: cut + 1]
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
     p = "Once upon a time, in a small village,"
-    seeded = SamplingParams(temperature=0.8, seed=42, max_tokens=16, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=42, max_tokens=12, ignore_eos=True)
     (a,) = llm.generate(p, seeded)
-    (b,) = llm.generate(p, seeded)
-    other = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
-    batch = llm.generate(["The weather today is", p, "My favourite food is"], [other, seeded, other])
-    assert a.outputs[0].token_ids == b.outputs[0].token_ids == batch[1].outputs[0].token_ids
-    assert a.text == b.text == batch[1].text and a.text
-    others = [llm.generate(p, dataclasses.replace(seeded, seed=s))[0].text for s in (7, 1234)]
-    assert any(t != a.text for t in others), "the seed has no effect"
+    other = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    batch = llm.generate(
+        ["The weather today is", p, "My favourite food is", p, p],
+        [other, seeded, other, dataclasses.replace(seeded, seed=7), dataclasses.replace(seeded, seed=1234)],
+    )
+    assert a.text and a.outputs[0].token_ids == batch[1].outputs[0].token_ids
+    assert a.text == batch[1].text
+    assert batch[3].text != a.text or batch[4].text != a.text, "the seed has no effect"
 
 
 def test_streamed_text_has_no_replacement_characters(llm):

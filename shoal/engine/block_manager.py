@@ -73,6 +73,7 @@ class BlockManager:
         self.tables: dict[str, BlockTable] = {}
         self.swapped: dict[str, list[int]] = {}
         self.num_used = 0
+        self._num_pinned = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
@@ -89,7 +90,7 @@ class BlockManager:
 
     @property
     def num_pinned(self) -> int:
-        return sum(1 for b in self.blocks if b.pin_count > 0)
+        return self._num_pinned
 
     @property
     def num_free_swap(self) -> int:
@@ -288,6 +289,8 @@ class BlockManager:
                 if bid in self._free_plain:
                     self._free_plain.remove(bid)
                 self.num_used += 1
+            if blk.pin_count == 0:
+                self._num_pinned += 1
             blk.pin_count += 1
 
     def unpin(self, block_ids: list[int]) -> None:
@@ -296,6 +299,8 @@ class BlockManager:
             if blk.pin_count <= 0:
                 raise ValueError(f"block {bid} is not pinned")
             blk.pin_count -= 1
+            if blk.pin_count == 0:
+                self._num_pinned -= 1
             if not blk.used:
                 self._mark_free(blk)
 
@@ -316,3 +321,4 @@ class BlockManager:
         assert swap_used + len(self._free_swap) == self.num_swap_blocks
         if not self.tables:
             assert used == self.num_pinned, (used, self.num_pinned)
+        assert self._num_pinned == sum(1 for b in self.blocks if b.pin_count > 0)

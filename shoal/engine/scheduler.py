@@ -194,7 +194,7 @@ class Scheduler:
             plan.chunks.remove(chunk)
         table = self.bm.table(victim.req_id)
         # Swap-outs run before swap-ins: swap blocks a swap-in of this step frees are not free yet.
-        swap_free = self.bm.num_free_swap
+        swap_free = 0 if plan.swap_in else self.bm.num_free_swap
         mode = self.config.preemption_cost.choose(victim.num_computed_tokens, len(table), swap_free)
         self.running.remove(victim)
         if mode is PreemptionMode.SWAP:
