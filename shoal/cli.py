@@ -256,6 +256,50 @@ def sim(
     typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png")
 
 
+@app.command()
+def plan(
+    workload: str = typer.Option("poisson", "--workload", help="poisson | gamma | trace:PATH"),
+    rate: float = typer.Option(5.0, "--rate"),
+    burstiness: float = typer.Option(0.5, "--burstiness"),
+    time_scale: float = typer.Option(1.0, "--time-scale"),
+    trace_start: float = typer.Option(0.0, "--trace-start"),
+    num_requests: int = typer.Option(1000, "--num-requests", "-n"),
+    prompt_len: int = typer.Option(512, "--prompt-len"),
+    output_len: int = typer.Option(128, "--output-len"),
+    model: str = typer.Option("llama-3-8b", "--model", help="A model shape from the catalog"),
+    gpu: Optional[list[str]] = typer.Option(None, "--gpu", help="Only these GPU types (repeatable)"),
+    catalog: Optional[str] = typer.Option(None, "--catalog", help="Catalog JSON (default: the shipped one)"),
+    slo_ttft_ms: float = typer.Option(1000.0, "--slo-ttft-ms"),
+    slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms"),
+    attainment: float = typer.Option(0.9, "--attainment", help="Fraction of requests that must meet both SLOs"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Find the cheapest GPU mix meeting the SLO for a workload, and verify it in simulation."""
+    from dataclasses import asdict
+
+    from shoal.sim import catalog as cat
+    from shoal.sim.planner import make_plan
+
+    wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
+                         output_len, cat.model_shape(model, catalog).max_model_len, seed)
+    gpus = cat.gpus(catalog)
+    if gpu:
+        unknown = set(gpu) - set(gpus)
+        if unknown:
+            raise typer.BadParameter(f"unknown GPU types {sorted(unknown)}; the catalog has {sorted(gpus)}")
+        gpus = {g: gpus[g] for g in gpu}
+    try:
+        result = make_plan(wl, cat.model_shape(model, catalog), gpus, slo_ttft_ms, slo_tpot_ms, attainment, seed=seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    out = asdict(result)
+    ver = out.pop("verification") or {}
+    out["verified"] = {k: ver.get(k) for k in ("goodput_rps", "slo_attainment", "request_throughput", "completed", "num_requests")}
+    out["verified"]["ttft_p90_ms"] = ver.get("ttft_ms", {}).get("p90")
+    out["verified"]["tpot_p90_ms"] = ver.get("tpot_ms", {}).get("p90")
+    typer.echo(json.dumps(out, indent=2))
+
+
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log engine details")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
