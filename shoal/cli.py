@@ -227,6 +227,7 @@ def sim(
     slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms"),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("sim-out"), "--out"),
+    validate: bool = typer.Option(False, "--validate", help="Also run the workload on the real engine (one instance) and print the errors"),
 ) -> None:
     """Simulate a cluster on the real scheduler code with a cost model; same JSON as bench serve."""
     import time
@@ -239,6 +240,18 @@ def sim(
     wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
                          output_len, max_context, seed)
     cm = LinearCostModel.load(cost_model or default_profile_path())
+    if validate:
+        from shoal.engine.config import EngineConfig
+        from shoal.engine.engine import Engine
+        from shoal.sim.validate import compare
+
+        engine = Engine(EngineConfig(num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                                     max_num_batched_tokens=max_num_batched_tokens))
+        fidelity = compare(wl, engine, cm, (slo_ttft_ms, slo_tpot_ms))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fidelity.json").write_text(json.dumps(fidelity, indent=2))
+        typer.echo(json.dumps(fidelity, indent=2))
+        return
     spec = InstanceSpec(cm, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=max_num_batched_tokens)
     try:

@@ -163,3 +163,40 @@ def test_export_of_swapped_request(make_tiny_engine):
         for rid, outs in run_all(engine).items():
             got[rid].extend(outs)
     assert [tokens_of(got[i]) for i in ids] == reference
+
+
+def test_staged_live_migration_and_rollback(make_tiny_engine):
+    """Llumnix-style: copy full blocks while the request keeps decoding on the source, then stop
+    and copy only the tail; or roll back and continue on the source. Tokens never change."""
+    p = prompts(1, lo=30, hi=30, seed=4)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    reference = tokens_of(run_prompts(make_tiny_engine(), [p], params)[0])
+    for rollback in (False, True):
+        src, dst = make_tiny_engine(), make_tiny_engine()
+        rid = src.add(p, params)
+        got = []
+        next_block = 0
+        for _ in range(6):  # stage while decoding
+            for o in src.step():
+                got.extend(o.new_token_ids)
+            kv, end = src.read_blocks(rid, next_block)
+            if kv is not None:
+                dst.stage_kv(rid, kv, next_block)
+                next_block = end
+        assert next_block > 0
+        state = src.export(rid, from_block=next_block, release=False)
+        assert state.kv.shape[3] <= 2  # only the tail moves in the stop-and-copy
+        if rollback:
+            dst.unstage(rid)
+            src.restore(rid)
+            engine = src
+        else:
+            dst.import_(state)
+            src.release(rid)
+            engine = dst
+        for outs in run_all(engine).values():
+            got.extend(tokens_of(outs))
+        assert got == reference
+        for e in (src, dst):
+            e.block_manager.check()
+            assert e.block_manager.num_used == 0

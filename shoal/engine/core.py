@@ -57,6 +57,7 @@ class EngineCore:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self._eos.add(tokenizer.eos_token_id)
         self._next_id = 0
+        self._suspended: dict[str, Request] = {}  # exported, KV kept until release / restore
 
     # ---- requests in ----------------------------------------------------------------------------
 
@@ -240,19 +241,36 @@ class EngineCore:
             num_preemptions=s.num_preemptions,
         )
 
-    def export(self, req_id: str) -> RequestState:
+    def read_blocks(self, req_id: str, start_block: int) -> tuple[torch.Tensor | None, int]:
+        """KV of a running request's full, computed blocks from ``start_block`` on, copied while it
+        keeps running (the staged phase of live migration). Returns the KV and the next block."""
+        req = self.requests.get(req_id)
+        if req is None or req.status is not Status.RUNNING:
+            return None, start_block
+        full = req.num_computed_tokens // self.block_manager.block_size
+        if full <= start_block:
+            return None, start_block
+        return self.executor.read_kv(self.block_manager.table(req_id)[start_block:full]), full
+
+    def export(self, req_id: str, from_block: int = 0, release: bool = True) -> RequestState:
         """Take a request out of this engine with everything needed to resume it elsewhere
-        (tokens, sampling RNG, detokenizer position, KV blocks). It produces no final output here."""
+        (tokens, sampling RNG, detokenizer position, KV blocks from ``from_block`` on — earlier
+        ones were staged already). It produces no final output here.
+
+        With ``release=False`` the request is only suspended: it keeps its KV until
+        :meth:`release` (migration committed) or :meth:`restore` (migration rolled back)."""
         req = self.requests.get(req_id)
         if req is None:
             raise KeyError(f"unknown request {req_id!r}")
         kv = None
         bm = self.block_manager
         if req.status is Status.SWAPPED:
-            kv = self.executor.read_kv(bm.swapped[req_id], swapped=True)
+            kv = self.executor.read_kv(bm.swapped[req_id][from_block:], swapped=True)
         elif req.status is Status.RUNNING and req.num_computed_tokens:
             n = bm.blocks_needed(req.num_computed_tokens)
-            kv = self.executor.read_kv(bm.table(req_id)[:n])
+            kv = self.executor.read_kv(bm.table(req_id)[from_block:n])
+        if kv is None and from_block:
+            raise ValueError(f"{req_id} has no KV to continue a staged copy from block {from_block}")
         num_computed = req.num_computed_tokens if kv is not None else 0
         gen = self._sampling[req_id].generator
         detok = self._detok.get(req_id)
@@ -270,12 +288,54 @@ class EngineCore:
             num_preemptions=req.num_preemptions,
             first_token_time=req.first_token_time,
             kv=kv,
+            kv_start_block=from_block,
         )
-        self.scheduler.remove(req)
+        self.scheduler.detach(req)
         del self.requests[req_id]
+        if release:
+            self.block_manager.free(req_id)
+            self._sampling.pop(req_id)
+            self._detok.pop(req_id, None)
+        else:
+            self._suspended[req_id] = req
+        return state
+
+    def release(self, req_id: str) -> None:
+        """Commit a migration away: free the suspended request's KV here."""
+        self._suspended.pop(req_id)
+        self.block_manager.free(req_id)
         self._sampling.pop(req_id)
         self._detok.pop(req_id, None)
-        return state
+
+    def restore(self, req_id: str) -> None:
+        """Roll a migration back: the suspended request continues here where it stopped."""
+        req = self._suspended.pop(req_id)
+        self.requests[req_id] = req
+        self.scheduler.attach(req)
+
+    def stage_kv(self, req_id: str, kv: torch.Tensor, start_block: int) -> None:
+        """Receive blocks ``[start_block, start_block + n)`` of an incoming migration before the
+        request itself arrives (:meth:`import_` then needs only the tail)."""
+        if req_id in self.requests:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        bm = self.block_manager
+        if req_id not in bm.tables:
+            if start_block:
+                raise ValueError(f"staged copy of {req_id} must start at block 0")
+            bm.allocate(req_id, [], 0)
+        table = bm.table(req_id)
+        if len(table) != start_block:
+            raise ValueError(f"staged copy of {req_id} expects block {len(table)}, got {start_block}")
+        n = kv.shape[3]
+        if n > bm.num_free:
+            raise ValueError(f"no room: {n} KV blocks needed, {bm.num_free} free")
+        blocks = bm.ensure_slots(req_id, (start_block + n) * bm.block_size)
+        self.executor.write_kv(blocks, kv)
+
+    def unstage(self, req_id: str) -> None:
+        """Drop the staged blocks of a migration that will not complete."""
+        if req_id not in self.requests:
+            self.block_manager.free(req_id)
 
     def import_(self, state: RequestState) -> None:
         """Resume an exported request here. Raises ValueError (changing nothing) if it does not fit."""
@@ -295,13 +355,17 @@ class EngineCore:
         if req.num_tokens >= self.max_model_len:
             raise ValueError(f"request has {req.num_tokens} tokens; this engine holds {self.max_model_len}")
         bm = self.block_manager
+        staged = len(bm.tables[req.req_id].blocks) if req.req_id in bm.tables else 0
+        if staged != state.kv_start_block:
+            raise ValueError(f"{state.kv_start_block} KV blocks should have been staged, found {staged}")
         if state.kv is not None:
-            n_blocks = state.kv.shape[3]
+            n_blocks = state.kv_start_block + state.kv.shape[3]
             if n_blocks != bm.blocks_needed(state.num_computed_tokens):
                 raise ValueError("exported KV does not match its computed-token count")
-            if n_blocks > bm.num_free:
-                raise ValueError(f"no room: {n_blocks} KV blocks needed, {bm.num_free} free")
-            bm.allocate(req.req_id, [], 0)
+            if n_blocks - staged > bm.num_free:
+                raise ValueError(f"no room: {n_blocks - staged} KV blocks needed, {bm.num_free} free")
+            if not staged:
+                bm.allocate(req.req_id, [], 0)
             blocks = bm.ensure_slots(req.req_id, state.num_computed_tokens)
             try:
                 self.executor.write_kv(blocks, state.kv)

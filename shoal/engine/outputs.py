@@ -58,8 +58,9 @@ class InstanceLoad:
 class RequestState:
     """Everything needed to continue a request on another engine (live migration).
 
-    ``kv`` is ``[2, layers, kv_heads, blocks, block_size, head_dim]`` on CPU covering the first
-    ``num_computed_tokens`` tokens, or None when the request has no KV yet.
+    ``kv`` is ``[2, layers, kv_heads, blocks, block_size, head_dim]`` on CPU covering the blocks
+    from ``kv_start_block`` to the last of the first ``num_computed_tokens`` tokens, or None when
+    the request has no KV yet.
     """
 
     req_id: str
@@ -75,4 +76,5 @@ class RequestState:
     num_preemptions: int = 0
     first_token_time: float | None = None
     kv: torch.Tensor | None = None
+    kv_start_block: int = 0  # blocks before this one were staged on the destination already
     extra: dict = field(default_factory=dict)

@@ -90,11 +90,19 @@ class Scheduler:
         self.waiting.append(req)
 
     def remove(self, req: Request) -> None:
-        """Take a request out of every queue and release its KV (finish, abort, export)."""
+        """Take a request out of every queue and release its KV (finish, abort)."""
+        self.detach(req)
+        self.bm.free(req.req_id)
+
+    def detach(self, req: Request) -> None:
+        """Take a request out of every queue, keeping its KV (a migration in progress)."""
         for queue in (self.waiting, self.running, self.swapped):
             if req in queue:
                 queue.remove(req)
-        self.bm.free(req.req_id)
+
+    def attach(self, req: Request) -> None:
+        """Put a detached request back in the queue matching its status."""
+        {Status.WAITING: self.waiting, Status.RUNNING: self.running, Status.SWAPPED: self.swapped}[req.status].append(req)
 
     @property
     def num_unfinished(self) -> int:

@@ -1,0 +1,79 @@
+"""Fidelity: run one workload on the real engine and in the simulator, compare the percentiles.
+
+The real run drives an in-process :class:`Engine` open-loop (requests enter at their arrival times
+by the wall clock, the engine steps continuously), so it measures exactly what the simulator
+models: the engine and its scheduler, without HTTP in between.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from shoal.bench.prompts import PromptMaker
+from shoal.bench.report import RequestRecord, summarize
+from shoal.bench.workloads import Workload
+from shoal.cluster.policies import LeastLoad
+from shoal.engine.engine import Engine
+from shoal.engine.sampling_params import SamplingParams
+from shoal.sim.cost_model import CostModel
+from shoal.sim.simulator import InstanceSpec, simulate
+
+
+def real_run(engine: Engine, workload: Workload) -> tuple[list[RequestRecord], float]:
+    """Replay ``workload`` on the engine in real time; returns the records and the duration."""
+    maker = PromptMaker(engine.tokenizer) if engine.tokenizer is not None else None
+    rng = np.random.default_rng(0)
+    prompts = [maker.token_ids(r.prompt_len, i) if maker else rng.integers(1, engine.vocab_size, r.prompt_len).tolist()
+               for i, r in enumerate(workload.requests)]
+    records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len) for r in workload.requests]
+    by_id: dict[str, RequestRecord] = {}
+    t0 = time.perf_counter()
+    nxt = 0
+    while nxt < len(records) or engine.has_unfinished():
+        now = time.perf_counter() - t0
+        while nxt < len(records) and records[nxt].arrival_s <= now:
+            rec = records[nxt]
+            rid = engine.add(prompts[nxt], SamplingParams(temperature=0.0, max_tokens=rec.output_len, ignore_eos=True))
+            rec.start_s = rec.arrival_s
+            by_id[rid] = rec
+            nxt += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, records[nxt].arrival_s - (time.perf_counter() - t0)))
+            continue
+        outputs = engine.step()
+        end = time.perf_counter() - t0
+        for out in outputs:
+            rec = by_id[out.req_id]
+            if out.new_token_ids:
+                rec.first_token_s = rec.first_token_s if rec.first_token_s is not None else end
+                rec.token_times_s.append(end)
+            if out.finished:
+                rec.end_s, rec.output_tokens, rec.error = end, out.num_output_tokens, out.error
+    return records, time.perf_counter() - t0
+
+
+def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000.0, 100.0)) -> dict:
+    """Real vs simulated p50 / p90 of TTFT, TPOT and E2E, with relative errors."""
+    real, real_dur = real_run(engine, workload)
+    spec = InstanceSpec(
+        cost_model,
+        num_blocks=engine.block_manager.num_blocks,
+        block_size=engine.block_manager.block_size,
+        num_swap_blocks=engine.block_manager.num_swap_blocks,
+        max_num_seqs=engine.scheduler.config.max_num_seqs,
+        max_num_batched_tokens=engine.scheduler.config.max_num_batched_tokens,
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
+    )
+    sim, sim_dur = simulate(workload, [spec], LeastLoad())[:2]
+    r = summarize(real, workload.description, *slo, real_dur)
+    s = summarize(sim, workload.description, *slo, sim_dur)
+    rows = {}
+    for metric in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        for q in ("p50", "p90"):
+            a, b = r[metric][q], s[metric][q]
+            rows[f"{metric[:-3]}_{q}"] = {"real_ms": a, "sim_ms": b, "rel_error": abs(b - a) / a if a else None}
+    return {"workload": workload.description, "metrics": rows,
+            "max_rel_error": max(v["rel_error"] for v in rows.values() if v["rel_error"] is not None)}
