@@ -134,3 +134,120 @@ def make_dispatch_policy(name: str) -> DispatchPolicy:
     if name not in DISPATCH_POLICIES:
         raise ValueError(f"unknown dispatch policy {name!r}; choose one of {', '.join(DISPATCH_POLICIES)}")
     return DISPATCH_POLICIES[name]()
+
+
+# ---- migration ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunningRequest:
+    """What a migration policy may know about a running request."""
+
+    req_id: str
+    priority: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class Migration:
+    req_id: str
+    src: int
+    dst: int
+    reason: str
+
+
+class MigrationPolicy(Protocol):
+    name: str
+
+    def plan(self, loads: Sequence[InstanceLoad], running: Sequence[Sequence[RunningRequest]],
+             draining: frozenset[int] = frozenset()) -> list[Migration]:
+        """Migrations to start now, given every instance's load and running requests."""
+        ...
+
+
+class LlumnixMigration:
+    """Llumnix-style: drain marked instances; relieve an instance about to preempt (or already
+    preempting); rebalance when freeness differs by more than ``gap``; keep high-priority
+    requests (priority < 0) on an instance with headroom by moving normal ones off it.
+
+    Each decision moves the cheapest request (fewest tokens, lowest priority) from the least free
+    instance to the freest one that is not draining; at most ``max_per_round`` at a time."""
+
+    name = "llumnix"
+
+    def __init__(self, gap: float = 4.0, max_per_round: int = 2) -> None:
+        self.gap = gap
+        self.max_per_round = max_per_round
+
+    def plan(self, loads, running, draining=frozenset()):
+        targets = [i for i in range(len(loads)) if i not in draining]
+        if not targets:
+            return []
+        out: list[Migration] = []
+        moved: set[str] = set()
+
+        def freest(exclude: int) -> int | None:
+            cands = [i for i in targets if i != exclude]
+            return max(cands, key=lambda i: freeness(loads[i])) if cands else None
+
+        def cheapest(i: int, keep_high: bool = False) -> RunningRequest | None:
+            cands = [r for r in running[i] if r.req_id not in moved and not (keep_high and r.priority < 0)]
+            return min(cands, key=lambda r: (-r.priority, r.num_tokens)) if cands else None
+
+        def add(src: int, reason: str, keep_high: bool = False) -> None:
+            dst = freest(src)
+            req = cheapest(src, keep_high)
+            if dst is not None and req is not None and len(out) < self.max_per_round:
+                out.append(Migration(req.req_id, src, dst, reason))
+                moved.add(req.req_id)
+
+        for i in sorted(draining):
+            for _ in running[i]:
+                add(i, "drain")
+        for i in targets:
+            load = loads[i]
+            about_to_preempt = load.num_swapped > 0 or load.num_free_blocks + load.num_cached_blocks < load.num_running
+            if about_to_preempt and running[i]:
+                add(i, "relieve")
+            elif any(r.priority < 0 for r in running[i]) and len(running[i]) > 1 and freeness(load) < self.gap:
+                add(i, "isolate_priority", keep_high=True)
+        if len(targets) > 1 and len(out) < self.max_per_round:
+            lo = min(targets, key=lambda i: freeness(loads[i]))
+            hi = max(targets, key=lambda i: freeness(loads[i]))
+            if freeness(loads[hi]) - freeness(loads[lo]) > self.gap and len(running[lo]) > 1:
+                add(lo, "rebalance")
+        return out
+
+
+# ---- autoscaling ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Autoscaler:
+    """Scale out when the mean KV usage (or queue) stays above ``up`` for ``window`` observations,
+    in when it stays below ``down``; within [min_instances, max_instances]."""
+
+    min_instances: int = 1
+    max_instances: int = 4
+    up: float = 0.7
+    down: float = 0.2
+    window: int = 5
+    _above: int = 0
+    _below: int = 0
+
+    def decide(self, loads: Sequence[InstanceLoad]) -> int:
+        """+1 to add an instance, -1 to remove one, 0 to hold."""
+        n = len(loads)
+        if n == 0:
+            return 1
+        pressure = max(sum(l.kv_usage for l in loads) / n,
+                       sum(min(1.0, l.num_waiting / 4) for l in loads) / n)
+        self._above = self._above + 1 if pressure > self.up else 0
+        self._below = self._below + 1 if pressure < self.down else 0
+        if self._above >= self.window and n < self.max_instances:
+            self._above = 0
+            return 1
+        if self._below >= self.window and n > self.min_instances:
+            self._below = 0
+            return -1
+        return 0

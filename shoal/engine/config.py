@@ -26,6 +26,7 @@ class EngineConfig:
     priority_aging_s: float | None = None
     preemption_mode: str = "auto"  # auto (by cost) | swap | recompute
     int4_small_batch: bool = True  # CPU bf16: run steps of few rows on 4-bit weights when exact
+    skip_tokenizer: bool = False  # token ids in, token ids out (no text)
     num_threads: int | None = None  # torch CPU threads; None = torch's default
 
     def __post_init__(self) -> None:

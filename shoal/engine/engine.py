@@ -51,7 +51,8 @@ class Engine(EngineCore):
             model_config, state = load_checkpoint(path, dtype=torch.float32 if packing else self.dtype)
             model = LlamaModel.from_state_dict(model_config, state)
             del state
-            tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
+            if tokenizer is None and not config.skip_tokenizer:
+                tokenizer = load_tokenizer(path)
         num_params = sum(p.numel() for p in model.parameters())
         if packing:
             n4 = pack_linears(model, self.dtype, config.int4_small_batch and self.dtype == torch.bfloat16)

@@ -1,0 +1,431 @@
+"""Many engine instances (Ray actors) behind one global scheduler, in the gateway process.
+
+``ClusterEngine`` has the same face as :class:`shoal.server.async_engine.AsyncEngine` (``submit``,
+``abort``, ``load``, ...), so the OpenAI server runs on either. It dispatches new requests with a
+dispatch policy, migrates running requests live (Llumnix), moves requests from prefill to decode
+instances (DistServe), scales the number of instances, and survives an instance dying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import ray
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shoal.cluster.instance import Instance
+from shoal.cluster.policies import (
+    Autoscaler,
+    DispatchPolicy,
+    DispatchRequest,
+    MigrationPolicy,
+    RunningRequest,
+)
+from shoal.engine.config import EngineConfig
+from shoal.engine.outputs import InstanceLoad, RequestOutput
+from shoal.engine.request import FinishReason
+from shoal.engine.sampling_params import SamplingParams
+from shoal.server.async_engine import QueueFull
+
+log = logging.getLogger(__name__)
+
+ROLES = ("both", "prefill", "decode")
+
+
+@dataclass
+class Member:
+    """One instance as the gateway sees it."""
+
+    id: int
+    handle: ray.actor.ActorHandle
+    role: str
+    load: InstanceLoad | None = None
+    alive: bool = True
+    draining: bool = False
+    pump: asyncio.Task | None = None
+
+
+@dataclass
+class Tracked:
+    """A request the gateway is serving."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    member: int
+    queue: asyncio.Queue
+    streamed_tokens: int = 0
+    migrating: bool = False
+    aborted: bool = False
+    pd_moved: bool = False
+
+
+@dataclass
+class ClusterStats:
+    migrations: dict[str, int] = field(default_factory=dict)  # outcome -> count
+    downtimes_s: list[float] = field(default_factory=list)
+
+
+class ClusterMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.instance_running = Gauge("shoal:instance_requests_running", "Running requests per instance.", ["instance"], registry=registry)
+        self.instance_waiting = Gauge("shoal:instance_requests_waiting", "Waiting requests per instance.", ["instance"], registry=registry)
+        self.instance_kv = Gauge("shoal:instance_kv_cache_usage_perc", "KV usage per instance.", ["instance"], registry=registry)
+        self.instances = Gauge("shoal:instances", "Instances by state.", ["state"], registry=registry)
+        self.dispatches = Counter("shoal:dispatches", "Requests dispatched, by policy.", ["policy"], registry=registry)
+        self.migrations = Counter("shoal:migrations", "Live migrations, by reason and outcome.", ["reason", "outcome"], registry=registry)
+        self.migration_bytes = Counter("shoal:migration_kv_bytes", "KV bytes moved by migrations.", registry=registry)
+        self.downtime = Histogram("shoal:migration_downtime_seconds", "Stop-and-copy time of a migration.",
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=registry)
+        self.pd_transfers = Counter("shoal:pd_transfers", "Requests moved from a prefill to a decode instance.", registry=registry)
+        self.scale_events = Counter("shoal:scale_events", "Instances added (up) or removed (down).", ["direction"], registry=registry)
+        self.redispatched = Counter("shoal:requests_redispatched", "Requests re-sent after their instance died.", registry=registry)
+
+
+class ClusterStream:
+    """Async iterator over one request's outputs, wherever it runs; closing early aborts it."""
+
+    def __init__(self, cluster: "ClusterEngine", tracked: Tracked) -> None:
+        self.cluster, self.tracked = cluster, tracked
+        self.finished = False
+
+    def __aiter__(self) -> "ClusterStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self.tracked.queue.get()
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+        self.finished = out.finished
+        return out
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.cluster.abort(self.tracked.req_id)
+
+
+class ClusterEngine:
+    """The global scheduler over N instances."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        num_instances: int,
+        dispatch: DispatchPolicy,
+        *,
+        tokenizer=None,
+        roles: list[str] | None = None,
+        migration: MigrationPolicy | None = None,
+        autoscaler: Autoscaler | None = None,
+        ray_address: str | None = None,
+        max_waiting: int | None = None,
+        control_interval_s: float = 0.25,
+        max_migration_stages: int = 4,
+    ) -> None:
+        roles = roles or ["both"] * num_instances
+        if len(roles) != num_instances or any(r not in ROLES for r in roles):
+            raise ValueError(f"roles must be {num_instances} of {ROLES}")
+        if "prefill" in roles and not any(r in ("decode", "both") for r in roles):
+            raise ValueError("prefill instances need at least one decode (or both) instance")
+        self.config = config
+        self.dispatch = dispatch
+        self.migration = migration
+        self.autoscaler = autoscaler
+        self.tokenizer = tokenizer
+        self.max_waiting = max_waiting
+        self.control_interval_s = control_interval_s
+        self.max_migration_stages = max_migration_stages
+        self._initial_roles = roles
+        self._ray_address = ray_address
+        self.members: dict[int, Member] = {}
+        self.requests: dict[str, Tracked] = {}
+        self.step_listeners: list = []
+        self.stats = ClusterStats()
+        self.metrics: ClusterMetrics | None = None
+        self.dead: str | None = None
+        self._next_member = 0
+        self._tasks: list[asyncio.Task] = []
+        self.info: dict = {}
+        cpus = os.cpu_count() or 1
+        self._threads = max(1, cpus // max(1, num_instances))
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not ray.is_initialized():
+            if self._ray_address:
+                ray.init(address=self._ray_address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=max(os.cpu_count() or 1, len(self._initial_roles)), log_to_driver=False,
+                         include_dashboard=False)
+        for role in self._initial_roles:
+            await self._add_member(role)
+        self._tasks.append(asyncio.create_task(self._control_loop()))
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        self.metrics = ClusterMetrics(registry)
+
+    async def _add_member(self, role: str = "both") -> Member:
+        mid = self._next_member
+        self._next_member += 1
+        actor = ray.remote(num_cpus=0, max_concurrency=16)(Instance)
+        handle = actor.remote(self.config, f"instance-{mid}", self._threads)
+        info = await handle.info.remote()
+        self.info = self.info or info
+        member = Member(mid, handle, role, load=await handle.load.remote())
+        self.members[mid] = member
+        member.pump = asyncio.create_task(self._pump(member))
+        log.warning("instance %d (%s) ready", mid, role)
+        return member
+
+    def shutdown(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for m in self.members.values():
+            if m.pump:
+                m.pump.cancel()
+            if m.alive:
+                ray.kill(m.handle)
+        self.members.clear()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info["max_model_len"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.info["vocab_size"]
+
+    def live(self, roles: tuple[str, ...] = ROLES, include_draining: bool = False) -> list[Member]:
+        return [m for m in self.members.values()
+                if m.alive and m.role in roles and (include_draining or not m.draining) and m.load is not None]
+
+    def load(self) -> InstanceLoad:
+        """The cluster's load: every live instance's snapshot summed."""
+        loads = [m.load for m in self.members.values() if m.alive and m.load is not None]
+        if not loads:
+            return InstanceLoad(0, 0, 0, 1, 0, 0, 0, 0, 16, 0, 0, 0)
+        total = {f.name: sum(getattr(l, f.name) for l in loads) for f in dataclasses.fields(InstanceLoad)}
+        total["block_size"] = loads[0].block_size
+        return InstanceLoad(**total)
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    async def submit(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str,
+                     priority: int = 0) -> ClusterStream:
+        if self.max_waiting is not None and self.load().num_waiting >= self.max_waiting:
+            raise QueueFull(f"{self.load().num_waiting} requests are waiting (limit {self.max_waiting})")
+        tracked = Tracked(req_id, list(prompt_token_ids), params, priority, -1, asyncio.Queue())
+        await self._dispatch(tracked)
+        return ClusterStream(self, tracked)
+
+    async def _dispatch(self, tracked: Tracked) -> None:
+        members = self.live(("both", "prefill"))
+        if not members:
+            raise RuntimeError("no live instance can take requests")
+        loads = [m.load for m in members]
+        i = self.dispatch.choose(loads, DispatchRequest(tracked.req_id, tracked.prompt_token_ids, priority=tracked.priority))
+        member = members[i]
+        await member.handle.add.remote(tracked.prompt_token_ids, tracked.params, tracked.req_id, tracked.priority)
+        tracked.member = member.id
+        self.requests[tracked.req_id] = tracked
+        # count the request at once so a burst is not herded onto one instance before the next poll
+        member.load = dataclasses.replace(member.load, num_waiting=member.load.num_waiting + 1,
+                                          waiting_prompt_tokens=member.load.waiting_prompt_tokens + len(tracked.prompt_token_ids))
+        if self.metrics:
+            self.metrics.dispatches.labels(policy=self.dispatch.name).inc()
+
+    def abort(self, req_id: str) -> None:
+        tracked = self.requests.get(req_id)
+        if tracked is None:
+            return
+        tracked.aborted = True
+        member = self.members.get(tracked.member)
+        if member is not None and member.alive and not tracked.migrating:
+            member.handle.abort.remote(req_id)
+
+    # ---- outputs ------------------------------------------------------------------------------
+
+    async def _pump(self, member: Member) -> None:
+        while True:
+            try:
+                outs, load = await member.handle.poll.remote(0.05)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the actor died
+                await self._member_died(member, exc)
+                return
+            member.load = load
+            for out in outs:
+                self._deliver(out, member)
+            for listener in self.step_listeners:
+                listener(outs)
+
+    def _deliver(self, out: RequestOutput, member: Member) -> None:
+        tracked = self.requests.get(out.req_id)
+        if tracked is None:
+            return
+        tracked.queue.put_nowait(out)
+        tracked.streamed_tokens += len(out.new_token_ids)
+        if out.finished:
+            self.requests.pop(out.req_id, None)
+        elif member.role == "prefill" and out.new_token_ids and not tracked.pd_moved and not tracked.migrating:
+            tracked.pd_moved = True  # prefill done here: continue on a decode instance
+            self._tasks.append(asyncio.create_task(self._pd_transfer(tracked, member)))
+
+    async def _member_died(self, member: Member, exc: Exception) -> None:
+        member.alive = False
+        self.dead = None if self.live() else f"all instances died ({exc})"
+        log.error("instance %d died: %s", member.id, exc)
+        for tracked in [t for t in self.requests.values() if t.member == member.id]:
+            if tracked.streamed_tokens == 0 and self.live(("both", "prefill")):
+                if self.metrics:
+                    self.metrics.redispatched.inc()
+                try:
+                    await self._dispatch(tracked)
+                    continue
+                except Exception as err:  # nowhere to go
+                    exc = err
+            self.requests.pop(tracked.req_id, None)
+            tracked.queue.put_nowait(RequestOutput(
+                req_id=tracked.req_id, new_token_ids=[], new_text="", finished=True,
+                num_prompt_tokens=len(tracked.prompt_token_ids), num_output_tokens=tracked.streamed_tokens,
+                finish_reason=FinishReason.ERROR, error=f"instance {member.id} died mid-request: {exc}"))
+
+    # ---- migration ----------------------------------------------------------------------------
+
+    async def migrate(self, req_id: str, dst_id: int, reason: str = "manual", staged: bool = True) -> bool:
+        """Move a running request to instance ``dst_id`` while it keeps decoding: copy its full
+        blocks in stages, then stop-and-copy the tail, import on the destination and free the
+        source. Any failure rolls back: the request continues on the source. True if moved."""
+        tracked = self.requests.get(req_id)
+        dst = self.members.get(dst_id)
+        if tracked is None or dst is None or tracked.migrating or tracked.member == dst_id:
+            return False
+        src = self.members[tracked.member]
+        tracked.migrating = True
+        outcome = "rolled_back"
+        nbytes = 0
+        try:
+            next_block = 0
+            for _ in range(self.max_migration_stages if staged else 0):
+                kv, end = await src.handle.read_blocks.remote(req_id, next_block)
+                if kv is None:
+                    break
+                await dst.handle.stage_kv.remote(req_id, kv, next_block)
+                nbytes += kv.numel() * kv.element_size()
+                next_block = end
+            t_stop = time.perf_counter()
+            try:
+                state, pending = await src.handle.export.remote(req_id, next_block, False)
+            except Exception:  # finished meanwhile, or lost its KV to a recompute preemption
+                await dst.handle.unstage.remote(req_id)
+                if req_id not in self.requests:
+                    outcome = "finished_first"
+                    return False
+                next_block = 0
+                state, pending = await src.handle.export.remote(req_id, 0, False)
+            for out in pending:
+                self._deliver(out, src)
+            try:
+                await dst.handle.import_.remote(state)
+            except Exception as exc:
+                log.warning("migration of %s to %d failed, rolling back: %s", req_id, dst_id, exc)
+                await dst.handle.unstage.remote(req_id)
+                await src.handle.restore.remote(req_id)
+                return False
+            await src.handle.release.remote(req_id)
+            downtime = time.perf_counter() - t_stop
+            if state.kv is not None:
+                nbytes += state.kv.numel() * state.kv.element_size()
+            tracked.member = dst_id
+            outcome = "done"
+            self.stats.downtimes_s.append(downtime)
+            if self.metrics:
+                self.metrics.migration_bytes.inc(nbytes)
+                self.metrics.downtime.observe(downtime)
+            if tracked.aborted:
+                dst.handle.abort.remote(req_id)
+            return True
+        finally:
+            tracked.migrating = False
+            self.stats.migrations[outcome] = self.stats.migrations.get(outcome, 0) + 1
+            if self.metrics:
+                self.metrics.migrations.labels(reason=reason, outcome=outcome).inc()
+
+    async def _pd_transfer(self, tracked: Tracked, src: Member) -> None:
+        decoders = self.live(("decode", "both"))
+        if not decoders:
+            return
+        dst = max(decoders, key=lambda m: m.load.num_free_blocks - m.load.waiting_prompt_tokens / m.load.block_size)
+        if await self.migrate(tracked.req_id, dst.id, reason="pd", staged=False) and self.metrics:
+            self.metrics.pd_transfers.inc()
+
+    async def drain(self, member_id: int) -> None:
+        """Stop sending work to an instance, migrate its requests away, then remove it."""
+        member = self.members[member_id]
+        member.draining = True
+        while any(t.member == member_id for t in self.requests.values()):
+            targets = self.live(("decode", "both"))
+            for t in [t for t in self.requests.values() if t.member == member_id and not t.migrating]:
+                if targets:
+                    dst = max(targets, key=lambda m: m.load.num_free_blocks)
+                    self._tasks.append(asyncio.create_task(self.migrate(t.req_id, dst.id, reason="drain")))
+            await asyncio.sleep(self.control_interval_s)
+        member.alive = False
+        if member.pump:
+            member.pump.cancel()
+        ray.kill(member.handle)
+        del self.members[member_id]
+        if self.metrics:
+            self.metrics.scale_events.labels(direction="down").inc()
+
+    async def _control_loop(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(self.control_interval_s)
+            ticks += 1
+            try:
+                await self._control_once(ticks)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("control loop")
+
+    async def _control_once(self, ticks: int) -> None:
+        members = self.live(include_draining=True)
+        if self.metrics:
+            self.metrics.instances.labels(state="alive").set(len(members))
+            for m in members:
+                self.metrics.instance_running.labels(instance=str(m.id)).set(m.load.num_running)
+                self.metrics.instance_waiting.labels(instance=str(m.id)).set(m.load.num_waiting)
+                self.metrics.instance_kv.labels(instance=str(m.id)).set(m.load.kv_usage)
+        if self.migration is not None and len(members) > 1:
+            running = await asyncio.gather(*(m.handle.running.remote() for m in members))
+            mine = [[RunningRequest(*r) for r in rs if r[0] in self.requests and not self.requests[r[0]].migrating]
+                    for rs in running]
+            draining = frozenset(i for i, m in enumerate(members) if m.draining)
+            for mig in self.migration.plan([m.load for m in members], mine, draining):
+                self._tasks.append(asyncio.create_task(self.migrate(mig.req_id, members[mig.dst].id, mig.reason)))
+        if self.autoscaler is not None and ticks % 4 == 0:
+            active = self.live()
+            decision = self.autoscaler.decide([m.load for m in active])
+            if decision > 0:
+                await self._add_member()
+                if self.metrics:
+                    self.metrics.scale_events.labels(direction="up").inc()
+            elif decision < 0 and len(active) > 1:
+                victim = min(active, key=lambda m: m.load.num_running + m.load.num_waiting)
+                self._tasks.append(asyncio.create_task(self.drain(victim.id)))
+        self._tasks = [t for t in self._tasks if not t.done()]

@@ -1,0 +1,124 @@
+"""One engine instance in its own process, as a Ray actor.
+
+A thread steps the engine whenever it has work; every other method takes the same lock, so the
+engine core stays single-threaded. The gateway long-polls outputs with :meth:`Instance.poll`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from shoal.engine.config import EngineConfig
+from shoal.engine.engine import Engine
+from shoal.engine.outputs import InstanceLoad, RequestOutput, RequestState
+from shoal.engine.sampling_params import SamplingParams
+
+
+class Instance:
+    """An :class:`Engine` behind a lock, stepped by its own thread."""
+
+    def __init__(self, config: EngineConfig, name: str, num_threads: int | None = None) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.name = name
+        self.engine = Engine(config)
+        self._cv = threading.Condition()
+        self._outputs: list[RequestOutput] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=f"shoal-{name}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                if self._stop:
+                    return
+                if not self.engine.has_unfinished():
+                    self._cv.wait(0.05)
+                    continue
+                outs = self.engine.step()
+                if outs:
+                    self._outputs.extend(outs)
+                    self._cv.notify_all()
+
+    def info(self) -> dict:
+        e = self.engine
+        return {"name": self.name, "max_model_len": e.max_model_len, "vocab_size": e.vocab_size,
+                "block_size": e.block_manager.block_size, "num_blocks": e.block_manager.num_blocks,
+                "model": e.model_config.name}
+
+    def add(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str, priority: int = 0) -> None:
+        with self._cv:
+            self.engine.add(prompt_token_ids, params, req_id=req_id, priority=priority)
+            self._cv.notify_all()
+
+    def abort(self, req_id: str) -> bool:
+        with self._cv:
+            return self.engine.abort(req_id)
+
+    def poll(self, timeout: float = 0.05) -> tuple[list[RequestOutput], InstanceLoad]:
+        """Outputs produced since the last poll (waiting up to ``timeout`` for some) and the load."""
+        with self._cv:
+            if not self._outputs:
+                self._cv.wait(timeout)
+            outs, self._outputs = self._outputs, []
+            return outs, self.engine.load()
+
+    def load(self) -> InstanceLoad:
+        with self._cv:
+            return self.engine.load()
+
+    def running(self) -> list[tuple[str, int, int]]:
+        """(request id, priority, tokens) of the running requests, for migration policies."""
+        with self._cv:
+            return [(r.req_id, r.priority, r.num_tokens) for r in self.engine.scheduler.running]
+
+    # ---- migration (see shoal.cluster.migration) ----------------------------------------------
+
+    def read_blocks(self, req_id: str, start_block: int):
+        with self._cv:
+            return self.engine.read_blocks(req_id, start_block)
+
+    def export(self, req_id: str, from_block: int, release: bool) -> tuple[RequestState, list[RequestOutput]]:
+        """Suspend or remove a request; also hand over its outputs not yet polled, so the client
+        sees them before anything the destination produces."""
+        with self._cv:
+            state = self.engine.export(req_id, from_block, release)
+            mine = [o for o in self._outputs if o.req_id == req_id]
+            self._outputs = [o for o in self._outputs if o.req_id != req_id]
+            return state, mine
+
+    def release(self, req_id: str) -> None:
+        with self._cv:
+            self.engine.release(req_id)
+
+    def restore(self, req_id: str) -> None:
+        with self._cv:
+            self.engine.restore(req_id)
+            self._cv.notify_all()
+
+    def stage_kv(self, req_id: str, kv: torch.Tensor, start_block: int) -> None:
+        with self._cv:
+            self.engine.stage_kv(req_id, kv, start_block)
+
+    def unstage(self, req_id: str) -> None:
+        with self._cv:
+            self.engine.unstage(req_id)
+
+    def import_(self, state: RequestState) -> None:
+        with self._cv:
+            self.engine.import_(state)
+            self._cv.notify_all()
+
+    def check(self) -> dict:
+        """Block-manager invariants and usage (tests)."""
+        with self._cv:
+            self.engine.block_manager.check()
+            return {"used": self.engine.block_manager.num_used, "requests": len(self.engine.requests)}
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
