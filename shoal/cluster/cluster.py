@@ -231,13 +231,20 @@ class ClusterEngine:
         return ClusterStream(self, tracked)
 
     async def _dispatch(self, tracked: Tracked) -> None:
-        members = self.live(("both", "prefill"))
-        if not members:
-            raise RuntimeError("no live instance can take requests")
-        loads = [m.load for m in members]
-        i = self.dispatch.choose(loads, DispatchRequest(tracked.req_id, tracked.prompt_token_ids, priority=tracked.priority))
-        member = members[i]
-        await member.handle.add.remote(tracked.prompt_token_ids, tracked.params, tracked.req_id, tracked.priority)
+        while True:
+            members = self.live(("both", "prefill"))
+            if not members:
+                raise RuntimeError("no live instance can take requests")
+            loads = [m.load for m in members]
+            i = self.dispatch.choose(loads, DispatchRequest(tracked.req_id, tracked.prompt_token_ids, priority=tracked.priority))
+            member = members[i]
+            try:
+                await member.handle.add.remote(tracked.prompt_token_ids, tracked.params, tracked.req_id, tracked.priority)
+                break
+            except ray.exceptions.RayActorError as exc:  # died before its pump noticed: try another
+                await self._member_died(member, exc)
+            except ray.exceptions.RayTaskError as exc:  # the engine refused the request
+                raise exc.as_instanceof_cause() from None
         tracked.member = member.id
         self.requests[tracked.req_id] = tracked
         # count the request at once so a burst is not herded onto one instance before the next poll
@@ -285,6 +292,8 @@ class ClusterEngine:
             self._tasks.append(asyncio.create_task(self._pd_transfer(tracked, member)))
 
     async def _member_died(self, member: Member, exc: Exception) -> None:
+        if not member.alive:
+            return
         member.alive = False
         self.dead = None if self.live() else f"all instances died ({exc})"
         log.error("instance %d died: %s", member.id, exc)

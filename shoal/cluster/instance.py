@@ -27,6 +27,7 @@ class Instance:
         self._cv = threading.Condition()
         self._outputs: list[RequestOutput] = []
         self._stop = False
+        self._faults: set[str] = set()
         self._thread = threading.Thread(target=self._loop, name=f"shoal-{name}", daemon=True)
         self._thread.start()
 
@@ -100,6 +101,7 @@ class Instance:
             self._cv.notify_all()
 
     def stage_kv(self, req_id: str, kv: torch.Tensor, start_block: int) -> None:
+        self._maybe_fail("stage_kv")
         with self._cv:
             self.engine.stage_kv(req_id, kv, start_block)
 
@@ -108,9 +110,19 @@ class Instance:
             self.engine.unstage(req_id)
 
     def import_(self, state: RequestState) -> None:
+        self._maybe_fail("import_")
         with self._cv:
             self.engine.import_(state)
             self._cv.notify_all()
+
+    def inject_fault(self, method: str) -> None:
+        """Make the next call of a migration method (``stage_kv``, ``import_``) raise (tests)."""
+        self._faults.add(method)
+
+    def _maybe_fail(self, method: str) -> None:
+        if method in self._faults:
+            self._faults.discard(method)
+            raise RuntimeError(f"injected fault in {method}")
 
     def check(self) -> dict:
         """Block-manager invariants and usage (tests)."""

@@ -214,8 +214,9 @@ class LlumnixMigration:
         if len(targets) > 1 and len(out) < self.max_per_round:
             lo = min(targets, key=lambda i: freeness(loads[i]))
             hi = max(targets, key=lambda i: freeness(loads[i]))
-            if freeness(loads[hi]) - freeness(loads[lo]) > self.gap and len(running[lo]) > 1:
-                add(lo, "rebalance")
+            left = [r for r in running[lo] if r.req_id not in moved]
+            if freeness(loads[hi]) - freeness(loads[lo]) > self.gap and len(left) > 1:
+                add(lo, "rebalance", keep_high=True)
         return out
 
 

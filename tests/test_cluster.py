@@ -1,0 +1,238 @@
+"""The cluster on Ray with tiny random-model instances: dispatch, live migration (and rollback),
+prefill/decode disaggregation, drain, instance death; and the pure policies."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from shoal.cluster import policies
+from shoal.engine.outputs import InstanceLoad
+from shoal.engine.sampling_params import SamplingParams
+
+ray = pytest.importorskip("ray")
+
+PROMPT = list(range(5, 45))
+LONG = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+
+
+def load(free=100, running=1, waiting=0, swapped=0, cached=0, waiting_tokens=0, total=128) -> InstanceLoad:
+    return InstanceLoad(num_running=running, num_waiting=waiting, num_swapped=swapped, num_total_blocks=total,
+                        num_free_blocks=free, num_used_blocks=total - free, num_cached_blocks=cached,
+                        num_pinned_blocks=0, block_size=16, tokens_in_flight=0,
+                        waiting_prompt_tokens=waiting_tokens, num_preemptions=0)
+
+
+# ---- pure policies ---------------------------------------------------------------------------------
+
+
+def test_dispatch_policies():
+    req = policies.DispatchRequest("r", list(range(64)))
+    loads = [load(free=10, running=4), load(free=90, running=1), load(free=50, running=2)]
+    assert policies.LeastLoad().choose(loads, req) == 1
+    # queued demand counts: instance 1's waiting prompts eat its free blocks
+    busy = [loads[0], load(free=90, running=1, waiting=3, waiting_tokens=3 * 16 * 40), loads[2]]
+    assert policies.LeastLoad().choose(busy, req) == 2
+    rr = policies.RoundRobin()
+    assert [rr.choose(loads, req) for _ in range(4)] == [0, 1, 2, 0]
+    pa = policies.PrefixAware(block_size=16)
+    first = pa.choose(loads, req)
+    even = [load(free=60, running=1)] * 3
+    assert pa.choose(even, policies.DispatchRequest("r2", list(range(64)) + [7, 8])) == first  # prefix sticks
+    hot = [dataclasses.replace(even[0])] * 3
+    hot[first] = load(free=5, running=30, waiting=10)
+    assert pa.choose(hot, policies.DispatchRequest("r3", list(range(64)))) != first  # load guard
+    sa = policies.SessionAffinity()
+    home = sa.choose(loads, policies.DispatchRequest("a", [1], session_id="s"))
+    assert sa.choose(even, policies.DispatchRequest("b", [1], session_id="s")) == home
+    with pytest.raises(ValueError, match="unknown dispatch policy"):
+        policies.make_dispatch_policy("random")
+
+
+def test_migration_policy_decisions():
+    pol = policies.LlumnixMigration(gap=2.0)
+    rr = lambda *ids: [policies.RunningRequest(i, 0, 100 + n) for n, i in enumerate(ids)]  # noqa: E731
+    # drain: everything on the draining instance moves to the other one
+    plan = pol.plan([load(), load()], [rr("a", "b"), rr("c")], draining=frozenset({0}))
+    assert {(m.req_id, m.src, m.dst, m.reason) for m in plan} == {("a", 0, 1, "drain"), ("b", 0, 1, "drain")}
+    # relieve an instance about to preempt (fewer free blocks than running requests)
+    plan = pol.plan([load(free=1, running=3), load(free=100, running=1)], [rr("a", "b", "c"), rr("d")])
+    assert plan and plan[0].src == 0 and plan[0].dst == 1 and plan[0].reason == "relieve"
+    assert plan[0].req_id == "a"  # the cheapest (fewest tokens)
+    # balanced: nothing to do
+    assert pol.plan([load(free=60, running=2), load(free=60, running=2)], [rr("a", "b"), rr("c", "d")]) == []
+    # a high-priority request is kept where it is; a normal one is moved off its instance
+    hp = [policies.RunningRequest("vip", -1, 10), policies.RunningRequest("n", 0, 500)]
+    plan = pol.plan([load(free=4, running=2), load(free=100, running=0)], [hp, []])
+    assert [m.req_id for m in plan] == ["n"]
+
+
+def test_autoscaler_hysteresis_and_bounds():
+    a = policies.Autoscaler(min_instances=1, max_instances=2, up=0.5, down=0.1, window=3)
+    hot, cold = [load(free=10)], [load(free=128, running=0)]
+    assert [a.decide(hot) for _ in range(3)] == [0, 0, 1]
+    assert all(a.decide(hot * 2) == 0 for _ in range(5))  # at max
+    assert [a.decide(cold * 2) for _ in range(3)] == [0, 0, -1]
+    assert all(a.decide(cold) == 0 for _ in range(5))  # at min
+
+
+# ---- on Ray ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def cluster_config(tiny_model_dir):
+    from shoal.engine.config import EngineConfig
+
+    return EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cpu", skip_tokenizer=True,
+                        block_size=4, num_blocks=256, num_swap_blocks=64)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def make_cluster(config, n, roles=None, dispatch=None):
+    from shoal.cluster.cluster import ClusterEngine
+
+    c = ClusterEngine(config, n, dispatch or policies.RoundRobin(), roles=roles)
+    await c.start()
+    return c
+
+
+async def collect(stream) -> list[int]:
+    return [t async for out in stream for t in out.new_token_ids]
+
+
+async def reference_tokens(config, prompt=PROMPT, params=LONG) -> list[int]:
+    from shoal.engine.engine import Engine
+
+    engine = Engine(config)
+    engine.add(prompt, params, req_id="ref")
+    toks = []
+    while engine.has_unfinished():
+        toks += [t for o in engine.step() for t in o.new_token_ids]
+    return toks
+
+
+async def wait_for(cond, timeout=30.0):
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+async def check_clean(c):
+    await asyncio.sleep(0.3)
+    for m in c.members.values():
+        if m.alive:
+            stats = await m.handle.check.remote()
+            assert stats == {"used": 0, "requests": 0}
+
+
+def test_live_migration_keeps_tokens_and_rolls_back(ray_runtime, cluster_config):
+    async def scenario():
+        ref = await reference_tokens(cluster_config)
+        c = await make_cluster(cluster_config, 2)
+        try:
+            s = await c.submit(PROMPT, LONG, "m1")
+            got = []
+            async for out in s:
+                got += out.new_token_ids
+                if 1 <= len(got) and not c.stats.migrations:
+                    other = next(i for i in c.members if i != c.requests["m1"].member)
+                    assert await c.migrate("m1", other), c.stats.migrations
+            assert got == ref, "a migrated request must produce exactly the unmigrated tokens"
+            assert c.stats.downtimes_s and c.stats.downtimes_s[0] < 1.0
+
+            # rollback: the destination fails the import; the request continues on the source
+            s = await c.submit(PROMPT, LONG, "m2")
+            got = []
+            async for out in s:
+                got += out.new_token_ids
+                if len(got) >= 5 and "rolled_back" not in c.stats.migrations:
+                    src = c.requests["m2"].member
+                    other = next(i for i in c.members if i != src)
+                    await c.members[other].handle.inject_fault.remote("import_")
+                    assert not await c.migrate("m2", other)
+                    assert c.requests["m2"].member == src
+            assert got == ref
+            assert c.stats.migrations["rolled_back"] == 1
+            await check_clean(c)
+        finally:
+            c.shutdown()
+
+    run(scenario())
+
+
+def test_prefill_decode_disaggregation_same_tokens(ray_runtime, cluster_config):
+    async def scenario():
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        ref = await reference_tokens(cluster_config, params=params)
+        c = await make_cluster(cluster_config, 2, roles=["prefill", "decode"])
+        try:
+            streams = [await c.submit(PROMPT, params, f"pd{i}") for i in range(3)]
+            outs = await asyncio.gather(*(collect(s) for s in streams))
+            assert all(o == ref for o in outs)
+            assert c.stats.migrations.get("done", 0) >= 1  # KV moved prefill -> decode
+            await check_clean(c)
+        finally:
+            c.shutdown()
+
+    run(scenario())
+
+
+def test_drain_loses_nothing(ray_runtime, cluster_config):
+    async def scenario():
+        ref = await reference_tokens(cluster_config)
+        c = await make_cluster(cluster_config, 2)
+        try:
+            streams = [await c.submit(PROMPT, LONG, f"d{i}") for i in range(4)]
+            tasks = [asyncio.create_task(collect(s)) for s in streams]
+            await wait_for(lambda: all(t.streamed_tokens > 3 for t in c.requests.values()))
+            victim = c.requests["d0"].member
+            await c.drain(victim)
+            assert victim not in c.members
+            assert all(r == ref for r in await asyncio.gather(*tasks))
+            await check_clean(c)
+        finally:
+            c.shutdown()
+
+    run(scenario())
+
+
+def test_instance_death_every_request_ends(ray_runtime, cluster_config):
+    async def scenario():
+        c = await make_cluster(cluster_config, 2)
+        try:
+            streams = [await c.submit(PROMPT, LONG, f"k{i}") for i in range(4)]
+            tasks = [asyncio.create_task(s.__anext__()) for s in streams]  # first output of each
+            await asyncio.gather(*tasks)
+            victim = c.requests["k0"].member
+            ray.kill(c.members[victim].handle)
+            # queued after the death: re-dispatched or served by the survivor
+            late = await c.submit(PROMPT, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True), "late")
+            finals = []
+            for s in streams:
+                last = None
+                async for out in s:
+                    last = out
+                finals.append(last)
+            assert all(f is not None and f.finished for f in finals)
+            on_victim = [f for f in finals if f.error]
+            assert on_victim and all("died" in f.error for f in on_victim)
+            assert len(await collect(late)) == 5
+            assert c.live() and c.dead is None
+        finally:
+            c.shutdown()
+
+    run(scenario())
