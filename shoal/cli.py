@@ -60,6 +60,13 @@ def serve(
     max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens"),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
     kv_cache_gb: Optional[float] = typer.Option(None, "--kv-cache-gb"),
+    instances: int = typer.Option(1, "--instances", help="Engine instances; >1 runs them as Ray actors"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (implies the cluster mode)"),
+    dispatch: str = typer.Option("least_load", "--dispatch", help="round_robin | least_load | prefix_aware | session_affinity"),
+    migration: bool = typer.Option(True, "--migration/--no-migration", help="Llumnix-style live migration between instances"),
+    roles: Optional[str] = typer.Option(None, "--roles", help="Comma-separated per-instance roles: both | prefill | decode"),
+    autoscale_max: Optional[int] = typer.Option(None, "--autoscale-max", help="Enable autoscaling up to this many instances"),
+    autoscale_min: int = typer.Option(1, "--autoscale-min"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ) -> None:
@@ -67,23 +74,39 @@ def serve(
     import uvicorn
 
     from shoal.engine.config import EngineConfig
-    from shoal.engine.engine import Engine
     from shoal.model.loader import default_model_path
     from shoal.server.api import create_app
-    from shoal.server.async_engine import AsyncEngine
 
     log = logging.getLogger("shoal.serve")
     log.setLevel(logging.INFO)
     config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                           kv_cache_gb=kv_cache_gb)
-    engine = Engine(config)
     name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
-    app = create_app(AsyncEngine(engine, max_waiting=max_waiting), name, api_key)
+    if instances > 1 or ray_address or autoscale_max:
+        from shoal.cluster.cluster import ClusterEngine
+        from shoal.cluster.policies import Autoscaler, LlumnixMigration, make_dispatch_policy
+        from shoal.model.loader import load_tokenizer
+
+        role_list = roles.split(",") if roles else None
+        try:
+            backend = ClusterEngine(
+                config, instances, make_dispatch_policy(dispatch), tokenizer=load_tokenizer(model or default_model_path()),
+                roles=role_list, migration=LlumnixMigration() if migration else None, ray_address=ray_address,
+                autoscaler=Autoscaler(autoscale_min, autoscale_max) if autoscale_max else None, max_waiting=max_waiting,
+            )
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    else:
+        from shoal.engine.engine import Engine
+        from shoal.server.async_engine import AsyncEngine
+
+        backend = AsyncEngine(Engine(config), max_waiting=max_waiting)
+    app = create_app(backend, name, api_key)
 
     @app.on_event("startup")
     async def _ready() -> None:
-        log.warning("Shoal ready: model %r at http://%s:%d/v1 (max_model_len %d)", name, host, port, engine.max_model_len)
+        log.warning("Shoal ready: model %r at http://%s:%d/v1 (max_model_len %d)", name, host, port, backend.max_model_len)
 
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

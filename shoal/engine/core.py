@@ -239,6 +239,8 @@ class EngineCore:
             tokens_in_flight=sum(r.num_computed_tokens for r in s.running),
             waiting_prompt_tokens=sum(r.num_tokens - r.num_computed_tokens for r in s.waiting),
             num_preemptions=s.num_preemptions,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
         )
 
     def read_blocks(self, req_id: str, start_block: int) -> tuple[torch.Tensor | None, int]:

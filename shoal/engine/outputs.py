@@ -48,6 +48,8 @@ class InstanceLoad:
     tokens_in_flight: int  # tokens held in KV by running requests
     waiting_prompt_tokens: int  # demand of queued requests not yet in KV
     num_preemptions: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up so far
+    prefix_cache_hits: int = 0  # of which found cached
 
     @property
     def kv_usage(self) -> float:

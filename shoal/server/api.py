@@ -49,8 +49,6 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
     app = FastAPI(title="Shoal", version=shoal.__version__)
     metrics = ServerMetrics(model_name)
     tokenizer = engine.tokenizer
-    max_model_len = engine.engine.max_model_len
-    bm = engine.engine.block_manager
     last_token: dict[str, float] = {}
 
     def on_step(outputs: list[RequestOutput]) -> None:  # runs on the engine thread
@@ -61,9 +59,11 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                 last_token.pop(out.req_id, None)
             elif out.new_token_ids:
                 last_token[out.req_id] = now
-        metrics.observe_load(engine.load(), bm.prefix_queries, bm.prefix_hits)
+        metrics.observe_load(engine.load())
 
     engine.step_listeners.append(on_step)
+    if hasattr(engine, "register_metrics"):  # the cluster adds its own series
+        engine.register_metrics(metrics.registry)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -80,6 +80,11 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         # A plain ASGI middleware: @app.middleware("http") (BaseHTTPMiddleware) would hide client
         # disconnects from request.is_disconnected(), so aborted non-streaming requests kept running.
         app.add_middleware(_BearerAuth, api_key=api_key)
+
+    @app.on_event("startup")
+    async def _startup() -> None:
+        if hasattr(engine, "start"):  # the cluster starts its instances inside the event loop
+            await engine.start()
 
     @app.on_event("shutdown")
     def _shutdown() -> None:
@@ -105,7 +110,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
     async def models() -> dict:
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": int(time.time()), "owned_by": "shoal",
-            "max_model_len": max_model_len,
+            "max_model_len": engine.max_model_len,
         }]}
 
     @app.post("/tokenize")
@@ -117,12 +122,12 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             raise APIError(400, "give either prompt or messages", param="prompt")
-        return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
         check_model(req.model)
-        vocab = engine.engine.model_config.vocab_size
+        vocab = engine.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": tokenizer.decode(req.tokens)}
@@ -147,6 +152,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             raise APIError(400, "The prompt is empty.", param=what)
         if max_tokens is not None and max_tokens <= 0:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        max_model_len = engine.max_model_len
         requested = prompt_len + (max_tokens or 1)
         if prompt_len >= max_model_len or requested > max_model_len:
             raise APIError(
@@ -281,6 +287,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                 completion_tokens = 0
                 offsets = [0] * n_choices
                 async for i, out in merged(streams):
+                    if (error := stream_error(out)) is not None:
+                        yield error
+                        break
                     completion_tokens += len(out.new_token_ids)
                     text = out.new_text
                     if offsets[i] == 0 and req.echo:
@@ -290,9 +299,10 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                     offsets[i] += len(text)
                     yield sse_event({"id": base, "object": "text_completion", "created": created,
                                      "model": model_name, "choices": [choice]})
-                if req.stream_options and req.stream_options.include_usage:
-                    yield sse_event({"id": base, "object": "text_completion", "created": created,
-                                     "model": model_name, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+                else:
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield sse_event({"id": base, "object": "text_completion", "created": created, "model": model_name,
+                                         "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream")
@@ -346,12 +356,16 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
                 async for i, out in merged(streams):
+                    if (error := stream_error(out)) is not None:
+                        yield error
+                        break
                     completion_tokens += len(out.new_token_ids)
                     delta = {"content": out.new_text} if out.new_text or not out.finished else {}
                     yield chunk([{"index": i, "delta": delta, "logprobs": lp_content([out]),
                                   "finish_reason": reason(out)}])
-                if req.stream_options and req.stream_options.include_usage:
-                    yield chunk([], usage=usage(len(ids), completion_tokens))
+                else:
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield chunk([], usage=usage(len(ids), completion_tokens))
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream")
@@ -379,11 +393,11 @@ class _BearerAuth:
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            if dict(scope["headers"]).get(b"authorization", b"") != self.expected:
-                response = error_response(401, "Invalid or missing API key.", "AuthenticationError")
-                await response(scope, receive, send)
-                return
+        if (scope["type"] == "http" and scope["path"].startswith("/v1")
+                and dict(scope["headers"]).get(b"authorization", b"") != self.expected):
+            response = error_response(401, "Invalid or missing API key.", "AuthenticationError")
+            await response(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -398,6 +412,15 @@ async def collect(streams) -> list[list[RequestOutput]]:
     finally:
         for s in streams:
             await s.aclose()
+
+
+def stream_error(out: RequestOutput) -> str | None:
+    """The SSE error event for a choice the engine failed (OpenAI clients raise on it), else None.
+    Mid-stream the status is already 200, so this is the only way to tell the client."""
+    if out.finish_reason is None or out.finish_reason.value != "error":
+        return None
+    return sse_event({"error": {"message": out.error or "generation failed", "type": "InternalServerError",
+                                "param": None, "code": 500}})
 
 
 def reason(out: RequestOutput) -> str | None:

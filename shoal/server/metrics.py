@@ -46,16 +46,16 @@ class ServerMetrics:
     def _l(self, metric, **extra):
         return metric.labels(model_name=self.model_name, **extra)
 
-    def observe_load(self, load: InstanceLoad, prefix_queries: int, prefix_hits: int) -> None:
+    def observe_load(self, load: InstanceLoad) -> None:
         """Refresh gauges and move the counters that the engine keeps as running totals."""
         self._l(self.running).set(load.num_running)
         self._l(self.waiting).set(load.num_waiting)
         self._l(self.swapped).set(load.num_swapped)
         self._l(self.kv_usage).set(load.kv_usage)
-        self._l(self.prefix_queries).inc(prefix_queries - self._seen_queries)
-        self._l(self.prefix_hits).inc(prefix_hits - self._seen_hits)
-        self._l(self.preemptions).inc(load.num_preemptions - self._seen_preemptions)
-        self._seen_queries, self._seen_hits = prefix_queries, prefix_hits
+        self._l(self.prefix_queries).inc(max(0, load.prefix_cache_queries - self._seen_queries))
+        self._l(self.prefix_hits).inc(max(0, load.prefix_cache_hits - self._seen_hits))
+        self._l(self.preemptions).inc(max(0, load.num_preemptions - self._seen_preemptions))
+        self._seen_queries, self._seen_hits = load.prefix_cache_queries, load.prefix_cache_hits
         self._seen_preemptions = load.num_preemptions
 
     def observe_output(self, out: RequestOutput, now: float, last_token_time: float | None) -> None:
