@@ -50,7 +50,12 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
-        self._load = engine.load()
+        # (load snapshot, adds it reflects): refreshed by the loop thread after every step. Requests
+        # submitted since are not in the snapshot yet, so the queue bound counts them separately
+        # (each counter has a single writer thread); otherwise a burst got past the bound.
+        self._snapshot = (engine.load(), 0)
+        self._num_submitted = 0  # event loop: requests let through submit()
+        self._num_handled = 0  # loop thread: adds taken from the inbox
         self._thread = threading.Thread(target=self._run, name="shoal-engine", daemon=True)
         self._stopped = threading.Event()
         self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
@@ -61,9 +66,17 @@ class AsyncEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
     def load(self) -> InstanceLoad:
         """The latest load snapshot (refreshed by the loop thread after every step)."""
-        return self._load
+        return self._snapshot[0]
 
     async def submit(
         self, prompt_token_ids: list[int], params: SamplingParams, req_id: str, priority: int = 0
@@ -73,8 +86,11 @@ class AsyncEngine:
         engine has stopped."""
         if self.dead:
             raise RuntimeError(f"engine stopped: {self.dead}")
-        if self.max_waiting is not None and self._load.num_waiting >= self.max_waiting:
-            raise QueueFull(f"{self._load.num_waiting} requests are waiting (limit {self.max_waiting})")
+        if self.max_waiting is not None:
+            load, seen = self._snapshot
+            waiting = load.num_waiting + self._num_submitted - seen
+            if waiting >= self.max_waiting:
+                raise QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         admitted: asyncio.Future[None] = loop.create_future()
@@ -82,6 +98,7 @@ class AsyncEngine:
         def sink(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
+        self._num_submitted += 1
         self._inbox.put(_Add(req_id, prompt_token_ids, params, priority, sink, admitted, loop))
         await admitted
         return RequestStream(self, req_id, outputs)
@@ -113,6 +130,7 @@ class AsyncEngine:
             self._sinks.pop(item.req_id, None)
             self.engine.abort(item.req_id)
             return
+        self._num_handled += 1
         try:
             self.engine.add(item.prompt_token_ids, item.params, req_id=item.req_id, priority=item.priority)
         except (ValueError, TypeError) as exc:
@@ -126,9 +144,10 @@ class AsyncEngine:
             while not self._stopped.is_set():
                 self._drain(block=not self.engine.has_unfinished())
                 if not self.engine.has_unfinished():
+                    self._snapshot = (self.engine.load(), self._num_handled)
                     continue
                 outputs = self.engine.step()
-                self._load = self.engine.load()
+                self._snapshot = (self.engine.load(), self._num_handled)
                 for out in outputs:
                     sink = self._sinks.get(out.req_id)
                     if sink is not None:
