@@ -30,7 +30,7 @@ from shoal.engine.config import EngineConfig
 from shoal.engine.outputs import InstanceLoad, RequestOutput
 from shoal.engine.request import FinishReason
 from shoal.engine.sampling_params import SamplingParams
-from shoal.server.async_engine import QueueFull
+from shoal.server.async_engine import QueueFull, RequestStream
 
 log = logging.getLogger(__name__)
 
@@ -86,33 +86,6 @@ class ClusterMetrics:
         self.pd_transfers = Counter("shoal:pd_transfers", "Requests moved from a prefill to a decode instance.", registry=registry)
         self.scale_events = Counter("shoal:scale_events", "Instances added (up) or removed (down).", ["direction"], registry=registry)
         self.redispatched = Counter("shoal:requests_redispatched", "Requests re-sent after their instance died.", registry=registry)
-
-
-class ClusterStream:
-    """Async iterator over one request's outputs, wherever it runs; closing early aborts it."""
-
-    def __init__(self, cluster: "ClusterEngine", tracked: Tracked) -> None:
-        self.cluster, self.tracked = cluster, tracked
-        self.finished = False
-
-    def __aiter__(self) -> "ClusterStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        try:
-            out = await self.tracked.queue.get()
-        except asyncio.CancelledError:
-            await self.aclose()
-            raise
-        self.finished = out.finished
-        return out
-
-    async def aclose(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self.cluster.abort(self.tracked.req_id)
 
 
 class ClusterEngine:
@@ -223,12 +196,12 @@ class ClusterEngine:
     # ---- requests -----------------------------------------------------------------------------
 
     async def submit(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str,
-                     priority: int = 0) -> ClusterStream:
+                     priority: int = 0) -> RequestStream:
         if self.max_waiting is not None and self.load().num_waiting >= self.max_waiting:
             raise QueueFull(f"{self.load().num_waiting} requests are waiting (limit {self.max_waiting})")
         tracked = Tracked(req_id, list(prompt_token_ids), params, priority, -1, asyncio.Queue())
         await self._dispatch(tracked)
-        return ClusterStream(self, tracked)
+        return RequestStream(self.abort, req_id, tracked.queue)
 
     async def _dispatch(self, tracked: Tracked) -> None:
         while True:

@@ -101,7 +101,7 @@ class AsyncEngine:
         self._num_submitted += 1
         self._inbox.put(_Add(req_id, prompt_token_ids, params, priority, sink, admitted, loop))
         await admitted
-        return RequestStream(self, req_id, outputs)
+        return RequestStream(self.abort, req_id, outputs)
 
     def abort(self, req_id: str) -> None:
         self._inbox.put(_Abort(req_id))
@@ -168,8 +168,8 @@ class RequestStream:
     """Async iterator over one request's outputs. Closing it before the request finished (the
     client went away) aborts the request, which frees its KV blocks at once."""
 
-    def __init__(self, engine: AsyncEngine, req_id: str, outputs: "asyncio.Queue[RequestOutput]") -> None:
-        self.engine, self.req_id, self._outputs = engine, req_id, outputs
+    def __init__(self, abort: Callable[[str], None], req_id: str, outputs: "asyncio.Queue[RequestOutput]") -> None:
+        self._abort, self.req_id, self._outputs = abort, req_id, outputs
         self.finished = False
 
     def __aiter__(self) -> "RequestStream":
@@ -189,7 +189,7 @@ class RequestStream:
     async def aclose(self) -> None:
         if not self.finished:
             self.finished = True
-            self.engine.abort(self.req_id)
+            self._abort(self.req_id)
 
 
 def _set_result(fut: asyncio.Future) -> None:
