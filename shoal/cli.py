@@ -177,7 +177,8 @@ def bench_serve(
 
     if workload.startswith("trace:") and max_context is None:
         try:
-            info = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=10).json()["data"][0]
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            info = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=10).json()["data"][0]
             max_context = int(info.get("max_model_len") or 2048)
         except (httpx.HTTPError, KeyError, IndexError, ValueError):
             max_context = 2048

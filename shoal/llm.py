@@ -108,12 +108,18 @@ class LLM:
             results[rid] = GenerationOutput(prompt=texts[i], prompt_token_ids=tokens)
             results[rid].outputs.append(Completion(text="", token_ids=[], finish_reason=None))
         pending = set(order)
-        while pending:
-            for out in self.engine.step():
-                if out.req_id in pending:
-                    _accumulate(results[out.req_id], out)
-                    if out.finished:
-                        pending.discard(out.req_id)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.req_id in pending:
+                        if out.finished:
+                            pending.discard(out.req_id)
+                        _accumulate(results[out.req_id], out)
+        except BaseException:  # leave nothing of this batch behind in the engine
+            for rid in pending:
+                self.engine.abort(rid)
+            self.engine.step()  # hand out (and drop) the abort outputs
+            raise
         return [results[r] for r in order]
 
 

@@ -46,6 +46,10 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, rec
                 if data == "[DONE]":
                     break
                 event = json.loads(data)
+                if event.get("error"):  # the server failed the request mid-stream
+                    err = event["error"]
+                    rec.error = f"stream error: {err.get('message') if isinstance(err, dict) else err}"
+                    return
                 if event.get("usage"):
                     usage_tokens = event["usage"].get("completion_tokens")
                 for choice in event.get("choices", []):

@@ -80,6 +80,8 @@ class EngineCore:
         if req_id in self.requests:
             raise ValueError(f"request id {req_id!r} is already in use")
         self._validate_prompt(prompt_token_ids)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an integer, got {priority!r}")
         req = Request(
             req_id=req_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -92,6 +94,10 @@ class EngineCore:
         return req_id
 
     def _validate_prompt(self, ids: list[int]) -> None:
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+            raise TypeError("the prompt must be a list of token ids (tokenize text first)")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+            raise TypeError("token ids must be integers")
         if len(ids) == 0:
             raise ValueError("prompt is empty: at least one token is needed")
         if len(ids) >= self.max_model_len:
@@ -143,6 +149,7 @@ class EngineCore:
             self.scheduler.commit(plan, self.requests)
         except Exception as exc:  # a failed forward fails its batch, not the engine
             log.exception("step failed")
+            self._undo_swap_outs(plan)
             for c in plan.chunks:
                 req = self.requests.get(c.req_id)
                 if req is not None:
@@ -154,6 +161,17 @@ class EngineCore:
             lp = result.logprobs[i]
             outputs.append(self._append_token(req, result.token_ids[i], lp, now))
         return outputs
+
+    def _undo_swap_outs(self, plan: StepPlan) -> None:
+        """A failed step may not have copied its swap-outs: those victims recompute instead."""
+        for req_id, mode in plan.preempted:
+            req = self.requests.get(req_id)
+            if req is not None and req.status is Status.SWAPPED:
+                self.scheduler.detach(req)
+                self.block_manager.free(req_id)
+                req.num_computed_tokens = 0
+                req.status = Status.WAITING
+                self.scheduler.attach(req)
 
     def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
         req.output_token_ids.append(token)
