@@ -143,6 +143,8 @@ def test_live_migration_keeps_tokens_and_rolls_back(ray_runtime, cluster_config)
     async def scenario():
         ref = await reference_tokens(cluster_config)
         c = await make_cluster(cluster_config, 2)
+        for m in c.members.values():  # slow the tiny model down so requests are still running
+            await m.handle.inject_delay.remote(0.01)
         try:
             s = await c.submit(PROMPT, LONG, "m1")
             got = []

@@ -212,7 +212,8 @@ class ClusterEngine:
             i = self.dispatch.choose(loads, DispatchRequest(tracked.req_id, tracked.prompt_token_ids, priority=tracked.priority))
             member = members[i]
             try:
-                await member.handle.add.remote(tracked.prompt_token_ids, tracked.params, tracked.req_id, tracked.priority)
+                await member.handle.add.remote(tracked.prompt_token_ids, tracked.params, tracked.req_id,
+                                               tracked.priority, member.role == "prefill")
                 break
             except ray.exceptions.RayActorError as exc:  # died before its pump noticed: try another
                 await self._member_died(member, exc)
@@ -347,12 +348,39 @@ class ClusterEngine:
                 self.metrics.migrations.labels(reason=reason, outcome=outcome).inc()
 
     async def _pd_transfer(self, tracked: Tracked, src: Member) -> None:
+        """Move a request parked on a prefill instance (after its first token) to the freest
+        decode instance; if that fails it continues on the prefill instance."""
         decoders = self.live(("decode", "both"))
-        if not decoders:
-            return
-        dst = max(decoders, key=lambda m: m.load.num_free_blocks - m.load.waiting_prompt_tokens / m.load.block_size)
-        if await self.migrate(tracked.req_id, dst.id, reason="pd", staged=False) and self.metrics:
-            self.metrics.pd_transfers.inc()
+        tracked.migrating = True
+        outcome = "rolled_back"
+        try:
+            state = await src.handle.take_handoff.remote(tracked.req_id)
+            if not decoders:
+                await src.handle.restore.remote(tracked.req_id)
+                return
+            dst = max(decoders, key=lambda m: m.load.num_free_blocks - m.load.waiting_prompt_tokens / m.load.block_size)
+            t = time.perf_counter()
+            try:
+                await dst.handle.import_.remote(state)
+            except Exception as exc:
+                log.warning("P/D transfer of %s failed, continuing on the prefill instance: %s", tracked.req_id, exc)
+                await src.handle.restore.remote(tracked.req_id)
+                return
+            await src.handle.release.remote(tracked.req_id)
+            tracked.member = dst.id
+            outcome = "done"
+            self.stats.downtimes_s.append(time.perf_counter() - t)
+            if self.metrics:
+                self.metrics.pd_transfers.inc()
+                if state.kv is not None:
+                    self.metrics.migration_bytes.inc(state.kv.numel() * state.kv.element_size())
+            if tracked.aborted:
+                dst.handle.abort.remote(tracked.req_id)
+        finally:
+            tracked.migrating = False
+            self.stats.migrations[outcome] = self.stats.migrations.get(outcome, 0) + 1
+            if self.metrics:
+                self.metrics.migrations.labels(reason="pd", outcome=outcome).inc()
 
     async def drain(self, member_id: int) -> None:
         """Stop sending work to an instance, migrate its requests away, then remove it."""

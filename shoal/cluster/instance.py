@@ -7,6 +7,7 @@ engine core stays single-threaded. The gateway long-polls outputs with :meth:`In
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -28,6 +29,9 @@ class Instance:
         self._outputs: list[RequestOutput] = []
         self._stop = False
         self._faults: set[str] = set()
+        self._step_delay_s = 0.0
+        self._hold: set[str] = set()  # P/D: suspend these after their first token
+        self._handoffs: dict[str, RequestState] = {}
         self._thread = threading.Thread(target=self._loop, name=f"shoal-{name}", daemon=True)
         self._thread.start()
 
@@ -40,9 +44,16 @@ class Instance:
                     self._cv.wait(0.05)
                     continue
                 outs = self.engine.step()
+                for out in outs:
+                    if out.req_id in self._hold and out.new_token_ids:
+                        self._hold.discard(out.req_id)
+                        if not out.finished:  # prefill done: park it (KV kept) for the decode instance
+                            self._handoffs[out.req_id] = self.engine.export(out.req_id, 0, release=False)
                 if outs:
                     self._outputs.extend(outs)
                     self._cv.notify_all()
+            if self._step_delay_s:
+                time.sleep(self._step_delay_s)
 
     def info(self) -> dict:
         e = self.engine
@@ -50,13 +61,27 @@ class Instance:
                 "block_size": e.block_manager.block_size, "num_blocks": e.block_manager.num_blocks,
                 "model": e.model_config.name}
 
-    def add(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str, priority: int = 0) -> None:
+    def add(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str, priority: int = 0,
+            hold_after_prefill: bool = False) -> None:
+        """Queue a request. With ``hold_after_prefill`` (a prefill instance) the request is parked
+        after its first token until :meth:`take_handoff` moves it to a decode instance."""
         with self._cv:
             self.engine.add(prompt_token_ids, params, req_id=req_id, priority=priority)
+            if hold_after_prefill:
+                self._hold.add(req_id)
             self._cv.notify_all()
+
+    def take_handoff(self, req_id: str) -> RequestState:
+        """The parked state of a prefilled request (its KV stays here until release / restore)."""
+        with self._cv:
+            return self._handoffs.pop(req_id)
 
     def abort(self, req_id: str) -> bool:
         with self._cv:
+            self._hold.discard(req_id)
+            if self._handoffs.pop(req_id, None) is not None:
+                self.engine.release(req_id)
+                return True
             return self.engine.abort(req_id)
 
     def poll(self, timeout: float = 0.05) -> tuple[list[RequestOutput], InstanceLoad]:
@@ -114,6 +139,10 @@ class Instance:
         with self._cv:
             self.engine.import_(state)
             self._cv.notify_all()
+
+    def inject_delay(self, seconds: float) -> None:
+        """Sleep this long after every step: a slow instance (tests)."""
+        self._step_delay_s = seconds
 
     def inject_fault(self, method: str) -> None:
         """Make the next call of a migration method (``stage_kv``, ``import_``) raise (tests)."""
