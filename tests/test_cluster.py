@@ -238,3 +238,36 @@ def test_instance_death_every_request_ends(ray_runtime, cluster_config):
             c.shutdown()
 
     run(scenario())
+
+
+def test_autoscaler_adds_and_drains_instances(ray_runtime, cluster_config):
+    async def scenario():
+        from shoal.cluster.cluster import ClusterEngine
+
+        # always "hot": one instance grows to two
+        up = ClusterEngine(cluster_config, 1, policies.LeastLoad(),
+                           autoscaler=policies.Autoscaler(min_instances=1, max_instances=2, up=-1.0, down=-2.0, window=1),
+                           control_interval_s=0.05)
+        await up.start()
+        try:
+            await wait_for(lambda: len(up.live()) == 2, timeout=60)
+            assert len(await collect(await up.submit(PROMPT, SamplingParams(temperature=0.0, max_tokens=5), "u"))) == 5
+        finally:
+            up.shutdown()
+        # always "cold": two instances shrink to one, draining by migration, dropping nothing
+        ref = await reference_tokens(cluster_config)
+        down = ClusterEngine(cluster_config, 2, policies.RoundRobin(),
+                             autoscaler=policies.Autoscaler(min_instances=1, max_instances=2, up=2.0, down=2.0, window=3),
+                             control_interval_s=0.05)
+        await down.start()
+        for m in down.members.values():
+            await m.handle.inject_delay.remote(0.01)
+        try:
+            streams = [await down.submit(PROMPT, LONG, f"s{i}") for i in range(2)]
+            outs = await asyncio.gather(*(collect(s) for s in streams))
+            assert all(o == ref for o in outs)
+            await wait_for(lambda: len(down.members) == 1, timeout=60)
+        finally:
+            down.shutdown()
+
+    run(scenario())

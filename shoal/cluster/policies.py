@@ -167,8 +167,9 @@ class MigrationPolicy(Protocol):
 
 class LlumnixMigration:
     """Llumnix-style: drain marked instances; relieve an instance about to preempt (or already
-    preempting); rebalance when freeness differs by more than ``gap``; keep high-priority
-    requests (priority < 0) on an instance with headroom by moving normal ones off it.
+    preempting); rebalance when an instance queues requests while another has none and their
+    freeness differs by more than ``gap``; keep high-priority requests (priority < 0) on an
+    instance with headroom by moving normal ones off it.
 
     Each decision moves the cheapest request (fewest tokens, lowest priority) from the least free
     instance to the freest one that is not draining; at most ``max_per_round`` at a time."""
@@ -212,10 +213,12 @@ class LlumnixMigration:
             elif any(r.priority < 0 for r in running[i]) and len(running[i]) > 1 and freeness(load) < self.gap:
                 add(i, "isolate_priority", keep_high=True)
         if len(targets) > 1 and len(out) < self.max_per_round:
+            # rebalance only a real imbalance: the busiest instance queues work the freest does not
             lo = min(targets, key=lambda i: freeness(loads[i]))
             hi = max(targets, key=lambda i: freeness(loads[i]))
             left = [r for r in running[lo] if r.req_id not in moved]
-            if freeness(loads[hi]) - freeness(loads[lo]) > self.gap and len(left) > 1:
+            if (loads[lo].num_waiting > 0 and loads[hi].num_waiting == 0 and len(left) > 1
+                    and freeness(loads[hi]) - freeness(loads[lo]) > self.gap):
                 add(lo, "rebalance", keep_high=True)
         return out
 
