@@ -30,7 +30,7 @@ from shoal.engine.config import EngineConfig
 from shoal.engine.outputs import InstanceLoad, RequestOutput
 from shoal.engine.request import FinishReason
 from shoal.engine.sampling_params import SamplingParams
-from shoal.server.async_engine import QueueFull, RequestStream
+from shoal.streams import QueueFull, RequestStream
 
 log = logging.getLogger(__name__)
 

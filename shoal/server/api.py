@@ -16,7 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import shoal
 from shoal.engine.outputs import RequestOutput
-from shoal.server.async_engine import AsyncEngine, QueueFull
+from shoal.server.async_engine import AsyncEngine
+from shoal.streams import QueueFull
 from shoal.server.metrics import ServerMetrics
 from shoal.server.protocol import (
     ChatCompletionRequest,

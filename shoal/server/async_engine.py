@@ -18,12 +18,9 @@ from shoal.engine.engine import Engine
 from shoal.engine.outputs import InstanceLoad, RequestOutput
 from shoal.engine.request import FinishReason
 from shoal.engine.sampling_params import SamplingParams
+from shoal.streams import QueueFull, RequestStream
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is over its bound; the caller should retry later."""
 
 
 @dataclass
@@ -162,34 +159,6 @@ class AsyncEngine:
             for req_id, sink in self._sinks.items():
                 sink(_failed_output(req_id, self.dead))
             self._sinks.clear()
-
-
-class RequestStream:
-    """Async iterator over one request's outputs. Closing it before the request finished (the
-    client went away) aborts the request, which frees its KV blocks at once."""
-
-    def __init__(self, abort: Callable[[str], None], req_id: str, outputs: "asyncio.Queue[RequestOutput]") -> None:
-        self._abort, self.req_id, self._outputs = abort, req_id, outputs
-        self.finished = False
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        try:
-            out = await self._outputs.get()
-        except asyncio.CancelledError:
-            await self.aclose()
-            raise
-        self.finished = out.finished
-        return out
-
-    async def aclose(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self._abort(self.req_id)
 
 
 def _set_result(fut: asyncio.Future) -> None:
