@@ -67,6 +67,7 @@ def serve(
     roles: Optional[str] = typer.Option(None, "--roles", help="Comma-separated per-instance roles: both | prefill | decode"),
     autoscale_max: Optional[int] = typer.Option(None, "--autoscale-max", help="Enable autoscaling up to this many instances"),
     autoscale_min: int = typer.Option(1, "--autoscale-min"),
+    num_threads: Optional[int] = typer.Option(None, "--num-threads", help="Torch CPU threads (default: all cores)"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ) -> None:
@@ -81,7 +82,7 @@ def serve(
     log.setLevel(logging.INFO)
     config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                          kv_cache_gb=kv_cache_gb)
+                          kv_cache_gb=kv_cache_gb, num_threads=num_threads)
     name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
     if instances > 1 or ray_address or autoscale_max:
         from shoal.cluster.cluster import ClusterEngine
