@@ -1,0 +1,50 @@
+"""Where an engine step's time goes: pure-decode step times at batch 1 / 8 / 32, and the torch
+profiler's top operators at one batch size.
+
+    python benchmarks/profile_decode.py [--batch 32] [--dtype auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from shoal.engine.config import EngineConfig
+from shoal.engine.engine import Engine
+from shoal.engine.sampling_params import SamplingParams
+
+
+def decode_steps(engine: Engine, batch: int, prompt_len: int = 110, steps: int = 64) -> float:
+    """Median seconds of a pure decode step with ``batch`` running requests."""
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+    for i in range(batch):
+        engine.add([1000 + i] + list(range(100, 99 + prompt_len)), params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
+        engine.step()
+    times = []
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=32, help="batch size for the operator profile")
+    ap.add_argument("--dtype", default="auto")
+    args = ap.parse_args()
+    engine = Engine(EngineConfig(dtype=args.dtype, max_num_seqs=64))
+    for b in (1, 8, 32):
+        dt = decode_steps(engine, b)
+        print(f"batch {b:3d}: {dt * 1e3:6.1f} ms/step  {b / dt:7.1f} tok/s")
+    with torch.profiler.profile() as prof:
+        decode_steps(engine, args.batch, steps=16)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
