@@ -233,3 +233,20 @@ def test_tokenizer_errors(tmp_path) -> None:
     path, _ = _save_tiny_llama(tmp_path, tie=True)  # a model folder without tokenizer files
     with pytest.raises(ModelLoadError, match="tokenizer"):
         load_tokenizer(path)
+
+
+def test_gguf_tokenizer_is_cached_and_identical(tmp_path, monkeypatch):
+    from shoal.model.loader import default_model_path, load_tokenizer, tokenizer_cache_dir
+
+    monkeypatch.setenv("SHOAL_CACHE", str(tmp_path))
+    first = load_tokenizer(default_model_path())
+    entries = list(tokenizer_cache_dir().iterdir())
+    assert len(entries) == 1 and (entries[0] / "tokenizer_config.json").is_file()
+    second = load_tokenizer(default_model_path())  # from the cache
+    text = "Hello world! 你好 🙂 <|im_start|>user\nhi<|im_end|>"
+    assert second.encode(text) == first.encode(text)
+    assert second.chat_template == first.chat_template
+    assert second.eos_token_id == first.eos_token_id and second.all_special_ids == first.all_special_ids
+    # a damaged entry is converted again, not trusted
+    (entries[0] / "tokenizer.json").write_text("{broken")
+    assert load_tokenizer(default_model_path()).encode(text) == first.encode(text)

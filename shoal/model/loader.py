@@ -86,10 +86,35 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     p = _resolve(path)
     try:
         if p.is_file():
-            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+            return _gguf_tokenizer(p)
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:
         raise ModelLoadError(f"{p}: could not load the tokenizer: {type(e).__name__}: {e}") from e
+
+
+def tokenizer_cache_dir() -> Path:
+    """Where tokenizers converted from GGUF files are kept (``$SHOAL_CACHE`` or ~/.cache/shoal)."""
+    return Path(os.environ.get("SHOAL_CACHE", Path.home() / ".cache" / "shoal")) / "tokenizers"
+
+
+def _gguf_tokenizer(p: Path) -> PreTrainedTokenizerBase:
+    """Converting a GGUF vocabulary takes seconds: do it once per file (keyed by name, size and
+    modification time) and keep the result as a Hugging Face tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    st = p.stat()
+    cached = tokenizer_cache_dir() / f"{p.stem}-{st.st_size}-{st.st_mtime_ns}"
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+        except Exception:  # a damaged cache entry: convert again
+            pass
+    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+    try:
+        tok.save_pretrained(str(cached))
+    except OSError:  # read-only home: no cache, still works
+        pass
+    return tok
 
 
 def _resolve(path: str | os.PathLike) -> Path:
