@@ -239,6 +239,19 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         if out.finish_reason is not None and out.finish_reason.value == "error":
             raise APIError(500, out.error or "generation failed", "InternalServerError")
 
+    async def complete(request: Request, streams, body) -> tuple[list[dict], int]:
+        """Run non-streaming choices to the end; ``body(i, outputs)`` gives each choice's content
+        fields. Returns the choices and the completion token count."""
+        results = await until_disconnect(request, collect(streams))
+        choices, completion_tokens = [], 0
+        for i, outs in enumerate(results):
+            final = outs[-1]
+            failed(final)
+            completion_tokens += final.num_output_tokens
+            choices.append({"index": i, **body(i, outs), "finish_reason": reason(final),
+                            "stop_reason": final.stop_reason})
+        return choices, completion_tokens
+
     def token_text(t: int) -> str:
         return tokenizer.decode([t])
 
@@ -308,16 +321,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
-        results = await until_disconnect(request, collect(streams))
-        choices = []
-        completion_tokens = 0
-        for i, outs in enumerate(results):
-            final = outs[-1]
-            failed(final)
-            completion_tokens += final.num_output_tokens
-            choices.append({"index": i, "text": prefix(i) + "".join(o.new_text for o in outs),
-                            "logprobs": lp_block(outs, len(prefix(i))), "finish_reason": reason(final),
-                            "stop_reason": final.stop_reason})
+        choices, completion_tokens = await complete(request, streams, lambda i, outs: {
+            "text": prefix(i) + "".join(o.new_text for o in outs), "logprobs": lp_block(outs, len(prefix(i)))})
         return {"id": base, "object": "text_completion", "created": created, "model": model_name,
                 "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
@@ -371,16 +376,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
-        results = await until_disconnect(request, collect(streams))
-        choices = []
-        completion_tokens = 0
-        for i, outs in enumerate(results):
-            final = outs[-1]
-            failed(final)
-            completion_tokens += final.num_output_tokens
-            choices.append({"index": i, "message": {"role": "assistant", "content": "".join(o.new_text for o in outs)},
-                            "logprobs": lp_content(outs), "finish_reason": reason(final),
-                            "stop_reason": final.stop_reason})
+        choices, completion_tokens = await complete(request, streams, lambda i, outs: {
+            "message": {"role": "assistant", "content": "".join(o.new_text for o in outs)},
+            "logprobs": lp_content(outs)})
         return {"id": base, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": choices, "usage": usage(len(ids), completion_tokens)}
 
