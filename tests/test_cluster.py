@@ -169,6 +169,21 @@ def test_live_migration_keeps_tokens_and_rolls_back(ray_runtime, cluster_config)
                     assert c.requests["m2"].member == src
             assert got == ref
             assert c.stats.migrations["rolled_back"] == 1
+
+            # staging fails after blocks landed on the destination: nothing stays staged there
+            s = await c.submit(PROMPT, LONG, "m3")
+            got = []
+            async for out in s:
+                got += out.new_token_ids
+                if len(got) >= 5 and c.stats.migrations["rolled_back"] == 1:
+                    src = c.requests["m3"].member
+                    other = next(i for i in c.members if i != src)
+                    await c.members[other].handle.inject_fault.remote("stage_kv")
+                    assert not await c.migrate("m3", other)
+                    assert c.requests["m3"].member == src
+                    assert (await c.members[other].handle.check.remote())["used"] == 0
+            assert got == ref
+            assert c.stats.migrations["rolled_back"] == 2
             await check_clean(c)
         finally:
             c.shutdown()

@@ -302,13 +302,18 @@ class ClusterEngine:
         nbytes = 0
         try:
             next_block = 0
-            for _ in range(self.max_migration_stages if staged else 0):
-                kv, end = await src.handle.read_blocks.remote(req_id, next_block)
-                if kv is None:
-                    break
-                await dst.handle.stage_kv.remote(req_id, kv, next_block)
-                nbytes += kv.numel() * kv.element_size()
-                next_block = end
+            try:
+                for _ in range(self.max_migration_stages if staged else 0):
+                    kv, end = await src.handle.read_blocks.remote(req_id, next_block)
+                    if kv is None:
+                        break
+                    await dst.handle.stage_kv.remote(req_id, kv, next_block)
+                    nbytes += kv.numel() * kv.element_size()
+                    next_block = end
+            except Exception as exc:  # no room on the destination, or the request ended
+                log.info("staging %s on %d stopped, rolling back: %s", req_id, dst_id, exc)
+                await dst.handle.unstage.remote(req_id)
+                return False
             t_stop = time.perf_counter()
             try:
                 state, pending = await src.handle.export.remote(req_id, next_block, False)

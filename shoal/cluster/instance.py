@@ -126,9 +126,9 @@ class Instance:
             self._cv.notify_all()
 
     def stage_kv(self, req_id: str, kv: torch.Tensor, start_block: int) -> None:
-        self._maybe_fail("stage_kv")
         with self._cv:
             self.engine.stage_kv(req_id, kv, start_block)
+        self._maybe_fail("stage_kv")  # after the write: the caller cannot know what landed
 
     def unstage(self, req_id: str) -> None:
         with self._cv:

@@ -339,16 +339,14 @@ class EngineCore:
         if req_id in self.requests:
             raise ValueError(f"request id {req_id!r} is already in use")
         bm = self.block_manager
-        if req_id not in bm.tables:
-            if start_block:
-                raise ValueError(f"staged copy of {req_id} must start at block 0")
-            bm.allocate(req_id, [], 0)
-        table = bm.table(req_id)
-        if len(table) != start_block:
-            raise ValueError(f"staged copy of {req_id} expects block {len(table)}, got {start_block}")
+        staged = len(bm.table(req_id)) if req_id in bm.tables else 0
+        if staged != start_block:
+            raise ValueError(f"staged copy of {req_id} expects block {staged}, got {start_block}")
         n = kv.shape[3]
         if n > bm.num_free:
             raise ValueError(f"no room: {n} KV blocks needed, {bm.num_free} free")
+        if req_id not in bm.tables:
+            bm.allocate(req_id, [], 0)
         blocks = bm.ensure_slots(req_id, (start_block + n) * bm.block_size)
         self.executor.write_kv(blocks, kv)
 
