@@ -200,3 +200,34 @@ def test_staged_live_migration_and_rollback(make_tiny_engine):
         for e in (src, dst):
             e.block_manager.check()
             assert e.block_manager.num_used == 0
+
+
+def test_decode_kv_buffer_matches_reference_as_the_batch_changes(make_tiny_engine, tiny_hf):
+    """The decodes' K/V carried between steps (engine/decode_kv.py) is rebuilt when requests join,
+    leave or outgrow it; logprobs match the reference and equal the gather-every-step path."""
+    ps = prompts(4, lo=5, hi=30, seed=11)
+    lengths = [30, 6, 17, 25]  # different ends: the batch changes as requests leave; 30 > headroom
+    results = {}
+    for use_buffer in (True, False):
+        engine = make_tiny_engine()
+        if not use_buffer:
+            engine.runner.decode_kv.max_bytes = 0
+        kinds = []
+        orig_plan = engine.runner.decode_kv.plan
+        engine.runner.decode_kv.plan = lambda *a: kinds.append(p := orig_plan(*a)) or p
+        ids, outs = [], {}
+        for i, (p, n) in enumerate(zip(ps, lengths)):
+            ids.append(engine.add(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=5)))
+            for _ in range(3 * i):  # join while others decode
+                for o in engine.step():
+                    outs.setdefault(o.req_id, []).append(o)
+        for rid, os_ in run_all(engine).items():
+            outs.setdefault(rid, []).extend(os_)
+        if use_buffer:
+            assert any(k and k.rebuild for k in kinds) and any(k and not k.rebuild for k in kinds)
+        else:
+            assert all(k is None for k in kinds)
+        for p, rid in zip(ps, ids):
+            assert_matches_reference(tiny_hf, p, outs[rid])
+        results[use_buffer] = [tokens_of(outs[r]) for r in ids]
+    assert results[True] == results[False]

@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 
 from shoal.engine.scheduler import ScheduledChunk, StepPlan
-from shoal.model.attention import AttentionMetadata, PrefillMeta
+from shoal.engine.decode_kv import DecodeKVBuffer
+from shoal.model.attention import AttentionMetadata, LayerKV, PrefillMeta, gather_index
 from shoal.model.config import ModelConfig
 from shoal.model.llama import LlamaModel
 
 
 class KVCache:
-    """Device KV blocks ``[layers, kv_heads, blocks, block_size, head_dim]`` for K and for V, and
-    a swap pool of the same block shape in host memory. Blocks are dimension 2."""
+    """Device KV blocks, one tensor ``[layers, 2 * kv_heads, blocks, block_size, head_dim]`` (K's
+    heads then V's; ``k`` and ``v`` are views of its halves), and a swap pool of the same block
+    shape in host memory. Blocks are dimension 2."""
 
     def __init__(
         self,
@@ -23,14 +25,17 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (config.num_layers, config.num_kv_heads, num_blocks, block_size, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        hkv = config.num_kv_heads
+        self.num_blocks = num_blocks
+        self.data = torch.zeros((config.num_layers, 2 * hkv, num_blocks, block_size, config.head_dim),
+                                dtype=dtype, device=device)
+        self.k, self.v = self.data[:, :hkv], self.data[:, hkv:]
         swap_shape = (config.num_layers, config.num_kv_heads, num_swap_blocks, block_size, config.head_dim)
         pin = device.type == "cuda"
         self.swap_k = torch.zeros(swap_shape, dtype=dtype, pin_memory=pin)
         self.swap_v = torch.zeros(swap_shape, dtype=dtype, pin_memory=pin)
-        self.layers = [(self.k[i], self.v[i]) for i in range(config.num_layers)]
+        self.layers = list(self.data.unbind(0))
+        self.version = 0  # bumped by every write that does not come from a forward pass
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -42,12 +47,14 @@ class KVCache:
             src, dst = _index(pairs, self.k.device)
             self.swap_k[:, :, dst.cpu()] = self.k[:, :, src].cpu()
             self.swap_v[:, :, dst.cpu()] = self.v[:, :, src].cpu()
+            self.version += 1
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         if pairs:
             src, dst = _index(pairs, self.k.device)
             self.k[:, :, dst] = self.swap_k[:, :, src.cpu()].to(self.k.device, non_blocking=True)
             self.v[:, :, dst] = self.swap_v[:, :, src.cpu()].to(self.v.device, non_blocking=True)
+            self.version += 1
 
     def read(self, block_ids: list[int], swapped: bool = False) -> torch.Tensor:
         """Copy blocks out as one CPU tensor ``[2, layers, kv_heads, n, block_size, head_dim]``."""
@@ -63,6 +70,7 @@ class KVCache:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.k.device)
         self.k[:, :, idx] = data[0].to(self.k.device, self.k.dtype)
         self.v[:, :, idx] = data[1].to(self.v.device, self.v.dtype)
+        self.version += 1
 
 
 def _index(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +86,9 @@ class ModelRunner:
         self.kv = kv
         self.block_size = block_size
         self.device = device
+        cfg = model.config
+        self.decode_kv = DecodeKVBuffer(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, kv.data.dtype,
+                                        device, max_bytes=kv.data.numel() * kv.data.element_size() // 4)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
@@ -86,14 +97,15 @@ class ModelRunner:
         self.kv.swap_in(plan.swap_in)
         if not plan.chunks:
             return torch.empty(0, self.model.config.vocab_size)
-        input_ids, positions, meta, sample_rows = self._prepare(plan.chunks)
-        hidden = self.model(input_ids, positions, self.kv.layers, meta)
+        input_ids, positions, meta, sample_rows, layers = self._prepare(plan.chunks)
+        hidden = self.model(input_ids, positions, layers, meta)
         return self.model.compute_logits(hidden[sample_rows]).float()
 
     def _prepare(
         self, chunks: list[ScheduledChunk]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[LayerKV]]:
         bs, dev = self.block_size, self.device
+        nb, hkv = self.kv.num_blocks, self.model.config.num_kv_heads
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -122,33 +134,46 @@ class ModelRunner:
                         q_start=q_start,
                         q_len=c.num_tokens,
                         ctx_len=c.context_len,
-                        block_table=torch.tensor(table[:n_blocks], dtype=torch.long, device=dev),
+                        gather_index=gather_index(torch.tensor(table[:n_blocks], device=dev), nb, hkv),
                         mask=mask,
                     )
                 )
-        decode_tables = decode_mask = None
+        decode_gather = decode_mask = decode_plan = None
         if nd:
             max_blocks = max(-(-c.context_len // bs) for c in decodes)
-            padded: list[int] = []
-            for c in decodes:
-                table = c.block_table[:max_blocks]
-                padded.extend(table)
-                padded.extend([0] * (max_blocks - len(table)))
-            decode_tables = torch.tensor(padded, dtype=torch.long, device=dev)
+            decode_plan = self.decode_kv.plan([c.req_id for c in decodes], [c.context_len for c in decodes],
+                                              max_blocks, self.kv.version)
+            if decode_plan is None or decode_plan.rebuild:
+                width = self.decode_kv.capacity_blocks if decode_plan else max_blocks
+                padded: list[int] = []
+                for c in decodes:
+                    table = c.block_table[:width]
+                    padded.extend(table)
+                    padded.extend([0] * (width - len(table)))
+                decode_gather = gather_index(torch.tensor(padded, device=dev), nb, hkv)
+            # attend over the whole buffer when there is one: a slice of it would make matmul copy
+            span = self.decode_kv.capacity_blocks * bs if decode_plan else max_blocks * bs
             ctx = torch.tensor([c.context_len for c in decodes], device=dev)
-            valid = torch.arange(max_blocks * bs, device=dev)[None, :] < ctx[:, None]
+            valid = torch.arange(span, device=dev)[None, :] < ctx[:, None]
             decode_mask = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))
             decode_mask = decode_mask[None, :, None, :]
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=nd,
-            decode_block_tables=decode_tables,
+            decode_gather_index=decode_gather,
             decode_mask=decode_mask,
             prefills=prefills,
+            decode_rebuild=decode_plan is not None and decode_plan.rebuild,
+            decode_write_index=decode_plan.write_index if decode_plan else None,
         )
+        if decode_plan is None:
+            layers = [LayerKV(c) for c in self.kv.layers]
+        else:
+            layers = [LayerKV(c, b) for c, b in zip(self.kv.layers, decode_plan.buffers)]
         return (
             torch.tensor(tokens, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
             meta,
             torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            layers,
         )

@@ -1,8 +1,10 @@
 """Attention over a paged KV cache.
 
-The cache of one layer is a tensor ``[num_kv_heads, num_blocks, block_size, head_dim]`` for K and
-the same for V: head-major, so gathering a batch's blocks with one ``index_select`` yields the
-``[heads, batch, context, head_dim]`` layout the batched matmuls want, with no further copy. A step's tokens are laid out decodes first (one query each), then prefill chunks.
+The cache of one layer is one tensor ``[2 * num_kv_heads, num_blocks, block_size, head_dim]``: K's
+heads, then V's. It is head-major, so gathering a batch's blocks for K and V at once with one
+``index_select`` over its ``[2 * num_kv_heads * num_blocks, block_size * head_dim]`` view (a plain
+row copy) yields the ``[heads, batch, context, head_dim]`` layout the batched matmuls want, with no
+further copy. A step's tokens are laid out decodes first (one query each), then prefill chunks.
 New K/V are written to their slots, then
 
 * all decodes attend together: their blocks are gathered into one padded batch and a masked,
@@ -14,6 +16,7 @@ New K/V are written to their slots, then
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +25,12 @@ import torch.nn.functional as F
 @dataclass
 class PrefillMeta:
     """One prefill chunk: query rows ``[q_start, q_start + q_len)`` at positions
-    ``[ctx_len - q_len, ctx_len)``; ``block_table`` covers the whole context."""
+    ``[ctx_len - q_len, ctx_len)``; ``gather_index`` covers the whole context."""
 
     q_start: int
     q_len: int
     ctx_len: int
-    block_table: torch.Tensor  # [num_blocks] long
+    gather_index: torch.Tensor  # rows of the cache's row view holding the context (see gather_index)
     mask: torch.Tensor | None  # [q_len, ctx_len] bool, None when the chunk starts at 0
 
 
@@ -37,42 +40,65 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] long: block * block_size + offset for each token
     num_decodes: int
-    decode_block_tables: torch.Tensor | None  # [D * max_blocks] long, row-major, padded with 0
-    decode_mask: torch.Tensor | None  # [1, D, 1, max_blocks * block_size] additive float mask
+    decode_gather_index: torch.Tensor | None  # gather_index of the D block tables, padded to max_blocks
+    decode_mask: torch.Tensor | None  # [1, D, 1, context span] additive float mask
     prefills: list[PrefillMeta]
+    # with LayerKV.decode buffers: gather into them (the tables padded to their capacity), or write
+    # the new token of decode i at row decode_write_index[i] of their [2 * Hkv, D * capacity] view
+    decode_rebuild: bool = False
+    decode_write_index: torch.Tensor | None = None
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+class LayerKV(NamedTuple):
+    """One layer's paged cache and, optionally, the padded K/V of the step's decodes
+    ``[2 * Hkv, D, capacity, head_dim]`` kept from the previous step (see engine/decode_kv.py)."""
+
+    cache: torch.Tensor
+    decode: torch.Tensor | None = None
+
+
+def gather_index(block_ids: torch.Tensor, num_blocks: int, num_kv_heads: int) -> torch.Tensor:
+    """Rows of a layer cache's ``[2 * num_kv_heads * num_blocks, block_size * head_dim]`` view that
+    hold ``block_ids`` (flattened equal-length block tables) for every K and V head, head-major."""
+    heads = torch.arange(2 * num_kv_heads, device=block_ids.device)[:, None] * num_blocks
+    return (heads + block_ids[None, :]).reshape(-1)
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store this step's K/V ([T, Hkv, D]) into their cache slots."""
-    hkv, _, _, d = k_cache.shape
-    k_cache.view(hkv, -1, d).index_copy_(1, slots, k.transpose(0, 1))
-    v_cache.view(hkv, -1, d).index_copy_(1, slots, v.transpose(0, 1))
+    hkv = k.shape[1]
+    rows = cache.view(cache.shape[0], -1, cache.shape[-1])
+    rows[:hkv].index_copy_(1, slots, k.transpose(0, 1))
+    rows[hkv:].index_copy_(1, slots, v.transpose(0, 1))
 
 
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv: LayerKV,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, Hkv, D] (this step's, already written to the cache).
-    Returns [T, H, D]."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    """q: [T, H, D]; k, v: [T, Hkv, D] (this step's, written to the cache here). Returns [T, H, D]."""
+    cache = kv.cache
+    write_kv(cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decodes
+    hkv = k.shape[1]
     if nd:
-        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
+        if kv.decode is None:
+            ctx = _gather(cache, meta.decode_gather_index, nd)
+        else:
+            ctx = _decode_context(kv.decode, cache, k[:nd], v[:nd], meta)
+        out[:nd] = _decode_attention(q[:nd], ctx, meta.decode_mask, scale)
     for p in meta.prefills:
         rows = slice(p.q_start, p.q_start + p.q_len)
         if p.mask is None:
-            kc, vc = k[rows], v[rows]
-            kc, vc = kc.transpose(0, 1), vc.transpose(0, 1)
+            kc, vc = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
         else:
-            kc = _gather(k_cache, p.block_table, 1)[:, 0, : p.ctx_len]
-            vc = _gather(v_cache, p.block_table, 1)[:, 0, : p.ctx_len]
+            ctx = _gather(cache, p.gather_index, 1)[:, 0, : p.ctx_len]
+            kc, vc = ctx[:hkv], ctx[hkv:]
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0),
             kc.unsqueeze(0),
@@ -86,23 +112,36 @@ def paged_attention(
     return out
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor, batch: int) -> torch.Tensor:
-    """Blocks of ``batch`` equally long block tables (flattened) -> [Hkv, batch, context, D]."""
-    hkv, _, bs, d = cache.shape
-    return cache.index_select(1, block_ids).view(hkv, batch, -1, d)
+def _gather(cache: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:
+    """The blocks that ``index`` (from :func:`gather_index`) names, for ``batch`` equally long block
+    tables -> [2 * Hkv, batch, context, D]."""
+    h2, nb, bs, d = cache.shape
+    return cache.view(h2 * nb, bs * d).index_select(0, index).view(h2, batch, -1, d)
 
 
-def _decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
-) -> torch.Tensor:
-    """Single-query attention for a batch of decodes: [D, H, Dh] -> [D, H, Dh]."""
+def _decode_context(buf: torch.Tensor, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+    """Bring the decodes' padded K/V buffer up to date: one gather on a rebuild, else only the new
+    token of each decode ([D, Hkv, Dh] ``k``/``v``)."""
+    h2, n, cap, d = buf.shape
+    if meta.decode_rebuild:
+        torch.index_select(cache.view(-1, cache.shape[2] * d), 0, meta.decode_gather_index, out=buf.view(-1, cache.shape[2] * d))
+    else:
+        rows = buf.view(h2, n * cap, d)
+        rows[: h2 // 2].index_copy_(1, meta.decode_write_index, k.transpose(0, 1))
+        rows[h2 // 2 :].index_copy_(1, meta.decode_write_index, v.transpose(0, 1))
+    return buf
+
+
+def _decode_attention(q: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Single-query attention for a batch of decodes: q [D, H, Dh], ctx [2 * Hkv, D, L, Dh] (K's
+    heads then V's), additive mask [1, D, 1, L] -> [D, H, Dh]."""
     n, h, dh = q.shape
-    hkv = k_cache.shape[0]
-    kc = _gather(k_cache, meta.decode_block_tables, n)  # [Hkv, D, L, Dh]
-    vc = _gather(v_cache, meta.decode_block_tables, n)
+    hkv = ctx.shape[0] // 2
+    kc, vc = ctx[:hkv], ctx[hkv:]
     qg = q.view(n, hkv, h // hkv, dh).transpose(0, 1).contiguous()  # [Hkv, D, G, Dh]
     scores = torch.matmul(qg, kc.transpose(-1, -2)).float()  # [Hkv, D, G, L]
-    scores = torch.add(meta.decode_mask, scores, alpha=scale)
+    scores = torch.add(mask, scores, alpha=scale)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(probs, vc)  # [Hkv, D, G, Dh]
     return out.transpose(0, 1).reshape(n, h, dh)

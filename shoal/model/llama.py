@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.model.attention import AttentionMetadata, paged_attention
+from shoal.model.attention import AttentionMetadata, LayerKV, paged_attention
 from shoal.model.config import ModelConfig
 
 
@@ -46,8 +46,7 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        kv: LayerKV,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
@@ -57,7 +56,7 @@ class DecoderLayer(nn.Module):
         qk = apply_rope(qkv[:, : (nh + nkv) * d].view(t, nh + nkv, d), cos, sin)
         q, k = qk[:, :nh], qk[:, nh:]
         v = qkv[:, (nh + nkv) * d :].view(t, nkv, d)
-        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        attn = paged_attention(q, k, v, kv, meta, self.scale)
         x = x + self.o_proj(attn.view(t, nh * d))
         h = F.rms_norm(x, x.shape[-1:], self.post_attention_layernorm, self.eps)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
@@ -99,16 +98,17 @@ class LlamaModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[LayerKV],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
+        """input_ids, positions: [T]; ``kv_caches``: each layer's K/V (see attention.py).
+        Returns final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
         cos_table, sin_table = self._rope_tables(x.device)
         cos = cos_table[positions].to(x.dtype)[:, None, :]
         sin = sin_table[positions].to(x.dtype)[:, None, :]
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, k_cache, v_cache, meta)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv, meta)
         return F.rms_norm(x, x.shape[-1:], self.norm, self.config.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
