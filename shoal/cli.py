@@ -63,7 +63,7 @@ def serve(
     instances: int = typer.Option(1, "--instances", help="Engine instances; >1 runs them as Ray actors"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (implies the cluster mode)"),
     dispatch: str = typer.Option("least_load", "--dispatch", help="round_robin | least_load | prefix_aware | session_affinity"),
-    migration: bool = typer.Option(True, "--migration/--no-migration", help="Llumnix-style live migration between instances"),
+    migration: str = typer.Option("llumnix", "--migration", help="llumnix | none: live migration between instances"),
     roles: Optional[str] = typer.Option(None, "--roles", help="Comma-separated per-instance roles: both | prefill | decode"),
     autoscale_max: Optional[int] = typer.Option(None, "--autoscale-max", help="Enable autoscaling up to this many instances"),
     autoscale_min: int = typer.Option(1, "--autoscale-min"),
@@ -86,14 +86,14 @@ def serve(
     name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
     if instances > 1 or ray_address or autoscale_max:
         from shoal.cluster.cluster import ClusterEngine
-        from shoal.cluster.policies import Autoscaler, LlumnixMigration, make_dispatch_policy
+        from shoal.cluster.policies import Autoscaler, make_dispatch_policy, make_migration_policy
         from shoal.model.loader import load_tokenizer
 
         role_list = roles.split(",") if roles else None
         try:
             backend = ClusterEngine(
                 config, instances, make_dispatch_policy(dispatch), tokenizer=load_tokenizer(model or default_model_path()),
-                roles=role_list, migration=LlumnixMigration() if migration else None, ray_address=ray_address,
+                roles=role_list, migration=make_migration_policy(migration), ray_address=ray_address,
                 autoscaler=Autoscaler(autoscale_min, autoscale_max) if autoscale_max else None, max_waiting=max_waiting,
             )
         except ValueError as exc:
@@ -245,6 +245,10 @@ def sim(
     instances: int = typer.Option(1, "--instances"),
     cost_model: Optional[Path] = typer.Option(None, "--cost-model", help="Fitted profile JSON (default: the committed SmolLM2-on-CPU one)"),
     policy: str = typer.Option("least_load", "--policy", help="round_robin | least_load | prefix_aware | session_affinity"),
+    migration: str = typer.Option("none", "--migration", help="none | llumnix: live migration between instances"),
+    roles: Optional[str] = typer.Option(None, "--roles", help="Comma-separated per-instance roles: both | prefill | decode"),
+    link_gbps: float = typer.Option(10.0, "--link-gbps", help="Bandwidth of KV copies between instances, Gbit/s"),
+    link_latency_ms: float = typer.Option(1.0, "--link-latency-ms", help="Fixed time per KV copy"),
     num_blocks: int = typer.Option(2800, "--num-blocks", help="KV blocks per instance"),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
     max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens"),
@@ -258,9 +262,10 @@ def sim(
     import time
 
     from shoal.bench import report
-    from shoal.cluster.policies import make_dispatch_policy
+    from shoal.cluster.policies import check_roles, make_dispatch_policy, make_migration_policy
     from shoal.sim.cost_model import LinearCostModel, default_profile_path
     from shoal.sim.simulator import InstanceSpec, simulate
+    from shoal.sim.transfer import Link, summarize_transfers
 
     wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
                          output_len, max_context, seed)
@@ -280,15 +285,21 @@ def sim(
     spec = InstanceSpec(cm, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=max_num_batched_tokens)
     try:
-        dispatch = make_dispatch_policy(policy)
+        dispatch = make_dispatch_policy(policy.replace("-", "_"))
+        role_list = check_roles(roles.split(",") if roles else None, instances)
+        migration_policy = make_migration_policy(migration)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    link = Link(link_gbps, link_latency_ms / 1e3)
     t = time.perf_counter()
-    records, duration, _ = simulate(wl, [spec] * instances, dispatch, seed)
+    records, duration, sims = simulate(wl, [spec] * instances, dispatch, seed, migration=migration_policy,
+                                       roles=role_list, link=link)
     wall = time.perf_counter() - t
     result = report.summarize(records, wl.description, slo_ttft_ms, slo_tpot_ms, duration_s=duration, extra={
-        "simulated": True, "instances": instances, "policy": policy, "cost_model": {"device": cm.device, "model": cm.model},
-        "sim_wall_s": wall})
+        "simulated": True, "instances": instances, "policy": dispatch.name, "migration": migration, "roles": role_list,
+        "link": {"gbps": link_gbps, "latency_ms": link_latency_ms, "kv_bytes_per_block": spec.kv_bytes_per_block},
+        **summarize_transfers([tr for s in sims for tr in s.transfers]),
+        "cost_model": {"device": cm.device, "model": cm.model}, "sim_wall_s": wall})
     report.write(out, result, records)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "workload"}, indent=2))
     typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png")

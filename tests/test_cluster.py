@@ -61,6 +61,8 @@ def test_migration_policy_decisions():
     plan = pol.plan([load(free=1, running=3), load(free=100, running=1)], [rr("a", "b", "c"), rr("d")])
     assert plan and plan[0].src == 0 and plan[0].dst == 1 and plan[0].reason == "relieve"
     assert plan[0].req_id == "a"  # the cheapest (fewest tokens)
+    # ... but not onto an instance without room for its KV (it would only roll back)
+    assert pol.plan([load(free=1, running=3), load(free=2, running=1)], [rr("a", "b", "c"), rr("d")]) == []
     # balanced: nothing to do
     assert pol.plan([load(free=60, running=2), load(free=60, running=2)], [rr("a", "b"), rr("c", "d")]) == []
     # a high-priority request is kept where it is; a normal one is moved off its instance

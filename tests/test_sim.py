@@ -15,6 +15,7 @@ from shoal.engine.scheduler import ScheduledChunk, StepPlan
 from shoal.sim.catalog import RooflineCostModel, gpus, model_shape
 from shoal.sim.cost_model import FEATURES, LinearCostModel, default_profile_path, plan_features
 from shoal.sim.simulator import InstanceSpec, simulate
+from shoal.sim.transfer import Link, summarize_transfers
 
 
 def constant_cost(seconds: float, per_token: float = 0.0) -> LinearCostModel:
@@ -138,3 +139,163 @@ def test_plan_picks_a_mix_that_meets_the_slo():
     for shares in zip(*plan.shares.values()):
         assert sum(shares) == pytest.approx(1.0)
     assert plan.verification["slo_attainment"] >= 0.8
+
+
+# ---- live migration and P/D disaggregation ------------------------------------------------------
+
+# KV of 2048 bytes a block (1 layer, 1 head, head_dim 32, bf16) over a link moving one block a
+# second after a fixed 0.25 s: timelines by hand.
+TINY_KV = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 32}
+BLOCK_A_SECOND = Link(bandwidth_gbps=2048 * 8 / 1e9, latency_s=0.25)
+
+
+def transfers(sims):
+    return [t for s in sims for t in s.transfers]
+
+
+def check_all_done(records, sims):
+    for r in records:  # each request ended once, with every token it asked for
+        assert r.error is None and r.end_s is not None
+        assert r.output_tokens == r.output_len == len(r.token_times_s)
+        assert r.token_times_s == sorted(r.token_times_s) and r.token_times_s[-1] == r.end_s
+    for s in sims:
+        s.engine.block_manager.check()
+        assert s.engine.block_manager.num_used == 0 and not s.engine.has_unfinished()
+
+
+class Scripted:
+    """A migration policy that moves the first running request of instance 0 to instance 1 once,
+    and records what it was shown."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def plan(self, loads, running, draining=frozenset()):
+        self.calls.append((list(loads), [list(r) for r in running]))
+        if len(self.calls) == 1 and running[0]:
+            return [policies.Migration(running[0][0].req_id, 0, 1, "test")]
+        return []
+
+
+@pytest.mark.parametrize("ff", [True, False])
+def test_migration_timeline_by_hand(ff):
+    # 1 s a step. r0 (32-token prompt, 10 outputs) on instance 0: tokens at 1..3; the tick at 2.5
+    # sees 35 tokens and stages blocks 0-1 (34 computed) by 4.75 while tokens 4, 5 come. The stage
+    # round at 4.75 finds no new full block: stop-and-copy of block 2 (36 computed) from the end of
+    # the step in flight (5) takes 1.25 s; instance 1 resumes it at 6.25: tokens at 7.25 ... 11.25.
+    policy = Scripted()
+    spec = InstanceSpec(constant_cost(1.0), **TINY_KV)
+    records, _, sims = simulate(workload((0.0, 32, 10)), [spec, spec], policies.LeastLoad(), fast_forward=ff,
+                                       migration=policy, link=BLOCK_A_SECOND, control_interval_s=2.5)
+    (r,) = records
+    assert r.token_times_s == pytest.approx([1, 2, 3, 4, 5, 7.25, 8.25, 9.25, 10.25, 11.25])
+    assert policy.calls[0][1] == [[policies.RunningRequest("r0", 0, 35)], []]  # as Instance.running() builds them
+    (t,) = transfers(sims)
+    assert (t.kind, t.reason, t.src, t.dst, t.outcome) == ("migration", "test", 0, 1, "done")
+    assert (t.staged_bytes, t.tail_bytes) == (2 * 2048, 2048)
+    assert (t.start_s, t.end_s, t.downtime_s) == pytest.approx((2.5, 6.25, 1.25))
+    assert [s.tokens for s in sims] == [5, 5]
+    check_all_done(records, sims)
+
+
+def test_pd_timeline_by_hand():
+    # Prefill of 10 tokens on instance 0 [0, 1): token 1 at 1; its one KV block reaches the decode
+    # instance at 2.25; tokens 2, 3 at 3.25, 4.25.
+    spec = InstanceSpec(constant_cost(1.0), **TINY_KV)
+    records, _, sims = simulate(workload((0.0, 10, 3)), [spec, spec], policies.LeastLoad(), roles=["prefill", "decode"],
+                                link=BLOCK_A_SECOND)
+    (r,) = records
+    assert r.token_times_s == pytest.approx([1.0, 3.25, 4.25]) and r.ttft == 1.0
+    (t,) = transfers(sims)
+    assert (t.kind, t.src, t.dst, t.outcome, t.tail_bytes) == ("pd", 0, 1, "done", 2048)
+    assert (t.start_s, t.end_s) == pytest.approx((1.0, 2.25))
+    check_all_done(records, sims)
+
+
+def test_migration_sees_only_decode_instances():
+    # As in the cluster: prefill instances hand their requests off; live migration moves requests
+    # among decode/both instances only, so the policy is shown instances 1 and 2, not 0.
+    spec = InstanceSpec(constant_cost(1.0), max_num_batched_tokens=16, **TINY_KV)
+    policy = Scripted()
+    records, _, sims = simulate(workload((0.0, 40, 6), (0.0, 8, 6)), [spec] * 3, policies.LeastLoad(),
+                                roles=["prefill", "decode", "decode"], migration=policy, link=BLOCK_A_SECOND,
+                                control_interval_s=0.5)
+    assert policy.calls and all(len(loads) == 2 for loads, _ in policy.calls)
+    assert all(t.kind == "pd" and t.src == 0 for t in transfers(sims) if t.kind == "pd")
+    assert all(t.src != 0 and t.dst != 0 for t in transfers(sims) if t.kind == "migration")
+    check_all_done(records, sims)
+
+
+def imbalanced():
+    """Round-robin sends every long request to instance 0, whose small KV then preempts."""
+    reqs = [(i * 0.05, 200, 120) if i % 2 == 0 else (i * 0.05, 20, 8) for i in range(16)]
+    spec = InstanceSpec(constant_cost(0.02, 0.0004), num_blocks=48, num_swap_blocks=64, max_num_seqs=8)
+    return workload(*reqs), [spec, spec]
+
+
+def test_migration_relieves_an_imbalanced_cluster():
+    class Recording(policies.LlumnixMigration):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def plan(self, loads, running, draining=frozenset()):
+            self.calls += 1
+            return super().plan(loads, running, draining)
+
+    wl, specs = imbalanced()
+    _, _, static = simulate(wl, specs, policies.RoundRobin())
+    assert static[0].engine.scheduler.num_preemptions > 0 and not transfers(static)
+    policy = Recording()
+    records, _, sims = simulate(wl, specs, policies.RoundRobin(), migration=policy)
+    assert policy.calls > 0
+    moved = [t for t in transfers(sims) if t.outcome == "done"]
+    assert moved and all(t.kind == "migration" and t.src != t.dst for t in moved)
+    assert {t.reason for t in transfers(sims)} <= {"relieve", "rebalance"}
+    assert sum(s.tokens for s in sims) == sum(r.output_len for r in records)
+    summary = summarize_transfers(transfers(sims))["migrations"]
+    assert summary["done"] == len(moved) and summary["downtime_ms"]["mean"] > 0
+    check_all_done(records, sims)
+
+
+def test_pd_first_token_on_prefill_rest_on_decode():
+    wl = synthetic("poisson", 30, rate=8.0, prompt_len=120, output_len=12, seed=4, len_jitter=0.5)
+    spec = InstanceSpec(constant_cost(0.02, 0.0004), num_blocks=400)
+    records, _, sims = simulate(wl, [spec, spec], policies.LeastLoad(), roles=["prefill", "decode"])
+    by_req = {t.req_id: t for t in transfers(sims)}
+    assert len(by_req) == len(transfers(sims)) == len(records)
+    for i, r in enumerate(records):
+        t = by_req[f"r{i}"]
+        assert (t.src, t.dst, t.outcome) == (0, 1, "done")
+        assert t.start_s == r.first_token_s and all(x > t.end_s for x in r.token_times_s[1:])
+        assert r.ttft >= 0.02 + 0.0004 * min(r.prompt_len, spec.max_num_batched_tokens) - 1e-9  # the prefill step
+    assert sims[0].tokens == len(records) and sims[1].tokens == sum(r.output_len - 1 for r in records)
+    check_all_done(records, sims)
+
+
+def test_pd_rolls_back_when_the_decode_instance_has_no_room():
+    prefill = InstanceSpec(constant_cost(0.1), num_blocks=64)
+    decode = InstanceSpec(constant_cost(0.1), num_blocks=2)  # a 40-token prompt needs 3 blocks
+    records, _, sims = simulate(workload((0.0, 40, 5)), [prefill, decode], policies.LeastLoad(), roles=["prefill", "decode"])
+    (t,) = transfers(sims)
+    assert t.outcome == "rolled_back" and [s.tokens for s in sims] == [5, 0]
+    check_all_done(records, sims)
+    with pytest.raises(ValueError, match="decode"):
+        simulate(workload((0.0, 4, 2)), [prefill], policies.LeastLoad(), roles=["prefill"])
+
+
+@pytest.mark.parametrize("roles", [None, ["prefill", "both", "decode"]])
+def test_same_seed_same_result_with_migration(roles):
+    wl = synthetic("gamma", 80, rate=8.0, prompt_len=200, output_len=50, burstiness=0.5, seed=3, len_jitter=0.5)
+    spec = InstanceSpec(constant_cost(0.02, 0.0004), num_blocks=60, max_num_seqs=16)
+    runs = [simulate(wl, [spec] * 3, policies.RoundRobin(), seed=1, fast_forward=ff, roles=roles,
+                     migration=policies.LlumnixMigration(), link=Link(1.0, 0.002)) for ff in (True, True, False)]
+    assert [asdict(r) for r in runs[0][0]] == [asdict(r) for r in runs[1][0]]
+    assert [asdict(t) for t in transfers(runs[0][2])] == [asdict(t) for t in transfers(runs[1][2])]
+    assert any(t.kind == "migration" for t in transfers(runs[0][2]))
+    for a, b in zip(runs[0][0], runs[2][0]):  # fast-forward stays exact with ticks and transfers
+        assert a.token_times_s == pytest.approx(b.token_times_s, rel=1e-9)
+    for records, _, sims in runs:
+        check_all_done(records, sims)

@@ -20,11 +20,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shoal.cluster.instance import Instance
 from shoal.cluster.policies import (
+    MIGRATION_ROLES,
+    ROLES,
     Autoscaler,
     DispatchPolicy,
     DispatchRequest,
     MigrationPolicy,
     RunningRequest,
+    check_roles,
+    decode_room,
 )
 from shoal.engine.config import EngineConfig
 from shoal.engine.outputs import InstanceLoad, RequestOutput
@@ -34,7 +38,6 @@ from shoal.streams import QueueFull, RequestStream
 
 log = logging.getLogger(__name__)
 
-ROLES = ("both", "prefill", "decode")
 
 
 @dataclass
@@ -106,11 +109,7 @@ class ClusterEngine:
         control_interval_s: float = 0.25,
         max_migration_stages: int = 4,
     ) -> None:
-        roles = roles or ["both"] * num_instances
-        if len(roles) != num_instances or any(r not in ROLES for r in roles):
-            raise ValueError(f"roles must be {num_instances} of {ROLES}")
-        if "prefill" in roles and not any(r in ("decode", "both") for r in roles):
-            raise ValueError("prefill instances need at least one decode (or both) instance")
+        roles = check_roles(roles, num_instances)
         self.config = config
         self.dispatch = dispatch
         self.migration = migration
@@ -363,7 +362,7 @@ class ClusterEngine:
             if not decoders:
                 await src.handle.restore.remote(tracked.req_id)
                 return
-            dst = max(decoders, key=lambda m: m.load.num_free_blocks - m.load.waiting_prompt_tokens / m.load.block_size)
+            dst = max(decoders, key=lambda m: decode_room(m.load))
             t = time.perf_counter()
             try:
                 await dst.handle.import_.remote(state)
@@ -426,13 +425,14 @@ class ClusterEngine:
                 self.metrics.instance_running.labels(instance=str(m.id)).set(m.load.num_running)
                 self.metrics.instance_waiting.labels(instance=str(m.id)).set(m.load.num_waiting)
                 self.metrics.instance_kv.labels(instance=str(m.id)).set(m.load.kv_usage)
-        if self.migration is not None and len(members) > 1:
-            running = await asyncio.gather(*(m.handle.running.remote() for m in members))
+        decoders = [m for m in members if m.role in MIGRATION_ROLES]  # prefill instances hand off instead
+        if self.migration is not None and len(decoders) > 1:
+            running = await asyncio.gather(*(m.handle.running.remote() for m in decoders))
             mine = [[RunningRequest(*r) for r in rs if r[0] in self.requests and not self.requests[r[0]].migrating]
                     for rs in running]
-            draining = frozenset(i for i, m in enumerate(members) if m.draining)
-            for mig in self.migration.plan([m.load for m in members], mine, draining):
-                self._tasks.append(asyncio.create_task(self.migrate(mig.req_id, members[mig.dst].id, mig.reason)))
+            draining = frozenset(i for i, m in enumerate(decoders) if m.draining)
+            for mig in self.migration.plan([m.load for m in decoders], mine, draining):
+                self._tasks.append(asyncio.create_task(self.migrate(mig.req_id, decoders[mig.dst].id, mig.reason)))
         if self.autoscaler is not None and ticks % 4 == 0:
             active = self.live()
             decision = self.autoscaler.decide([m.load for m in active])

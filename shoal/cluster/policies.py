@@ -172,7 +172,8 @@ class LlumnixMigration:
     instance with headroom by moving normal ones off it.
 
     Each decision moves the cheapest request (fewest tokens, lowest priority) from the least free
-    instance to the freest one that is not draining; at most ``max_per_round`` at a time."""
+    instance to the freest one that is not draining, if its KV fits there; at most
+    ``max_per_round`` at a time."""
 
     name = "llumnix"
 
@@ -195,10 +196,13 @@ class LlumnixMigration:
             cands = [r for r in running[i] if r.req_id not in moved and not (keep_high and r.priority < 0)]
             return min(cands, key=lambda r: (-r.priority, r.num_tokens)) if cands else None
 
+        def fits(req: RunningRequest, dst: int) -> bool:  # its KV plus a block to grow into
+            return loads[dst].num_free_blocks * loads[dst].block_size >= req.num_tokens + loads[dst].block_size
+
         def add(src: int, reason: str, keep_high: bool = False) -> None:
             dst = freest(src)
             req = cheapest(src, keep_high)
-            if dst is not None and req is not None and len(out) < self.max_per_round:
+            if dst is not None and req is not None and fits(req, dst) and len(out) < self.max_per_round:
                 out.append(Migration(req.req_id, src, dst, reason))
                 moved.add(req.req_id)
 
@@ -221,6 +225,38 @@ class LlumnixMigration:
                     and freeness(loads[hi]) - freeness(loads[lo]) > self.gap):
                 add(lo, "rebalance", keep_high=True)
         return out
+
+
+def make_migration_policy(name: str) -> MigrationPolicy | None:
+    """``none`` or ``llumnix``."""
+    if name == "none":
+        return None
+    if name == "llumnix":
+        return LlumnixMigration()
+    raise ValueError(f"unknown migration policy {name!r}; choose one of none, llumnix")
+
+
+# ---- prefill/decode disaggregation ---------------------------------------------------------------
+
+ROLES = ("both", "prefill", "decode")
+MIGRATION_ROLES = ("both", "decode")  # live migration moves requests among these only
+
+
+def check_roles(roles: Sequence[str] | None, n: int) -> list[str]:
+    """Instance roles: ``n`` of :data:`ROLES` (default all ``both``); prefill instances need a
+    decode (or both) instance to hand their requests to."""
+    roles = list(roles or ["both"] * n)
+    if len(roles) != n or any(r not in ROLES for r in roles):
+        raise ValueError(f"roles must be {n} of {ROLES}")
+    if "prefill" in roles and not any(r in ("decode", "both") for r in roles):
+        raise ValueError("prefill instances need at least one decode (or both) instance")
+    return roles
+
+
+def decode_room(load: InstanceLoad) -> float:
+    """Where a prefilled request goes: the decode instance with the most free blocks net of the
+    prompts it has queued."""
+    return load.num_free_blocks - load.waiting_prompt_tokens / load.block_size
 
 
 # ---- autoscaling ----------------------------------------------------------------------------------

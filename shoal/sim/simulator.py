@@ -2,31 +2,64 @@
 
 Each simulated instance is a real :class:`EngineCore` — the same scheduler, block manager,
 preemption policy and request bookkeeping as a real engine — whose executor predicts the step's
-duration with a cost model instead of running the model. Dispatch uses the cluster's policy
-objects. The result is the same JSON as ``shoal bench serve``.
+duration with a cost model instead of running the model. Dispatch and live migration use the
+cluster's policy objects, and instances take the cluster's roles (``both``, ``prefill``,
+``decode``). The result is the same JSON as ``shoal bench serve``.
 
 Simplification: an instance's step is applied when it starts (its outputs carry the step's end
-time), so a dispatch decision made during a step sees that step's effect on load a little early.
+time), so a decision made during a step sees that step's effect on load a little early.
+
+Moving a request between instances goes through the engines' own ``read_blocks`` / ``stage_kv`` /
+``export`` / ``import_`` / ``release`` / ``restore`` / ``unstage``, so KV blocks really leave one
+block manager and enter another. Each copy takes ``Link.seconds(bytes)`` (``transfer.py``:
+latency + bytes / bandwidth, no contention); the bytes come from the instance's model dimensions.
+
+- Live migration (as ``ClusterEngine.migrate``). Every ``control_interval_s`` of virtual time,
+  while any instance works, ``migration.plan`` sees every instance's load and running requests
+  (those being moved left out). The chosen request's full computed blocks are staged on the
+  destination in up to ``max_migration_stages`` rounds; a round's blocks are allocated there when
+  it starts, and it takes the link time while the request keeps decoding on the source. After the
+  last round (or one that finds no new full block) the source exports the request, which counts
+  from the end of the source's step in flight; copying the tail blocks is the downtime, when the
+  request produces nothing; then the destination imports it and the source frees its blocks. If
+  the destination has no room (staging or import), its staged blocks are dropped and the request
+  continues on the source (after the lost downtime, when the import failed).
+- P/D disaggregation (as ``ClusterEngine._pd_transfer``). New requests go to ``prefill`` and
+  ``both`` instances only. On a ``prefill`` instance a request is suspended after the step that
+  gives its first token; its whole KV is copied to the ``decode`` / ``both`` instance with the
+  most free blocks net of queued prompts, where it resumes after the link time; if it does not
+  fit there it continues on the prefill instance.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from shoal.bench.report import RequestRecord
 from shoal.bench.workloads import Workload
-from shoal.cluster.policies import DispatchPolicy, DispatchRequest
+from shoal.cluster.policies import (
+    MIGRATION_ROLES,
+    DispatchPolicy,
+    DispatchRequest,
+    MigrationPolicy,
+    RunningRequest,
+    check_roles,
+    decode_room,
+)
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.core import EngineCore
+from shoal.engine.outputs import RequestState
 from shoal.engine.sampler import SampleResult, SamplingState
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import SchedulerConfig, StepPlan
 from shoal.sim.cost_model import CostModel
 from shoal.sim.fast_forward import advance, steady_decode_steps, step_times
-
+from shoal.sim.transfer import Link, Transfer, kv_bytes
 
 class VirtualClock:
     """A clock that only moves when told to."""
@@ -40,12 +73,17 @@ class VirtualClock:
 
 class CostModelExecutor:
     """Executes a plan by advancing the virtual clock by the cost model's step time. Every sampled
-    token is ``token_id`` (the simulator runs with ``ignore_eos``, so values do not matter)."""
+    token is ``token_id`` (the simulator runs with ``ignore_eos``, so values do not matter). KV
+    reads return meta tensors (shape only, no memory) of ``kv_layout`` = (layers, kv heads, block
+    size, head dim), so migrated bytes are counted as for the real model."""
 
-    def __init__(self, cost_model: CostModel, clock: VirtualClock, token_id: int = 0) -> None:
+    def __init__(self, cost_model: CostModel, clock: VirtualClock, token_id: int = 0,
+                 kv_layout: tuple[int, int, int, int] = (30, 3, 16, 64), kv_dtype: torch.dtype = torch.bfloat16) -> None:
         self.cost_model = cost_model
         self.clock = clock
         self.token_id = token_id
+        self.kv_layout = kv_layout
+        self.kv_dtype = kv_dtype
         self.busy_s = 0.0
 
     def execute(self, plan: StepPlan, states: list[SamplingState]) -> SampleResult:
@@ -55,7 +93,8 @@ class CostModelExecutor:
         return SampleResult(token_ids=[self.token_id] * len(states), logprobs=[None] * len(states))
 
     def read_kv(self, block_ids: list[int], swapped: bool = False) -> torch.Tensor:
-        return torch.empty((2, 0, 0, len(block_ids), 0, 0), device="meta")  # shape only: no memory
+        layers, heads, block_size, dim = self.kv_layout
+        return torch.empty((2, layers, heads, len(block_ids), block_size, dim), dtype=self.kv_dtype, device="meta")
 
     def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
         if data.shape[3] != len(block_ids):
@@ -64,7 +103,8 @@ class CostModelExecutor:
 
 @dataclass
 class InstanceSpec:
-    """Shape of one simulated instance."""
+    """Shape of one simulated instance. The KV dimensions (default SmolLM2-135M) size the KV that
+    migrations and P/D handoffs copy."""
 
     cost_model: CostModel
     num_blocks: int = 4096
@@ -74,14 +114,24 @@ class InstanceSpec:
     max_num_batched_tokens: int = 512
     max_model_len: int = 8192
     vocab_size: int = 49152
+    num_layers: int = 30
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    kv_dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_dim * self.kv_dtype.itemsize
 
 
 class SimInstance:
-    """One engine on its own virtual clock."""
+    """One engine on its own virtual clock, with its role and what it did."""
 
-    def __init__(self, spec: InstanceSpec) -> None:
+    def __init__(self, spec: InstanceSpec, role: str = "both") -> None:
         self.clock = VirtualClock()
-        self.executor = CostModelExecutor(spec.cost_model, self.clock)
+        self.executor = CostModelExecutor(spec.cost_model, self.clock,
+                                          kv_layout=(spec.num_layers, spec.num_kv_heads, spec.block_size, spec.head_dim),
+                                          kv_dtype=spec.kv_dtype)
         self.engine = EngineCore(
             self.executor,
             BlockManager(spec.num_blocks, spec.block_size, spec.num_swap_blocks),
@@ -90,42 +140,122 @@ class SimInstance:
             vocab_size=spec.vocab_size,
             clock=self.clock,
         )
+        self.role = role
+        self.busy = False
+        self.busy_until = 0.0  # end of the last step started
+        self.hold: set[str] = set()  # P/D: suspend these after their first token
+        self.tokens = 0  # output tokens produced here
+        self.transfers: list[Transfer] = []  # requests sent away from here (migrations, P/D)
 
 
-def simulate(
-    workload: Workload,
-    instances: list[InstanceSpec],
-    dispatch: DispatchPolicy,
-    seed: int = 0,
-    fast_forward: bool = True,
-) -> tuple[list[RequestRecord], float, list[SimInstance]]:
-    """Run the workload to completion. Returns per-request records, the simulated duration and
-    the instances (for their statistics). ``fast_forward`` applies runs of forced decode steps at
-    once (same result, much faster)."""
-    sims = [SimInstance(spec) for spec in instances]
-    gen = torch.Generator().manual_seed(seed)
-    arrivals = workload.requests
-    records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len, start_s=r.arrival_s) for r in arrivals]
-    by_id: dict[str, RequestRecord] = {}
-    free_events: list[tuple[float, int, int]] = []  # (time, order, instance): an instance finished a step
-    order = 0
-    busy = [False] * len(sims)
-    vocab = instances[0].vocab_size
-    now = 0.0
-    ai = 0  # next arrival
+@dataclass
+class _Move:
+    """A request on its way between instances."""
 
-    def finish_at(i: int, end: float) -> None:
-        nonlocal order
-        busy[i] = True
-        order += 1
-        heapq.heappush(free_events, (end, order, i))
+    rec: Transfer
+    next_block: int = 0  # blocks staged on the destination so far
+    stages: int = 0
 
-    def start_step(i: int) -> None:
-        sim = sims[i]
+
+class _Cluster:
+    """The event loop. Events: arrivals (in workload order), control events (ticks, migration
+    stages, KV landing; a heap) and instances finishing a step (a heap); at equal times in that
+    order."""
+
+    def __init__(self, workload: Workload, specs: list[InstanceSpec], dispatch: DispatchPolicy, seed: int,
+                 fast_forward: bool, migration: MigrationPolicy | None, roles: list[str] | None, link: Link,
+                 control_interval_s: float, max_migration_stages: int) -> None:
+        self.sims = [SimInstance(s, r) for s, r in zip(specs, check_roles(roles, len(specs)))]
+        self.arrivals = workload.requests
+        self.records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len, start_s=r.arrival_s) for r in self.arrivals]
+        self.by_id: dict[str, RequestRecord] = {}
+        self.gen = torch.Generator().manual_seed(seed)
+        self.vocab = specs[0].vocab_size
+        self.dispatch, self.migration, self.link = dispatch, migration, link
+        self.fast_forward = fast_forward
+        self.interval = control_interval_s
+        self.max_stages = max_migration_stages
+        self.pd = any(s.role == "prefill" for s in self.sims)
+        self.ai = 0  # next arrival
+        self.order = 0  # tie-breaker within a heap
+        self.free: list[tuple[float, int, int]] = []  # (time, order, instance): a step ends
+        self.control: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
+        self.moving: dict[str, _Move] = {}
+        self.ticks = 0  # index of the last tick scheduled
+        self.tick_pending = False
+
+    def run(self) -> None:
+        while True:
+            nxt = []
+            if self.ai < len(self.arrivals):
+                nxt.append((self.arrivals[self.ai].arrival_s, 0))
+            if self.control:
+                nxt.append((self.control[0][0], 1))
+            if self.free:
+                nxt.append((self.free[0][0], 2))
+            if not nxt:
+                return
+            t, kind = min(nxt)
+            if kind == 0:
+                self._arrive(t)
+            elif kind == 1:
+                _, _, handler, arg = heapq.heappop(self.control)
+                handler(t, arg)
+            else:
+                _, _, i = heapq.heappop(self.free)
+                self.sims[i].busy = False
+                self._wake(i, t)
+
+    def _at(self, t: float, handler: Callable[[float, Any], None], arg: Any) -> None:
+        self.order += 1
+        heapq.heappush(self.control, (t, self.order, handler, arg))
+
+    # ---- requests and steps -------------------------------------------------------------------
+
+    def _arrive(self, now: float) -> None:
+        idx = self.ai
+        self.ai += 1
+        spec, rec = self.arrivals[idx], self.records[idx]
+        prompt = torch.randint(1, self.vocab, (spec.prompt_len,), generator=self.gen).tolist()
+        rid = f"r{idx}"
+        entry = [i for i, s in enumerate(self.sims) if s.role != "decode"]
+        target = entry[self.dispatch.choose([self.sims[i].engine.load() for i in entry], DispatchRequest(rid, prompt))]
+        self.by_id[rid] = rec
+        params = SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
+        try:
+            self.sims[target].engine.add(prompt, params, req_id=rid, arrival_time=now)
+        except ValueError as exc:
+            rec.error = str(exc)
+            return
+        if self.sims[target].role == "prefill":
+            self.sims[target].hold.add(rid)
+        self._wake(target, now)
+        self._maybe_tick(now)
+
+    def _wake(self, i: int, now: float) -> None:
+        if not self.sims[i].busy and self.sims[i].engine.has_unfinished():
+            self._step(i, now)
+
+    def _busy(self, i: int, end: float) -> None:
+        self.sims[i].busy, self.sims[i].busy_until = True, end
+        self.order += 1
+        heapq.heappush(self.free, (end, self.order, i))
+
+    def _horizon(self, i: int) -> float:
+        """Fast-forward no further than the next event that could change instance ``i``'s batch."""
+        h = self.arrivals[self.ai].arrival_s if self.ai < len(self.arrivals) else float("inf")
+        if self.control:
+            h = min(h, self.control[0][0])
+        if self.pd and self.sims[i].role != "prefill":  # a prefill step not yet started may hand over a request
+            h = min([h] + [s.busy_until + self.link.latency_s for s in self.sims if s.busy and s.role == "prefill"])
+        return h
+
+    def _step(self, i: int, now: float) -> None:
+        sim = self.sims[i]
         sim.clock.t = max(sim.clock.t, now)
-        horizon = arrivals[ai].arrival_s if ai < len(arrivals) else float("inf")
-        k = steady_decode_steps(sim.engine, 1 << 30) if fast_forward else 0
+        k = steady_decode_steps(sim.engine, 1 << 30) if self.fast_forward else 0
         if k > 1:
+            horizon = self._horizon(i)
             times, t = [], sim.clock.t
             for dt in step_times(sim.engine, sim.executor.cost_model, k):
                 if t >= horizon:
@@ -136,49 +266,149 @@ def simulate(
                 sim.executor.busy_s += t - sim.clock.t
                 sim.clock.t = t
                 for rid in advance(sim.engine, len(times), sim.executor.token_id, times):
-                    by_id[rid].token_times_s.extend(times)
-                finish_at(i, t)
+                    self.by_id[rid].token_times_s.extend(times)
+                    sim.tokens += len(times)
+                self._busy(i, t)
                 return
         outputs = sim.engine.step()
         end = sim.clock.t
         if sim.engine.last_plan is None or sim.engine.last_plan.empty:
             return  # nothing could run: wait for the next event instead of spinning
         for out in outputs:
-            rec = by_id[out.req_id]
+            rec = self.by_id[out.req_id]
             if out.new_token_ids:
+                sim.tokens += len(out.new_token_ids)
                 if rec.first_token_s is None:
                     rec.first_token_s = end
                 rec.token_times_s.append(end)
+                if out.req_id in sim.hold:
+                    sim.hold.discard(out.req_id)
+                    if not out.finished and out.req_id not in self.moving:  # a migration moves it anyway
+                        self._handoff(i, out.req_id, end)
             if out.finished:
                 rec.end_s = end
                 rec.output_tokens = out.num_output_tokens
                 if out.error:
                     rec.error = out.error
-        finish_at(i, end)
+        self._busy(i, end)
 
-    while ai < len(arrivals) or free_events:
-        if ai < len(arrivals) and (not free_events or arrivals[ai].arrival_s <= free_events[0][0]):
-            idx = ai
-            ai += 1
-            spec = arrivals[idx]
-            now = spec.arrival_s
-            prompt = torch.randint(1, vocab, (spec.prompt_len,), generator=gen).tolist()
-            loads = [s.engine.load() for s in sims]
-            rid = f"r{idx}"
-            target = dispatch.choose(loads, DispatchRequest(rid, prompt))
-            by_id[rid] = records[idx]
-            params = SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
-            try:
-                sims[target].engine.add(prompt, params, req_id=rid, arrival_time=now)
-            except ValueError as exc:
-                records[idx].error = str(exc)
-                continue
-            if not busy[target]:
-                start_step(target)
-        else:
-            now, _, i = heapq.heappop(free_events)
-            busy[i] = False
-            if sims[i].engine.has_unfinished():
-                start_step(i)
-    duration = max((r.end_s for r in records if r.end_s is not None), default=0.0)
-    return records, duration, sims
+    # ---- moving requests ----------------------------------------------------------------------
+
+    def _maybe_tick(self, now: float) -> None:
+        """Schedule the next control tick (a multiple of the interval) while anything works."""
+        if self.migration is None or len(self.sims) < 2 or self.tick_pending:
+            return
+        if not (self.moving or any(s.busy for s in self.sims)):
+            return  # idle: the next arrival starts the ticks again
+        n = max(self.ticks + 1, int(now // self.interval) + 1)
+        while n * self.interval <= now:
+            n += 1
+        self.ticks, self.tick_pending = n, True
+        self._at(n * self.interval, self._tick, None)
+
+    def _tick(self, now: float, _: Any) -> None:
+        self.tick_pending = False
+        assert self.migration is not None
+        ids = [i for i, s in enumerate(self.sims) if s.role in MIGRATION_ROLES]  # as the cluster
+        loads = [self.sims[i].engine.load() for i in ids]
+        running = [[RunningRequest(r.req_id, r.priority, r.num_tokens) for r in self.sims[i].engine.scheduler.running
+                    if r.req_id not in self.moving] for i in ids]
+        for m in self.migration.plan(loads, running, frozenset()) if len(ids) > 1 else []:
+            if m.req_id not in self.moving and m.src != m.dst:
+                mv = _Move(Transfer(m.req_id, "migration", m.reason, ids[m.src], ids[m.dst], now))
+                self.sims[mv.rec.src].transfers.append(mv.rec)
+                self.moving[m.req_id] = mv
+                self._stage(now, mv)
+        self._maybe_tick(now)
+
+    def _stage(self, now: float, mv: _Move) -> None:
+        """One staged round: copy the full blocks not yet copied, or go to stop-and-copy."""
+        rid, src, dst = mv.rec.req_id, self.sims[mv.rec.src].engine, self.sims[mv.rec.dst].engine
+        kv, end = src.read_blocks(rid, mv.next_block) if mv.stages < self.max_stages else (None, 0)
+        if kv is None:
+            self._stop(now, mv)
+            return
+        try:
+            dst.stage_kv(rid, kv, mv.next_block)
+        except ValueError:  # no room on the destination
+            dst.unstage(rid)
+            self._end(mv, now, "rolled_back")
+            return
+        mv.next_block, mv.stages = end, mv.stages + 1
+        mv.rec.staged_bytes += kv_bytes(kv)
+        self._at(now + self.link.seconds(kv_bytes(kv)), self._stage, mv)
+
+    def _stop(self, now: float, mv: _Move) -> None:
+        """Stop-and-copy: suspend the request on the source and send the tail of its KV."""
+        rid, src = mv.rec.req_id, self.sims[mv.rec.src]
+        dst = self.sims[mv.rec.dst].engine
+        if rid not in src.engine.requests:  # finished on the source meanwhile
+            dst.unstage(rid)
+            self._end(mv, now, "finished_first")
+            return
+        try:
+            state = src.engine.export(rid, mv.next_block, release=False)
+        except ValueError:  # lost its KV to a recompute preemption: move it without
+            dst.unstage(rid)
+            state = src.engine.export(rid, 0, release=False)
+        mv.rec.tail_bytes = kv_bytes(state.kv)
+        mv.rec.downtime_s = self.link.seconds(mv.rec.tail_bytes)
+        self._at(max(now, src.busy_until) + mv.rec.downtime_s, self._land, (mv, state))
+
+    def _handoff(self, i: int, rid: str, now: float) -> None:
+        """P/D: send a request that just got its first token on prefill instance ``i`` onward."""
+        state = self.sims[i].engine.export(rid, 0, release=False)
+        decoders = [j for j, s in enumerate(self.sims) if s.role != "prefill"]
+        dst = max(decoders, key=lambda j: decode_room(self.sims[j].engine.load()))
+        n = kv_bytes(state.kv)
+        mv = _Move(Transfer(rid, "pd", "pd", i, dst, now, tail_bytes=n, downtime_s=self.link.seconds(n)))
+        self.sims[i].transfers.append(mv.rec)
+        self.moving[rid] = mv
+        self._at(now + mv.rec.downtime_s, self._land, (mv, state))
+
+    def _land(self, now: float, arg: tuple[_Move, RequestState]) -> None:
+        """The KV has arrived: import on the destination and free the source, or roll back."""
+        mv, state = arg
+        rid, src, dst = mv.rec.req_id, self.sims[mv.rec.src], self.sims[mv.rec.dst]
+        try:
+            dst.engine.import_(state)
+        except ValueError:  # no room: continue on the source
+            dst.engine.unstage(rid)
+            src.engine.restore(rid)
+            self._end(mv, now, "rolled_back")
+            return
+        src.engine.release(rid)
+        src.hold.discard(rid)
+        self._end(mv, now, "done")
+
+    def _end(self, mv: _Move, now: float, outcome: str) -> None:
+        """Record the outcome; both sides may run again (blocks were freed, or a request arrived)."""
+        mv.rec.end_s, mv.rec.outcome = now, outcome
+        del self.moving[mv.rec.req_id]
+        self._wake(mv.rec.src, now)
+        self._wake(mv.rec.dst, now)
+
+
+def simulate(
+    workload: Workload,
+    instances: list[InstanceSpec],
+    dispatch: DispatchPolicy,
+    seed: int = 0,
+    fast_forward: bool = True,
+    *,
+    migration: MigrationPolicy | None = None,
+    roles: list[str] | None = None,
+    link: Link | None = None,
+    control_interval_s: float = 0.25,
+    max_migration_stages: int = 4,
+) -> tuple[list[RequestRecord], float, list[SimInstance]]:
+    """Run the workload to completion. Returns per-request records, the simulated duration and
+    the instances (for their statistics: ``transfers``, ``tokens``, ``executor.busy_s``).
+    ``fast_forward`` applies runs of forced decode steps at once (same result, much faster).
+    ``migration``, ``roles``, ``control_interval_s`` and ``max_migration_stages`` are as in
+    ``ClusterEngine``; ``link`` times the KV copies (default :class:`Link`)."""
+    run = _Cluster(workload, instances, dispatch, seed, fast_forward, migration, roles, link or Link(),
+                   control_interval_s, max_migration_stages)
+    run.run()
+    duration = max((r.end_s for r in run.records if r.end_s is not None), default=0.0)
+    return run.records, duration, run.sims
