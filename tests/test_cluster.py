@@ -63,6 +63,12 @@ def test_migration_policy_decisions():
     assert plan[0].req_id == "a"  # the cheapest (fewest tokens)
     # ... but not onto an instance without room for its KV (it would only roll back)
     assert pol.plan([load(free=1, running=3), load(free=2, running=1)], [rr("a", "b", "c"), rr("d")]) == []
+    # two moves of one round must not count on the same free blocks of the destination
+    hot = load(free=0, running=2, swapped=1)
+    plan = pol.plan([hot, hot, load(free=9, running=1)], [rr("a", "b"), rr("c", "e"), rr("d")])  # room for one
+    assert [(m.req_id, m.dst) for m in plan] == [("a", 2)]
+    plan = pol.plan([hot, hot, load(free=40, running=1)], [rr("a", "b"), rr("c", "e"), rr("d")])
+    assert [(m.req_id, m.dst) for m in plan] == [("a", 2), ("c", 2)]
     # balanced: nothing to do
     assert pol.plan([load(free=60, running=2), load(free=60, running=2)], [rr("a", "b"), rr("c", "d")]) == []
     # a high-priority request is kept where it is; a normal one is moved off its instance

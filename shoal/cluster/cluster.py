@@ -313,7 +313,6 @@ class ClusterEngine:
                 log.info("staging %s on %d stopped, rolling back: %s", req_id, dst_id, exc)
                 await dst.handle.unstage.remote(req_id)
                 return False
-            t_stop = time.perf_counter()
             try:
                 state, pending = await src.handle.export.remote(req_id, next_block, False)
             except Exception:  # finished meanwhile, or lost its KV to a recompute preemption
@@ -323,6 +322,9 @@ class ClusterEngine:
                     return False
                 next_block = 0
                 state, pending = await src.handle.export.remote(req_id, 0, False)
+            # downtime: from the source letting go (its step in flight, which still served this
+            # request, is over) to the destination's commit
+            t_stop = time.perf_counter()
             for out in pending:
                 self._deliver(out, src)
             try:
@@ -332,8 +334,8 @@ class ClusterEngine:
                 await dst.handle.unstage.remote(req_id)
                 await src.handle.restore.remote(req_id)
                 return False
-            await src.handle.release.remote(req_id)
             downtime = time.perf_counter() - t_stop
+            await src.handle.release.remote(req_id)
             if state.kv is not None:
                 nbytes += state.kv.numel() * state.kv.element_size()
             tracked.member = dst_id

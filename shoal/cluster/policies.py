@@ -7,7 +7,7 @@ simulator (the same objects, not copies). None reads a clock.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 from shoal.engine.outputs import InstanceLoad
@@ -182,6 +182,7 @@ class LlumnixMigration:
         self.max_per_round = max_per_round
 
     def plan(self, loads, running, draining=frozenset()):
+        loads = list(loads)
         targets = [i for i in range(len(loads)) if i not in draining]
         if not targets:
             return []
@@ -205,6 +206,12 @@ class LlumnixMigration:
             if dst is not None and req is not None and fits(req, dst) and len(out) < self.max_per_round:
                 out.append(Migration(req.req_id, src, dst, reason))
                 moved.add(req.req_id)
+                # the next decision of this round sees the move: two must not count on the same blocks
+                blocks = -(-req.num_tokens // loads[dst].block_size)
+                loads[dst] = replace(loads[dst], num_free_blocks=loads[dst].num_free_blocks - blocks,
+                                     num_running=loads[dst].num_running + 1)
+                loads[src] = replace(loads[src], num_free_blocks=loads[src].num_free_blocks + blocks,
+                                     num_running=loads[src].num_running - 1)
 
         for i in sorted(draining):
             for _ in running[i]:

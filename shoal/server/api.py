@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -47,7 +48,17 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
     """Build the app. ``engine`` must already be running; the app shuts it down on exit."""
-    app = FastAPI(title="Shoal", version=shoal.__version__)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if hasattr(engine, "start"):  # the cluster starts its instances inside the event loop
+            await engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="Shoal", version=shoal.__version__, lifespan=lifespan)
     metrics = ServerMetrics(model_name)
     tokenizer = engine.tokenizer
     last_token: dict[str, float] = {}
@@ -81,15 +92,6 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         # A plain ASGI middleware: @app.middleware("http") (BaseHTTPMiddleware) would hide client
         # disconnects from request.is_disconnected(), so aborted non-streaming requests kept running.
         app.add_middleware(_BearerAuth, api_key=api_key)
-
-    @app.on_event("startup")
-    async def _startup() -> None:
-        if hasattr(engine, "start"):  # the cluster starts its instances inside the event loop
-            await engine.start()
-
-    @app.on_event("shutdown")
-    def _shutdown() -> None:
-        engine.shutdown()
 
     # ---- plain endpoints -------------------------------------------------------------------------
 

@@ -352,7 +352,7 @@ class _Cluster:
             dst.unstage(rid)
             state = src.engine.export(rid, 0, release=False)
         mv.rec.tail_bytes = kv_bytes(state.kv)
-        mv.rec.downtime_s = self.link.seconds(mv.rec.tail_bytes)
+        mv.rec.downtime_s = self.link.seconds(mv.rec.tail_bytes)  # + the destination's step in flight, on landing
         self._at(max(now, src.busy_until) + mv.rec.downtime_s, self._land, (mv, state))
 
     def _handoff(self, i: int, rid: str, now: float) -> None:
@@ -379,6 +379,7 @@ class _Cluster:
             return
         src.engine.release(rid)
         src.hold.discard(rid)
+        mv.rec.downtime_s += max(0.0, dst.busy_until - now) if dst.busy else 0.0  # it joins dst's next step
         self._end(mv, now, "done")
 
     def _end(self, mv: _Move, now: float, outcome: str) -> None:

@@ -44,7 +44,7 @@ class Transfer:
     end_s: float | None = None  # committed or rolled back
     staged_bytes: int = 0  # copied while the request kept decoding on the source
     tail_bytes: int = 0  # copied while it was stopped
-    downtime_s: float = 0.0  # link time of the stopped copy: the request produced no token
+    downtime_s: float = 0.0  # stopped: link time of the tail, then the destination's step in flight
     outcome: str = "in_flight"  # done | rolled_back | finished_first
 
 
