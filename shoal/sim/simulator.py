@@ -379,7 +379,7 @@ class _Cluster:
             return
         src.engine.release(rid)
         src.hold.discard(rid)
-        mv.rec.downtime_s += max(0.0, dst.busy_until - now) if dst.busy else 0.0  # it joins dst's next step
+        mv.rec.downtime_s += max(0.0, dst.busy_until - now)  # it joins dst's next step
         self._end(mv, now, "done")
 
     def _end(self, mv: _Move, now: float, outcome: str) -> None:
