@@ -294,3 +294,34 @@ def test_autoscaler_adds_and_drains_instances(ray_runtime, cluster_config):
             down.shutdown()
 
     run(scenario())
+
+
+def test_instance_runs_calls_between_steps(cluster_config):
+    """A call sent to a busy instance waits for the step in flight only, then runs before the next
+    one; a bad request raises to its caller and the instance keeps serving."""
+    from shoal.cluster.instance import Instance
+
+    inst = Instance(cluster_config, "solo")
+    steps = [0]
+    step = inst.engine.step
+
+    def counted_step():
+        steps[0] += 1
+        return step()
+
+    inst.engine.step = counted_step
+    inst.inject_delay(0.002)
+    try:
+        inst.add(PROMPT, LONG, "long")
+        for _ in range(20):
+            before = steps[0]
+            assert [r[0] for r in inst.running()] == ["long"]
+            assert steps[0] - before <= 1
+        with pytest.raises(ValueError):
+            inst.add([], LONG, "empty")
+        assert inst.check()["requests"] == 1
+        assert inst.abort("long") and inst.check() == {"used": 0, "requests": 0}
+    finally:
+        inst.shutdown()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        inst.running()

@@ -1,13 +1,17 @@
 """One engine instance in its own process, as a Ray actor.
 
-A thread steps the engine whenever it has work; every other method takes the same lock, so the
-engine core stays single-threaded. The gateway long-polls outputs with :meth:`Instance.poll`.
+Only the instance's own thread touches the engine: it runs the calls it was sent (in arrival
+order) between two steps, then steps. A call therefore waits at most for the step in flight, and
+the engine core stays single-threaded. The gateway long-polls outputs and the load snapshot taken
+after each step with :meth:`Instance.poll`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
+from typing import Any, Callable
 
 import torch
 
@@ -18,15 +22,17 @@ from shoal.engine.sampling_params import SamplingParams
 
 
 class Instance:
-    """An :class:`Engine` behind a lock, stepped by its own thread."""
+    """An :class:`Engine` owned by its own stepping thread; methods are queued to it."""
 
     def __init__(self, config: EngineConfig, name: str, num_threads: int | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.name = name
         self.engine = Engine(config)
-        self._cv = threading.Condition()
+        self._cv = threading.Condition()  # guards _calls, _outputs, _load, _stop
+        self._calls: list[tuple[Callable[[], Any], Future]] = []
         self._outputs: list[RequestOutput] = []
+        self._load = self.engine.load()
         self._stop = False
         self._faults: set[str] = set()
         self._step_delay_s = 0.0
@@ -38,22 +44,42 @@ class Instance:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                while not (self._stop or self._calls or self.engine.has_unfinished()):
+                    self._cv.wait()
                 if self._stop:
+                    for _, fut in self._calls:
+                        fut.set_exception(RuntimeError(f"{self.name} is shutting down"))
                     return
-                if not self.engine.has_unfinished():
-                    self._cv.wait(0.05)
-                    continue
-                outs = self.engine.step()
-                for out in outs:
-                    if out.req_id in self._hold and out.new_token_ids:
-                        self._hold.discard(out.req_id)
-                        if not out.finished:  # prefill done: park it (KV kept) for the decode instance
-                            self._handoffs[out.req_id] = self.engine.export(out.req_id, 0, release=False)
-                if outs:
-                    self._outputs.extend(outs)
-                    self._cv.notify_all()
-            if self._step_delay_s:
+                calls, self._calls = self._calls, []
+            for fn, fut in calls:
+                try:
+                    fut.set_result(fn())
+                except Exception as exc:
+                    fut.set_exception(exc)
+            stepped = self.engine.has_unfinished()
+            outs = self.engine.step() if stepped else []
+            for out in outs:
+                if out.req_id in self._hold and out.new_token_ids:
+                    self._hold.discard(out.req_id)
+                    if not out.finished:  # prefill done: park it (KV kept) for the decode instance
+                        self._handoffs[out.req_id] = self.engine.export(out.req_id, 0, release=False)
+            load = self.engine.load()
+            with self._cv:
+                self._outputs.extend(outs)
+                self._load = load
+                self._cv.notify_all()
+            if stepped and self._step_delay_s:
                 time.sleep(self._step_delay_s)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the stepping thread before its next step; return its result or raise."""
+        fut: Future = Future()
+        with self._cv:
+            if self._stop:
+                raise RuntimeError(f"{self.name} is shutting down")
+            self._calls.append((fn, fut))
+            self._cv.notify_all()
+        return fut.result()
 
     def info(self) -> dict:
         e = self.engine
@@ -65,80 +91,80 @@ class Instance:
             hold_after_prefill: bool = False) -> None:
         """Queue a request. With ``hold_after_prefill`` (a prefill instance) the request is parked
         after its first token until :meth:`take_handoff` moves it to a decode instance."""
-        with self._cv:
+
+        def add() -> None:
             self.engine.add(prompt_token_ids, params, req_id=req_id, priority=priority)
             if hold_after_prefill:
                 self._hold.add(req_id)
-            self._cv.notify_all()
+
+        self._call(add)
 
     def take_handoff(self, req_id: str) -> RequestState:
         """The parked state of a prefilled request (its KV stays here until release / restore)."""
-        with self._cv:
-            return self._handoffs.pop(req_id)
+        return self._call(lambda: self._handoffs.pop(req_id))
 
     def abort(self, req_id: str) -> bool:
-        with self._cv:
+        def abort() -> bool:
             self._hold.discard(req_id)
             if self._handoffs.pop(req_id, None) is not None:
                 self.engine.release(req_id)
                 return True
             return self.engine.abort(req_id)
 
+        return self._call(abort)
+
     def poll(self, timeout: float = 0.05) -> tuple[list[RequestOutput], InstanceLoad]:
-        """Outputs produced since the last poll (waiting up to ``timeout`` for some) and the load."""
+        """Outputs produced since the last poll (waiting up to ``timeout`` for some) and the load
+        after the latest step."""
         with self._cv:
             if not self._outputs:
                 self._cv.wait(timeout)
             outs, self._outputs = self._outputs, []
-            return outs, self.engine.load()
+            return outs, self._load
 
     def load(self) -> InstanceLoad:
+        """The load after the latest step."""
         with self._cv:
-            return self.engine.load()
+            return self._load
 
     def running(self) -> list[tuple[str, int, int]]:
         """(request id, priority, tokens) of the running requests, for migration policies."""
-        with self._cv:
-            return [(r.req_id, r.priority, r.num_tokens) for r in self.engine.scheduler.running]
+        return self._call(lambda: [(r.req_id, r.priority, r.num_tokens) for r in self.engine.scheduler.running])
 
-    # ---- migration (see shoal.cluster.migration) ----------------------------------------------
+    # ---- migration (see ClusterEngine.migrate) ------------------------------------------------
 
     def read_blocks(self, req_id: str, start_block: int):
-        with self._cv:
-            return self.engine.read_blocks(req_id, start_block)
+        return self._call(lambda: self.engine.read_blocks(req_id, start_block))
 
     def export(self, req_id: str, from_block: int, release: bool) -> tuple[RequestState, list[RequestOutput]]:
         """Suspend or remove a request; also hand over its outputs not yet polled, so the client
         sees them before anything the destination produces."""
-        with self._cv:
+
+        def export() -> tuple[RequestState, list[RequestOutput]]:
             state = self.engine.export(req_id, from_block, release)
-            mine = [o for o in self._outputs if o.req_id == req_id]
-            self._outputs = [o for o in self._outputs if o.req_id != req_id]
+            with self._cv:
+                mine = [o for o in self._outputs if o.req_id == req_id]
+                self._outputs = [o for o in self._outputs if o.req_id != req_id]
             return state, mine
 
+        return self._call(export)
+
     def release(self, req_id: str) -> None:
-        with self._cv:
-            self.engine.release(req_id)
+        self._call(lambda: self.engine.release(req_id))
 
     def restore(self, req_id: str) -> None:
-        with self._cv:
-            self.engine.restore(req_id)
-            self._cv.notify_all()
+        self._call(lambda: self.engine.restore(req_id))
 
     def stage_kv(self, req_id: str, kv: torch.Tensor, start_block: int) -> None:
-        with self._cv:
-            self.engine.stage_kv(req_id, kv, start_block)
+        self._call(lambda: self.engine.stage_kv(req_id, kv, start_block))
         self._maybe_fail("stage_kv")  # after the write: the caller cannot know what landed
 
     def unstage(self, req_id: str) -> None:
-        with self._cv:
-            self.engine.unstage(req_id)
+        self._call(lambda: self.engine.unstage(req_id))
 
     def import_(self, state: RequestState) -> None:
         self._maybe_fail("import_")
-        with self._cv:
-            self.engine.import_(state)
-            self._cv.notify_all()
+        self._call(lambda: self.engine.import_(state))
 
     def inject_delay(self, seconds: float) -> None:
         """Sleep this long after every step: a slow instance (tests)."""
@@ -155,9 +181,12 @@ class Instance:
 
     def check(self) -> dict:
         """Block-manager invariants and usage (tests)."""
-        with self._cv:
+
+        def check() -> dict:
             self.engine.block_manager.check()
             return {"used": self.engine.block_manager.num_used, "requests": len(self.engine.requests)}
+
+        return self._call(check)
 
     def shutdown(self) -> None:
         with self._cv:
