@@ -249,9 +249,11 @@ def test_export_import_mid_decode_continues_identically(engine, hf, prompts, ref
 
 
 def test_bf16_greedy_answers_paris(bf16_engine, tok):
+    # "Answer in one word": without it the first token is a near tie in fp32 ("The" vs "L", 0.08
+    # apart), below bf16's logit resolution, and the greedy answer depends on the kernels' rounding
     assert bf16_engine.dtype == torch.bfloat16
     rid = bf16_engine.add(
-        chat_ids(tok, [{"role": "user", "content": "What is the capital of France?"}]),
+        chat_ids(tok, [{"role": "user", "content": "What is the capital of France? Answer in one word."}]),
         SamplingParams(temperature=0.0, max_tokens=24),
     )
     outs = run_all(bf16_engine)[rid]

@@ -57,7 +57,18 @@ class PackedLinear(nn.Module):
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+    """Whether oneDNN can pack linears in ``dtype`` here (bf16 needs a CPU with native bf16)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_bf16())
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN computes bf16 on this CPU (AVX512-BF16 / AMX / AVX-NE-CONVERT)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def pack_linears(module: nn.Module, dtype: torch.dtype, allow_int4: bool) -> int:
