@@ -86,6 +86,14 @@ def test_autoscaler_hysteresis_and_bounds():
     assert all(a.decide(cold) == 0 for _ in range(5))  # at min
 
 
+def test_can_remove_keeps_a_serving_cluster():
+    assert policies.can_remove(["both"])
+    assert policies.can_remove(["prefill", "decode"])
+    assert not policies.can_remove([])
+    assert not policies.can_remove(["decode", "decode"])  # nothing takes new requests
+    assert not policies.can_remove(["prefill"])  # nothing decodes
+
+
 # ---- on Ray ------------------------------------------------------------------------------------------
 
 
@@ -228,6 +236,32 @@ def test_drain_loses_nothing(ray_runtime, cluster_config):
             await c.drain(victim)
             assert victim not in c.members
             assert all(r == ref for r in await asyncio.gather(*tasks))
+            await check_clean(c)
+        finally:
+            c.shutdown()
+
+    run(scenario())
+
+
+def test_drain_of_a_prefill_instance_hands_off_instead_of_migrating(ray_runtime, cluster_config):
+    async def scenario():
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        ref = await reference_tokens(cluster_config, params=params)
+        c = await make_cluster(cluster_config, 2, roles=["prefill", "both"])
+        prefill = next(m.id for m in c.members.values() if m.role == "prefill")
+        await c.members[prefill].handle.inject_delay.remote(0.05)
+        try:
+            streams = [await c.submit(PROMPT, params, f"pf{i}") for i in range(3)]
+            tasks = [asyncio.create_task(collect(s)) for s in streams]
+            on_prefill = sum(c.requests[f"pf{i}"].member == prefill for i in range(3))
+            assert on_prefill >= 1
+            # a manual migration off a prefill instance is refused: it hands off after its first token
+            assert not await c.migrate("pf0", next(i for i in c.members if i != prefill))
+            await c.drain(prefill)  # while the requests are still queued / prefilling there
+            assert prefill not in c.members
+            assert all(r == ref for r in await asyncio.gather(*tasks))
+            assert c.stats.migrations == {"done": on_prefill}  # P/D hand-offs, nothing rolled back
+            assert len(await collect(await c.submit(PROMPT, params, "after"))) == 40  # the both instance serves
             await check_clean(c)
         finally:
             c.shutdown()

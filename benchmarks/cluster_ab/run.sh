@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Reproduce one A/B run on the 2-instance Ray cluster.
-#   usage: benchmarks/cluster_ab/run.sh rr|ll RUN_NAME
+#   usage: benchmarks/cluster_ab/run.sh rr|ll|co|pd RUN_NAME
 #   rr = --dispatch round_robin --migration none
 #   ll = --dispatch least_load  --migration llumnix
+#   co = --dispatch least_load  --migration none   (co-located, the P/D baseline)
+#   pd = --dispatch least_load  --migration none --roles prefill,decode
 # Run from the repo root. Starts the server, waits for /health, replays the Azure slice,
 # scrapes /metrics, stops the server and Ray.
 set -u
-CFG=${1:?rr|ll}; NAME=${2:?run name}
+CFG=${1:?rr|ll|co|pd}; NAME=${2:?run name}
 TRACE=/work/shared/data/traces/azure_conv_2023.csv
 PORT=${PORT:-8000}
 KV_GB=${KV_GB:-0.08}          # 0.08 GiB = 233 blocks of 16 tokens (360 KiB each) per instance
@@ -16,6 +18,8 @@ SLO_TTFT=${SLO_TTFT:-5000}; SLO_TPOT=${SLO_TPOT:-250}
 case $CFG in
   rr) POL="--dispatch round_robin --migration none" ;;
   ll) POL="--dispatch least_load --migration llumnix" ;;
+  co) POL="--dispatch least_load --migration none" ;;
+  pd) POL="--dispatch least_load --migration none --roles prefill,decode" ;;
   *) echo "bad config $CFG"; exit 2 ;;
 esac
 OUT=benchmarks/cluster_ab/$NAME

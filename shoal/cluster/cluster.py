@@ -27,6 +27,7 @@ from shoal.cluster.policies import (
     DispatchRequest,
     MigrationPolicy,
     RunningRequest,
+    can_remove,
     check_roles,
     decode_room,
 )
@@ -296,6 +297,8 @@ class ClusterEngine:
         if tracked is None or dst is None or tracked.migrating or tracked.member == dst_id:
             return False
         src = self.members[tracked.member]
+        if src.role == "prefill" or dst.role == "prefill":  # prefill instances hand off by P/D instead
+            return False
         tracked.migrating = True
         outcome = "rolled_back"
         nbytes = 0
@@ -389,11 +392,12 @@ class ClusterEngine:
                 self.metrics.migrations.labels(reason="pd", outcome=outcome).inc()
 
     async def drain(self, member_id: int) -> None:
-        """Stop sending work to an instance, migrate its requests away, then remove it."""
+        """Stop sending work to an instance, migrate its requests away, then remove it. A prefill
+        instance is not migrated from: its requests finish prefilling and hand off as usual."""
         member = self.members[member_id]
         member.draining = True
         while any(t.member == member_id for t in self.requests.values()):
-            targets = self.live(("decode", "both"))
+            targets = self.live(("decode", "both")) if member.role != "prefill" else []
             for t in [t for t in self.requests.values() if t.member == member_id and not t.migrating]:
                 if targets:
                     dst = max(targets, key=lambda m: m.load.num_free_blocks)
@@ -443,6 +447,8 @@ class ClusterEngine:
                 if self.metrics:
                     self.metrics.scale_events.labels(direction="up").inc()
             elif decision < 0 and len(active) > 1:
-                victim = min(active, key=lambda m: m.load.num_running + m.load.num_waiting)
-                self._tasks.append(asyncio.create_task(self.drain(victim.id)))
+                removable = [m for m in active if can_remove([a.role for a in active if a is not m])]
+                if removable:
+                    victim = min(removable, key=lambda m: m.load.num_running + m.load.num_waiting)
+                    self._tasks.append(asyncio.create_task(self.drain(victim.id)))
         self._tasks = [t for t in self._tasks if not t.done()]

@@ -260,6 +260,16 @@ def check_roles(roles: Sequence[str] | None, n: int) -> list[str]:
     return roles
 
 
+def can_remove(remaining_roles: Sequence[str]) -> bool:
+    """Whether instances with these roles, left after a removal, still serve every request: one
+    takes new requests (prefill / both) and, if any prefill, one decodes (decode / both)."""
+    try:
+        check_roles(remaining_roles, len(remaining_roles))
+    except ValueError:
+        return False
+    return any(r in ("prefill", "both") for r in remaining_roles)
+
+
 def decode_room(load: InstanceLoad) -> float:
     """Where a prefilled request goes: the decode instance with the most free blocks net of the
     prompts it has queued."""
