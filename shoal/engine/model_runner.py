@@ -87,8 +87,12 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         cfg = model.config
+        # The buffer repeats the decodes' KV, padded. Host memory is plentiful beside the CPU's KV pool,
+        # so there it may grow as large as the pool (a quarter made fp32 decodes of 32 requests past
+        # ~150 tokens fall back to gathering every step); on an accelerator it takes a quarter.
+        pool_bytes = kv.data.numel() * kv.data.element_size()
         self.decode_kv = DecodeKVBuffer(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, kv.data.dtype,
-                                        device, max_bytes=kv.data.numel() * kv.data.element_size() // 4)
+                                        device, max_bytes=pool_bytes if device.type == "cpu" else pool_bytes // 4)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:

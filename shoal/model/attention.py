@@ -83,7 +83,6 @@ def paged_attention(
     """q: [T, H, D]; k, v: [T, Hkv, D] (this step's, written to the cache here). Returns [T, H, D]."""
     cache = kv.cache
     write_kv(cache, k, v, meta.slot_mapping)
-    out = torch.empty_like(q)
     nd = meta.num_decodes
     hkv = k.shape[1]
     if nd:
@@ -91,7 +90,12 @@ def paged_attention(
             ctx = _gather(cache, meta.decode_gather_index, nd)
         else:
             ctx = _decode_context(kv.decode, cache, k[:nd], v[:nd], meta)
-        out[:nd] = _decode_attention(q[:nd], ctx, meta.decode_mask, scale)
+        decoded = _decode_attention(q[:nd], ctx, meta.decode_mask, scale)
+        if not meta.prefills:
+            return decoded
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = decoded
     for p in meta.prefills:
         rows = slice(p.q_start, p.q_start + p.q_len)
         if p.mask is None:

@@ -60,7 +60,7 @@ class DecoderLayer(nn.Module):
         x = x + self.o_proj(attn.view(t, nh * d))
         h = F.rms_norm(x, x.shape[-1:], self.post_attention_layernorm, self.eps)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        return x + self.down_proj(F.silu(gate).mul_(up))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
