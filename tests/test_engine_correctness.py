@@ -231,3 +231,17 @@ def test_decode_kv_buffer_matches_reference_as_the_batch_changes(make_tiny_engin
             assert_matches_reference(tiny_hf, p, outs[rid])
         results[use_buffer] = [tokens_of(outs[r]) for r in ids]
     assert results[True] == results[False]
+
+
+def test_decode_kv_buffer_holds_a_batch_that_fills_the_cpu_pool(make_tiny_engine):
+    """On CPU the carried decode K/V may be as large as the KV pool: a batch of decodes holding
+    most of the pool still runs from the buffer instead of gathering every step."""
+    engine = make_tiny_engine(num_blocks=64)  # 256 token slots
+    kinds = []
+    orig_plan = engine.runner.decode_kv.plan
+    engine.runner.decode_kv.plan = lambda *a: kinds.append(p := orig_plan(*a)) or p
+    for p in prompts(4, lo=40, hi=41, seed=3):  # 4 x 50 tokens: padded, ~240 slots of the 256
+        engine.add(p, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    run_all(engine)
+    assert kinds and all(k is not None for k in kinds)
+    engine.block_manager.check()
