@@ -1,12 +1,13 @@
 """Where an engine step's time goes: pure-decode step times at batch 1 / 8 / 32, and the torch
-profiler's top operators at one batch size.
+profiler's top operators over pure decode steps (prefill excluded) at one batch size.
 
-    python benchmarks/profile_decode.py [--batch 32] [--dtype auto]
+    python benchmarks/profile_decode.py [--batch 32] [--prompt-len 110] [--dtype auto]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -16,18 +17,21 @@ from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
 
 
-def decode_steps(engine: Engine, batch: int, prompt_len: int = 110, steps: int = 64) -> float:
-    """Median seconds of a pure decode step with ``batch`` running requests."""
+def decode_steps(engine: Engine, batch: int, prompt_len: int = 110, steps: int = 64,
+                 during_decode: contextlib.AbstractContextManager | None = None) -> float:
+    """Median seconds of a pure decode step with ``batch`` running requests; ``during_decode``
+    (e.g. a profiler) is entered once the prompts are prefilled."""
     params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
     for i in range(batch):
         engine.add([1000 + i] + list(range(100, 99 + prompt_len)), params)
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
         engine.step()
     times = []
-    while engine.has_unfinished():
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
+    with during_decode or contextlib.nullcontext():
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
     times.sort()
     return times[len(times) // 2]
 
@@ -35,15 +39,18 @@ def decode_steps(engine: Engine, batch: int, prompt_len: int = 110, steps: int =
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32, help="batch size for the operator profile")
+    ap.add_argument("--prompt-len", type=int, default=110)
     ap.add_argument("--dtype", default="auto")
     args = ap.parse_args()
     engine = Engine(EngineConfig(dtype=args.dtype, max_num_seqs=64))
+    print(f"dtype {engine.dtype}, {torch.get_num_threads()} threads, prompts of {args.prompt_len} tokens")
     for b in (1, 8, 32):
-        dt = decode_steps(engine, b)
+        dt = decode_steps(engine, b, args.prompt_len)
         print(f"batch {b:3d}: {dt * 1e3:6.1f} ms/step  {b / dt:7.1f} tok/s")
-    with torch.profiler.profile() as prof:
-        decode_steps(engine, args.batch, steps=16)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    prof = torch.profiler.profile()
+    dt = decode_steps(engine, args.batch, args.prompt_len, steps=16, during_decode=prof)
+    print(f"profiled batch {args.batch}: {dt * 1e3:.1f} ms/step (median, with the profiler on)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 if __name__ == "__main__":

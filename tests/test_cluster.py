@@ -63,6 +63,10 @@ def test_migration_policy_decisions():
     assert plan[0].req_id == "a"  # the cheapest (fewest tokens)
     # ... but not onto an instance without room for its KV (it would only roll back)
     assert pol.plan([load(free=1, running=3), load(free=2, running=1)], [rr("a", "b", "c"), rr("d")]) == []
+    # ... nor onto one whose free blocks its own queue is about to take (the move would bounce)
+    queued = load(free=30, running=1, waiting=2, waiting_tokens=400)  # 25 blocks queued
+    assert pol.plan([load(free=1, running=3), queued], [rr("a", "b", "c"), rr("d")]) == []
+    assert pol.plan([load(free=1, running=3), load(free=30, running=1)], [rr("a", "b", "c"), rr("d")])
     # two moves of one round must not count on the same free blocks of the destination
     hot = load(free=0, running=2, swapped=1)
     plan = pol.plan([hot, hot, load(free=9, running=1)], [rr("a", "b"), rr("c", "e"), rr("d")])  # room for one
@@ -271,7 +275,11 @@ def test_drain_of_a_prefill_instance_hands_off_instead_of_migrating(ray_runtime,
 
 def test_instance_death_every_request_ends(ray_runtime, cluster_config):
     async def scenario():
+        from prometheus_client import CollectorRegistry
+
         c = await make_cluster(cluster_config, 2)
+        registry = CollectorRegistry()
+        c.register_metrics(registry)
         try:
             streams = [await c.submit(PROMPT, LONG, f"k{i}") for i in range(4)]
             tasks = [asyncio.create_task(s.__anext__()) for s in streams]  # first output of each
@@ -291,6 +299,8 @@ def test_instance_death_every_request_ends(ray_runtime, cluster_config):
             assert on_victim and all("died" in f.error for f in on_victim)
             assert len(await collect(late)) == 5
             assert c.live() and c.dead is None
+            gauge = lambda state: registry.get_sample_value("shoal:instances", {"state": state})  # noqa: E731
+            await wait_for(lambda: gauge("dead") == 1 and gauge("alive") == 1)
         finally:
             c.shutdown()
 

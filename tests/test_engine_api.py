@@ -717,12 +717,25 @@ def test_load_snapshots(make_tiny_engine):
             assert load.tokens_in_flight > 0 and load.num_used_blocks > 0
             assert load.num_used_blocks * 4 >= max(r.num_computed_tokens for r in running)
         waiting = [r for r in engine.requests.values() if r.status is Status.WAITING]
-        assert load.waiting_prompt_tokens == sum(r.num_tokens - r.num_computed_tokens for r in waiting)
+        prefilling = [r for r in running if r.num_computed_tokens < r.num_prompt_tokens]
+        assert load.waiting_prompt_tokens == (sum(r.num_tokens - r.num_computed_tokens for r in waiting)
+                                              + sum(r.num_prompt_tokens - r.num_computed_tokens for r in prefilling))
     assert seen_running
     assert all(len(finals(outs[r])) == 1 and len(tokens_of(outs[r])) == 16 for r in ids)
     load = engine.load()
     assert (load.num_running, load.num_waiting, load.num_swapped, load.num_used_blocks) == (0, 0, 0, 0)
     assert load.tokens_in_flight == 0 and load.num_free_blocks == 40 and load.waiting_prompt_tokens == 0
+
+
+def test_load_counts_the_rest_of_a_chunked_prefill_as_demand(make_tiny_engine):
+    """A running request mid-prefill still wants KV for its uncomputed prompt: dispatch must not
+    see its instance as free."""
+    engine = make_tiny_engine(num_blocks=40, max_num_batched_tokens=8)
+    engine.add(prompt(30, 7), greedy(4))
+    engine.step()
+    load = engine.load()
+    assert load.num_running == 1 and load.tokens_in_flight == 8
+    assert load.waiting_prompt_tokens == 22
 
 
 def test_load_counts_swapped_and_preemptions(make_tiny_engine):

@@ -426,7 +426,9 @@ class ClusterEngine:
     async def _control_once(self, ticks: int) -> None:
         members = self.live(include_draining=True)
         if self.metrics:
-            self.metrics.instances.labels(state="alive").set(len(members))
+            states = [("dead" if not m.alive else "draining" if m.draining else "alive") for m in self.members.values()]
+            for state in ("alive", "draining", "dead"):
+                self.metrics.instances.labels(state=state).set(states.count(state))
             for m in members:
                 self.metrics.instance_running.labels(instance=str(m.id)).set(m.load.num_running)
                 self.metrics.instance_waiting.labels(instance=str(m.id)).set(m.load.num_waiting)

@@ -197,8 +197,13 @@ class LlumnixMigration:
             cands = [r for r in running[i] if r.req_id not in moved and not (keep_high and r.priority < 0)]
             return min(cands, key=lambda r: (-r.priority, r.num_tokens)) if cands else None
 
-        def fits(req: RunningRequest, dst: int) -> bool:  # its KV plus a block to grow into
-            return loads[dst].num_free_blocks * loads[dst].block_size >= req.num_tokens + loads[dst].block_size
+        def fits(req: RunningRequest, dst: int) -> bool:
+            """Its KV and a block to grow into fit in what the destination has left once its own
+            queue and a growth block for each of its running requests are set aside (a move into
+            an instance that is itself about to preempt only bounces back)."""
+            d = loads[dst]
+            spare = d.num_free_blocks - -(-d.waiting_prompt_tokens // d.block_size) - d.num_running
+            return spare >= -(-req.num_tokens // d.block_size) + 1
 
         def add(src: int, reason: str, keep_high: bool = False) -> None:
             dst = freest(src)

@@ -46,7 +46,7 @@ class InstanceLoad:
     num_pinned_blocks: int
     block_size: int
     tokens_in_flight: int  # tokens held in KV by running requests
-    waiting_prompt_tokens: int  # demand of queued requests not yet in KV
+    waiting_prompt_tokens: int  # prompt tokens still to prefill: queued requests' and running ones' mid-prefill
     num_preemptions: int
     prefix_cache_queries: int = 0  # prompt tokens looked up so far
     prefix_cache_hits: int = 0  # of which found cached
