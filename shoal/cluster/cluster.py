@@ -297,7 +297,7 @@ class ClusterEngine:
         if tracked is None or dst is None or tracked.migrating or tracked.member == dst_id:
             return False
         src = self.members[tracked.member]
-        if src.role == "prefill" or dst.role == "prefill":  # prefill instances hand off by P/D instead
+        if src.role not in MIGRATION_ROLES or dst.role not in MIGRATION_ROLES:  # prefill ones hand off by P/D
             return False
         tracked.migrating = True
         outcome = "rolled_back"
@@ -397,7 +397,7 @@ class ClusterEngine:
         member = self.members[member_id]
         member.draining = True
         while any(t.member == member_id for t in self.requests.values()):
-            targets = self.live(("decode", "both")) if member.role != "prefill" else []
+            targets = self.live(MIGRATION_ROLES) if member.role in MIGRATION_ROLES else []
             for t in [t for t in self.requests.values() if t.member == member_id and not t.migrating]:
                 if targets:
                     dst = max(targets, key=lambda m: m.load.num_free_blocks)

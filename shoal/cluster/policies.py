@@ -31,11 +31,15 @@ class DispatchPolicy(Protocol):
         ...
 
 
+def queued_blocks(load: InstanceLoad) -> int:
+    """KV blocks the prompts still to prefill there will take."""
+    return -(-load.waiting_prompt_tokens // load.block_size)
+
+
 def freeness(load: InstanceLoad) -> float:
     """Llumnix's freeness: KV blocks left per request once queued demand is counted. Higher is
     freer; negative means the queue alone already wants more blocks than are free."""
-    queued = -(-load.waiting_prompt_tokens // load.block_size)
-    return (load.num_free_blocks + load.num_cached_blocks - queued) / (load.num_running + load.num_waiting + 1)
+    return (load.num_free_blocks + load.num_cached_blocks - queued_blocks(load)) / (load.num_running + load.num_waiting + 1)
 
 
 class RoundRobin:
@@ -202,7 +206,7 @@ class LlumnixMigration:
             queue and a growth block for each of its running requests are set aside (a move into
             an instance that is itself about to preempt only bounces back)."""
             d = loads[dst]
-            spare = d.num_free_blocks - -(-d.waiting_prompt_tokens // d.block_size) - d.num_running
+            spare = d.num_free_blocks - queued_blocks(d) - d.num_running
             return spare >= -(-req.num_tokens // d.block_size) + 1
 
         def add(src: int, reason: str, keep_high: bool = False) -> None:
@@ -268,11 +272,9 @@ def check_roles(roles: Sequence[str] | None, n: int) -> list[str]:
 def can_remove(remaining_roles: Sequence[str]) -> bool:
     """Whether instances with these roles, left after a removal, still serve every request: one
     takes new requests (prefill / both) and, if any prefill, one decodes (decode / both)."""
-    try:
-        check_roles(remaining_roles, len(remaining_roles))
-    except ValueError:
-        return False
-    return any(r in ("prefill", "both") for r in remaining_roles)
+    takes_new = any(r in ("prefill", "both") for r in remaining_roles)
+    decodes = any(r in MIGRATION_ROLES for r in remaining_roles)
+    return takes_new and (decodes or "prefill" not in remaining_roles)
 
 
 def decode_room(load: InstanceLoad) -> float:

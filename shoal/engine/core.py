@@ -256,7 +256,7 @@ class EngineCore:
             block_size=bm.block_size,
             tokens_in_flight=sum(r.num_computed_tokens for r in s.running),
             waiting_prompt_tokens=sum(r.num_tokens - r.num_computed_tokens for r in s.waiting)
-            + sum(r.num_prompt_tokens - r.num_computed_tokens for r in s.running if r.num_computed_tokens < r.num_prompt_tokens),
+            + sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in s.running),
             num_preemptions=s.num_preemptions,
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
