@@ -1,5 +1,6 @@
-"""Where an engine step's time goes: pure-decode step times at batch 1 / 8 / 32, and the torch
-profiler's top operators over pure decode steps (prefill excluded) at one batch size.
+"""Where an engine step's time goes: pure-decode step times at batch 1 / 8 / 32 beside the time of
+the model's linear layers alone at that batch (the floor no engine computing the same matmuls goes
+under), and the torch profiler's top operators over pure decode steps (prefill excluded).
 
     python benchmarks/profile_decode.py [--batch 32] [--prompt-len 110] [--dtype auto]
 """
@@ -15,6 +16,7 @@ import torch
 from shoal.engine.config import EngineConfig
 from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
+from shoal.model.linear import PackedLinear
 
 
 def decode_steps(engine: Engine, batch: int, prompt_len: int = 110, steps: int = 64,
@@ -36,6 +38,24 @@ def decode_steps(engine: Engine, batch: int, prompt_len: int = 110, steps: int =
     return times[len(times) // 2]
 
 
+def linears_only(model: torch.nn.Module, rows: int, head: bool = True, repeats: int = 7) -> float:
+    """Median seconds to run every linear layer of ``model`` once on ``rows`` rows, in model order
+    (the LM head only if ``head``: a prefill samples one row per prompt): a step's matmuls alone."""
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))
+               and (head or m is not model.lm_head)]
+    dtype = next(model.parameters()).dtype
+    inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=dtype) for m in linears}
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            for m in linears:
+                m(inputs[m.in_features])
+            times.append(time.perf_counter() - t)
+    times = sorted(times[1:])
+    return times[len(times) // 2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32, help="batch size for the operator profile")
@@ -46,7 +66,11 @@ def main() -> None:
     print(f"dtype {engine.dtype}, {torch.get_num_threads()} threads, prompts of {args.prompt_len} tokens")
     for b in (1, 8, 32):
         dt = decode_steps(engine, b, args.prompt_len)
-        print(f"batch {b:3d}: {dt * 1e3:6.1f} ms/step  {b / dt:7.1f} tok/s")
+        floor = linears_only(engine.model, b)
+        print(f"batch {b:3d}: {dt * 1e3:6.1f} ms/step  {b / dt:7.1f} tok/s   "
+              f"linears alone {floor * 1e3:6.1f} ms ({floor / dt:.0%} of the step)")
+    floor = linears_only(engine.model, 512, head=False)
+    print(f"prefill floor: decoder linears alone on 512 rows {floor * 1e3:.0f} ms, {512 / floor:.0f} tok/s")
     prof = torch.profiler.profile()
     dt = decode_steps(engine, args.batch, args.prompt_len, steps=16, during_decode=prof)
     print(f"profiled batch {args.batch}: {dt * 1e3:.1f} ms/step (median, with the profiler on)")

@@ -144,9 +144,9 @@ class ModelRunner:
                 )
         decode_gather = decode_mask = decode_plan = None
         if nd:
-            max_blocks = max(-(-c.context_len // bs) for c in decodes)
-            decode_plan = self.decode_kv.plan([c.req_id for c in decodes], [c.context_len for c in decodes],
-                                              max_blocks, self.kv.version)
+            lens = [c.context_len for c in decodes]
+            max_blocks = -(-max(lens) // bs)
+            decode_plan = self.decode_kv.plan([c.req_id for c in decodes], lens, max_blocks, self.kv.version)
             if decode_plan is None or decode_plan.rebuild:
                 width = self.decode_kv.capacity_blocks if decode_plan else max_blocks
                 padded: list[int] = []
@@ -155,9 +155,8 @@ class ModelRunner:
                     padded.extend(table)
                     padded.extend([0] * (width - len(table)))
                 decode_gather = gather_index(torch.tensor(padded, device=dev), nb, hkv)
-            # attend over the whole buffer when there is one: a slice of it would make matmul copy
-            span = self.decode_kv.capacity_blocks * bs if decode_plan else max_blocks * bs
-            ctx = torch.tensor([c.context_len for c in decodes], device=dev)
+            span = max(lens)  # attention reads only this much of the padded buffer
+            ctx = torch.tensor(lens, device=dev)
             valid = torch.arange(span, device=dev)[None, :] < ctx[:, None]
             decode_mask = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))
             decode_mask = decode_mask[None, :, None, :]

@@ -64,32 +64,30 @@ def gather_index(block_ids: torch.Tensor, num_blocks: int, num_kv_heads: int) ->
     return (heads + block_ids[None, :]).reshape(-1)
 
 
-def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store this step's K/V ([T, Hkv, D]) into their cache slots."""
-    hkv = k.shape[1]
-    rows = cache.view(cache.shape[0], -1, cache.shape[-1])
-    rows[:hkv].index_copy_(1, slots, k.transpose(0, 1))
-    rows[hkv:].index_copy_(1, slots, v.transpose(0, 1))
+def write_kv(cache: torch.Tensor, new_kv: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store this step's K/V (``new_kv`` [T, 2 * Hkv, D]: K's heads then V's) into their cache slots."""
+    cache.view(cache.shape[0], -1, cache.shape[-1]).index_copy_(1, slots, new_kv.transpose(0, 1))
 
 
 def paged_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    new_kv: torch.Tensor,
     kv: LayerKV,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, Hkv, D] (this step's, written to the cache here). Returns [T, H, D]."""
+    """q: [T, H, D]; new_kv: [T, 2 * Hkv, D], this step's K heads then V heads (written to the cache
+    here). Returns [T, H, D]."""
     cache = kv.cache
-    write_kv(cache, k, v, meta.slot_mapping)
+    write_kv(cache, new_kv, meta.slot_mapping)
     nd = meta.num_decodes
-    hkv = k.shape[1]
+    hkv = new_kv.shape[1] // 2
+    k, v = new_kv[:, :hkv], new_kv[:, hkv:]
     if nd:
         if kv.decode is None:
             ctx = _gather(cache, meta.decode_gather_index, nd)
         else:
-            ctx = _decode_context(kv.decode, cache, k[:nd], v[:nd], meta)
+            ctx = _decode_context(kv.decode, cache, new_kv[:nd], meta)
         decoded = _decode_attention(q[:nd], ctx, meta.decode_mask, scale)
         if not meta.prefills:
             return decoded
@@ -123,29 +121,30 @@ def _gather(cache: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tenso
     return cache.view(h2 * nb, bs * d).index_select(0, index).view(h2, batch, -1, d)
 
 
-def _decode_context(buf: torch.Tensor, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _decode_context(buf: torch.Tensor, cache: torch.Tensor, new_kv: torch.Tensor,
                     meta: AttentionMetadata) -> torch.Tensor:
     """Bring the decodes' padded K/V buffer up to date: one gather on a rebuild, else only the new
-    token of each decode ([D, Hkv, Dh] ``k``/``v``)."""
+    token of each decode (``new_kv`` [D, 2 * Hkv, Dh])."""
     h2, n, cap, d = buf.shape
     if meta.decode_rebuild:
         torch.index_select(cache.view(-1, cache.shape[2] * d), 0, meta.decode_gather_index, out=buf.view(-1, cache.shape[2] * d))
     else:
-        rows = buf.view(h2, n * cap, d)
-        rows[: h2 // 2].index_copy_(1, meta.decode_write_index, k.transpose(0, 1))
-        rows[h2 // 2 :].index_copy_(1, meta.decode_write_index, v.transpose(0, 1))
+        buf.view(h2, n * cap, d).index_copy_(1, meta.decode_write_index, new_kv.transpose(0, 1))
     return buf
 
 
 def _decode_attention(q: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Single-query attention for a batch of decodes: q [D, H, Dh], ctx [2 * Hkv, D, L, Dh] (K's
-    heads then V's), additive mask [1, D, 1, L] -> [D, H, Dh]."""
+    """Single-query attention for a batch of decodes: q [D, H, Dh], ctx [2 * Hkv, D, capacity, Dh]
+    (K's heads then V's), additive mask [1, D, 1, L] with L <= capacity -> [D, H, Dh]. Only the first
+    L positions are read: batched matmuls over strided [batch, L, Dh] views, so nothing is copied."""
     n, h, dh = q.shape
-    hkv = ctx.shape[0] // 2
-    kc, vc = ctx[:hkv], ctx[hkv:]
-    qg = q.view(n, hkv, h // hkv, dh).transpose(0, 1).contiguous()  # [Hkv, D, G, Dh]
-    scores = torch.matmul(qg, kc.transpose(-1, -2)).float()  # [Hkv, D, G, L]
+    h2, _, cap, _ = ctx.shape
+    hkv, g, span = h2 // 2, h // (h2 // 2), mask.shape[-1]
+    rows = ctx.view(h2 * n, cap, dh)[:, :span]
+    kc, vc = rows[: hkv * n], rows[hkv * n :]
+    qg = q.view(n, hkv, g, dh).transpose(0, 1).reshape(hkv * n, g, dh)
+    scores = torch.bmm(qg, kc.transpose(1, 2)).view(hkv, n, g, span).float()
     scores = torch.add(mask, scores, alpha=scale)
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = torch.matmul(probs, vc)  # [Hkv, D, G, Dh]
-    return out.transpose(0, 1).reshape(n, h, dh)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(hkv * n, g, span)
+    out = torch.bmm(probs, vc)  # [Hkv * D, G, Dh]
+    return out.view(hkv, n, g, dh).transpose(0, 1).reshape(n, h, dh)

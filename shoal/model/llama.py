@@ -51,22 +51,20 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         h = F.rms_norm(x, x.shape[-1:], self.input_layernorm, self.eps)
-        qkv = self.qkv_proj(h)
         nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qk = apply_rope(qkv[:, : (nh + nkv) * d].view(t, nh + nkv, d), cos, sin)
-        q, k = qk[:, :nh], qk[:, nh:]
-        v = qkv[:, (nh + nkv) * d :].view(t, nkv, d)
-        attn = paged_attention(q, k, v, kv, meta, self.scale)
+        qkv = self.qkv_proj(h).view(t, nh + 2 * nkv, d)
+        apply_rope_(qkv[:, : nh + nkv], cos, sin)
+        attn = paged_attention(qkv[:, :nh], qkv[:, nh:], kv, meta, self.scale)
         x = x + self.o_proj(attn.view(t, nh * d))
         h = F.rms_norm(x, x.shape[-1:], self.post_attention_layernorm, self.eps)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate).mul_(up))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (Hugging Face layout). x: [T, heads, D]; cos: [T, 1, D]; ``sin`` has its
-    first half negated, so rotate_half(x) * sin == roll(x, D/2) * sin."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate-half RoPE (Hugging Face layout), in place. x: [T, heads, D]; cos: [T, 1, D]; ``sin``
+    has its first half negated, so rotate_half(x) * sin == roll(x, D/2) * sin."""
+    torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin, out=x)
 
 
 class LlamaModel(nn.Module):
