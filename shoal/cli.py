@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +18,20 @@ app.add_typer(bench_app, name="bench")
 ModelOpt = typer.Option(None, "--model", help="GGUF file or Hugging Face folder (default: built-in SmolLM2-135M-Instruct)")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
+ThreadsOpt = typer.Option(None, "--num-threads", help="Torch CPU threads (default: all cores; fewer when other work shares the CPU)")
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input while setting up (a missing or corrupt model file, an unknown dtype or device, an
+    invalid engine option) ends the command with one line on stderr and exit code 2, not a traceback."""
+    from shoal.model.loader import ModelLoadError
+
+    try:
+        yield
+    except (ValueError, ModelLoadError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -31,6 +47,7 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
+    num_threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Answer one prompt with the chat template applied and print the answer."""
     from shoal import LLM, SamplingParams
@@ -39,7 +56,8 @@ def generate(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    llm = LLM(model=model, dtype=dtype, device=device)
+    with user_errors():
+        llm = LLM(model=model, dtype=dtype, device=device, num_threads=num_threads)
     if raw:
         out = llm.generate(prompt, params)[0]
     else:
@@ -67,7 +85,7 @@ def serve(
     roles: Optional[str] = typer.Option(None, "--roles", help="Comma-separated per-instance roles: both | prefill | decode"),
     autoscale_max: Optional[int] = typer.Option(None, "--autoscale-max", help="Enable autoscaling up to this many instances"),
     autoscale_min: int = typer.Option(1, "--autoscale-min"),
-    num_threads: Optional[int] = typer.Option(None, "--num-threads", help="Torch CPU threads (default: all cores)"),
+    num_threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ) -> None:
@@ -80,9 +98,10 @@ def serve(
 
     log = logging.getLogger("shoal.serve")
     log.setLevel(logging.INFO)
-    config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
-                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                          kv_cache_gb=kv_cache_gb, num_threads=num_threads)
+    with user_errors():
+        config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                              kv_cache_gb=kv_cache_gb, num_threads=num_threads)
     name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
     if instances > 1 or ray_address or autoscale_max:
         from shoal.cluster.cluster import ClusterEngine
@@ -102,7 +121,9 @@ def serve(
         from shoal.engine.engine import Engine
         from shoal.server.async_engine import AsyncEngine
 
-        backend = AsyncEngine(Engine(config), max_waiting=max_waiting)
+        with user_errors():
+            engine = Engine(config)
+        backend = AsyncEngine(engine, max_waiting=max_waiting)
     app = create_app(backend, name, api_key)
 
     @app.on_event("startup")
@@ -123,14 +144,20 @@ def bench_offline(
     baseline: bool = typer.Option(False, "--baseline", help="Also run transformers generate on the same weights and batches"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
+    num_threads: Optional[int] = ThreadsOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here"),
 ) -> None:
     """Run N fixed-length requests through the engine, C at a time; print throughput, TTFT, TPOT."""
-    from shoal.bench.offline import run_offline_bench, run_transformers_baseline
+    from shoal.bench.offline import check_offline_args, run_offline_bench, run_transformers_baseline
+    from shoal.engine.config import EngineConfig
+    from shoal.engine.engine import Engine
 
+    with user_errors():
+        check_offline_args(num_requests, concurrency, input_len, output_len)
+        engine = Engine(EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=concurrency,
+                                     max_num_batched_tokens=max_num_batched_tokens, num_threads=num_threads))
     result = run_offline_bench(
-        model=model, num_requests=num_requests, concurrency=concurrency, input_len=input_len,
-        output_len=output_len, max_num_batched_tokens=max_num_batched_tokens, dtype=dtype, device=device,
+        engine=engine, num_requests=num_requests, concurrency=concurrency, input_len=input_len, output_len=output_len,
     )
     if baseline:
         base = run_transformers_baseline(

@@ -64,7 +64,7 @@ class LLM:
         for p in prompts:
             if isinstance(p, str):
                 texts.append(p)
-                token_lists.append(self.tokenizer.encode(p, add_special_tokens=False))
+                token_lists.append(self.tokenizer.encode(p))  # with the model's BOS, as vLLM and HF do
             else:
                 texts.append(None)
                 token_lists.append(list(p))

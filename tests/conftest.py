@@ -77,3 +77,14 @@ def run_all(engine: Engine, max_steps: int = 10_000) -> dict[str, list[RequestOu
 
 def tokens_of(outs: list[RequestOutput]) -> list[int]:
     return [t for o in outs for t in o.new_token_ids]
+
+
+def add_bos_on_encode(monkeypatch, tokenizer, bos: int) -> None:
+    """Make ``tokenizer.encode`` prepend ``bos`` when asked for special tokens, as Llama's does
+    (SmolLM2's adds none, so its prompts cannot show whether the caller asked)."""
+    real = tokenizer.encode
+
+    def encode(text, add_special_tokens=True, **kwargs):
+        return ([bos] if add_special_tokens else []) + real(text, add_special_tokens=False, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", encode)

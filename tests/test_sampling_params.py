@@ -24,6 +24,17 @@ def test_stop_str_normalised_to_list():
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
 
 
+def test_none_means_no_stops_as_in_vllm():
+    p = SamplingParams(stop=None, stop_token_ids=None)
+    assert p.stop == [] and p.stop_token_ids == []
+
+
+@pytest.mark.parametrize("name, value", [("stop", 5), ("stop_token_ids", 7), ("stop_token_ids", "2")])
+def test_a_stop_that_is_not_a_list_names_the_field(name, value):
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        SamplingParams(**{name: value})
+
+
 @pytest.mark.parametrize(
     ("temperature", "greedy"), [(0.0, True), (1e-6, True), (1e-5, False), (0.7, False), (2.0, False)]
 )

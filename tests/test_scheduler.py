@@ -579,3 +579,34 @@ def test_better_priority_preempts_when_kv_is_scarce():
     assert [c.req_id for c in plan.chunks] == ["urgent"]
     assert low.status is Status.WAITING and low.priority == 1 and low.num_preemptions == 1
     s.bm.check()
+
+
+def test_preemption_picks_the_cheaper_of_swap_and_recompute():
+    swap, recompute = PreemptionMode.SWAP, PreemptionMode.RECOMPUTE
+    cost = PreemptionCost(recompute_s_per_token=1e-3, swap_s_per_block=4e-3)
+    assert cost.choose(num_computed_tokens=160, num_blocks=10, swap_blocks_free=100) is swap  # 40 ms vs 160 ms
+    assert cost.choose(num_computed_tokens=3, num_blocks=1, swap_blocks_free=100) is recompute  # 4 ms vs 3 ms
+    cheap_prefill = PreemptionCost(recompute_s_per_token=1e-4, swap_s_per_block=4e-3)
+    assert cheap_prefill.choose(160, 10, 100) is recompute  # 40 ms vs 16 ms
+    assert cost.choose(160, 10, swap_blocks_free=9) is recompute  # no room in the swap pool
+    assert cost.choose(0, 0, 100) is recompute
+    assert PreemptionCost(force=swap).choose(3, 1, 100) is swap
+    assert PreemptionCost(force=swap).choose(160, 10, 9) is recompute
+
+
+@pytest.mark.parametrize("cost, mode", [
+    (PreemptionCost(recompute_s_per_token=1e-3, swap_s_per_block=1e-4), PreemptionMode.SWAP),
+    (PreemptionCost(recompute_s_per_token=1e-5, swap_s_per_block=1e-2), PreemptionMode.RECOMPUTE),
+])
+def test_scheduler_preempts_by_the_cheaper_mode(cost, mode):
+    s = _sched(num_blocks=4, block_size=4, num_swap=16, max_num_batched_tokens=64, preemption_cost=cost)
+    low = _req("low", 10, 0.0, priority=1)
+    reqs = {"low": low}
+    s.add(low)
+    _run_step(s, reqs, 0.0)
+    reqs["urgent"] = _req("urgent", 10, 1.0, priority=0)
+    s.add(reqs["urgent"])
+    plan = _run_step(s, reqs, 1.0)
+    assert plan.preempted == [("low", mode)]
+    assert low.status is (Status.SWAPPED if mode is PreemptionMode.SWAP else Status.WAITING)
+    s.bm.check()

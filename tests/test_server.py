@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import shoal
 from tests._server_util import MODEL_NAME, load_engine, serve
+from tests.conftest import add_bos_on_encode
 
 API_KEY = "sekret-test-key"
 COUNT = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
@@ -142,12 +143,25 @@ def test_health_version_models(srv):
     assert srv.http.get("/v1/models").json()["data"][0]["max_model_len"] == 1024
 
 
+def test_text_prompts_get_special_tokens_unless_asked_not_to(srv, monkeypatch):
+    """As in vLLM: /v1/completions and /tokenize encode text with the tokenizer's special tokens
+    (Llama's BOS) unless ``add_special_tokens`` is false."""
+    add_bos_on_encode(monkeypatch, srv.tokenizer, bos=0)
+    text = "The capital of France is"
+    plain = srv.tokenizer.encode(text, add_special_tokens=False)
+    assert srv.http.post("/tokenize", json={"prompt": text}).json()["tokens"] == [0] + plain
+    assert srv.http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"] == plain
+    for extra, n in (({}, len(plain) + 1), ({"add_special_tokens": False}, len(plain))):
+        r = srv.http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": text, "max_tokens": 1, **extra})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == n
+
+
 def test_tokenize_detokenize_round_trip(srv):
     text = "Hello there, how are you today? Ünïcödé and emoji 🙂 work too."
     r = srv.http.post("/tokenize", json={"prompt": text})
     assert r.status_code == 200
     body = r.json()
-    assert body["tokens"] == srv.tokenizer.encode(text, add_special_tokens=False)
+    assert body["tokens"] == srv.tokenizer.encode(text)
     assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 1024
     back = srv.http.post("/detokenize", json={"tokens": body["tokens"]})
     assert back.status_code == 200 and back.json() == {"prompt": text}

@@ -20,7 +20,7 @@ from shoal.engine.config import EngineConfig
 from shoal.engine.engine import Engine
 from shoal.engine.request import FinishReason
 from shoal.model.loader import ModelLoadError, default_model_path
-from tests.conftest import run_all, tokens_of
+from tests.conftest import add_bos_on_encode, run_all, tokens_of
 
 SYSTEM = (
     "You are a careful assistant for a geography and science quiz. Answer in one or two short "
@@ -348,6 +348,18 @@ def test_streamed_text_has_no_replacement_characters(llm):
     assert text == tok.decode(tokens, skip_special_tokens=True)
     assert any(ord(ch) > 0x3000 for ch in text)
     assert "\ufffd" not in text.rstrip("\ufffd"), "only a character cut off by max_tokens may be incomplete"
+
+
+def test_text_prompts_get_the_tokenizers_special_tokens(llm, monkeypatch):
+    """Text prompts are encoded with the tokenizer's special tokens (Llama's BOS), as vLLM and HF do;
+    token-id prompts are taken as given."""
+    add_bos_on_encode(monkeypatch, llm.tokenizer, bos=0)
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    (out,) = llm.generate("The capital of France is", params)
+    assert out.prompt_token_ids[0] == 0
+    assert out.prompt_token_ids[1:] == llm.tokenizer.encode("The capital of France is", add_special_tokens=False)
+    (out,) = llm.generate([[5, 6, 7]], params)
+    assert out.prompt_token_ids == [5, 6, 7]
 
 
 def test_llm_bad_input_raises_and_llm_keeps_serving(llm):

@@ -13,7 +13,7 @@ from rich.progress import Progress
 
 from shoal.bench.prompts import PromptMaker
 from shoal.bench.report import stats
-from shoal.engine.config import EngineConfig, resolve_dtype
+from shoal.engine.config import resolve_dtype
 from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
 
@@ -26,23 +26,19 @@ def make_prompts(tokenizer, vocab_size: int, n: int, input_len: int) -> list[lis
     return [maker.token_ids(input_len, i) for i in range(n)]
 
 
-def run_offline_bench(
-    *,
-    model: str | None,
-    num_requests: int,
-    concurrency: int,
-    input_len: int,
-    output_len: int,
-    max_num_batched_tokens: int = 512,
-    dtype: str = "auto",
-    device: str = "auto",
-    engine: Engine | None = None,
-) -> dict:
-    """Run the benchmark; returns a JSON-able dict of throughput and latency figures (ms)."""
-    engine = engine or Engine(
-        EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=concurrency,
-                     max_num_batched_tokens=max_num_batched_tokens)
-    )
+def check_offline_args(num_requests: int, concurrency: int, input_len: int, output_len: int) -> None:
+    """Raise ValueError naming the first argument that is not a positive integer."""
+    for name, value in (("num_requests", num_requests), ("concurrency", concurrency),
+                        ("input_len", input_len), ("output_len", output_len)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def run_offline_bench(engine: Engine, *, num_requests: int, concurrency: int, input_len: int,
+                      output_len: int) -> dict:
+    """Run the benchmark on ``engine`` (its ``max_num_seqs`` at least ``concurrency``); returns a
+    JSON-able dict of throughput and latency figures (ms)."""
+    check_offline_args(num_requests, concurrency, input_len, output_len)
     prompts = make_prompts(engine.tokenizer, engine.model_config.vocab_size, num_requests, input_len)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     # Warm up kernels once so the first request does not pay one-time costs.
@@ -103,6 +99,8 @@ def run_transformers_baseline(
     path = model or default_model_path()
     torch_dtype = resolve_dtype(dtype, torch.device("cpu"))
     cfg, state = load_checkpoint(path, dtype=torch_dtype)
+    if cfg.rope_freq_factors is not None:  # transformers takes RoPE scaling only as a rope_scaling dict
+        raise ValueError("the transformers baseline cannot run a GGUF whose RoPE scaling is a rope_freqs tensor")
     hf_config = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,

@@ -15,7 +15,8 @@ class SamplingParams:
 
     ``top_k`` of 0 or -1 disables top-k; ``logprobs`` is the number of top
     alternatives to return per token (0 = only the sampled token's logprob,
-    None = no logprobs). ``stop`` accepts a single string.
+    None = no logprobs). ``stop`` accepts a single string; ``stop`` and
+    ``stop_token_ids`` accept None for none, as in vLLM.
     """
 
     max_tokens: int = 16
@@ -37,8 +38,14 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids)
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, [])
+            elif isinstance(value, (list, tuple)):
+                setattr(self, name, list(value))
+            else:
+                raise ValueError(f"{name} must be a list, got {value!r}")
         self._validate()
 
     def _validate(self) -> None:

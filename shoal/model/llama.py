@@ -7,15 +7,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.model.attention import AttentionMetadata, LayerKV, paged_attention
-from shoal.model.config import ModelConfig
+from shoal.model.config import ModelConfig, rope_type
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse RoPE frequencies (float64), with Llama-3 style frequency scaling when configured."""
+    """Inverse RoPE frequencies (float64), scaled as configured.
+
+    ``rope_scaling`` "linear" divides every frequency by ``factor``; "llama3" divides the low
+    frequencies by ``factor`` and blends the middle band (as transformers' llama3 rope init).
+    ``rope_freq_factors`` (llama.cpp's ``rope_freqs.weight``) divide frequency ``i`` by factor ``i``.
+    ModelConfig rejects any other scaling type.
+    """
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaling = config.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+    kind = rope_type(scaling)
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
         old_len = scaling["original_max_position_embeddings"]
@@ -24,6 +33,10 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
         mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
         inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind != "default":  # ModelConfig validates; guard against a config built around that
+        raise ValueError(f"unsupported RoPE scaling type {kind!r}")
+    if config.rope_freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float64)
     return inv_freq
 
 

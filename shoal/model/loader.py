@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from shoal.model.config import ModelConfig
+from shoal.model.config import ModelConfig, check_rope_scaling, rope_type
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -178,12 +178,21 @@ def _load_gguf(p: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torc
     hidden = meta("llama.embedding_length")
     heads = meta("llama.attention.head_count")
     kv_heads = meta("llama.attention.head_count_kv", heads)
-    scaling_type = meta("llama.rope.scaling.type", "none")
-    rope_scaling = None
-    if scaling_type != "none":
-        rope_scaling = {"rope_type": scaling_type, "factor": meta("llama.rope.scaling.factor", 1.0)}
-        if (orig := meta("llama.rope.scaling.original_context_length")) is not None:
-            rope_scaling["original_max_position_embeddings"] = orig
+    rope_scaling = _gguf_rope_scaling(p, meta)
+    rope_dims = meta("llama.rope.dimension_count")
+    head_dim = meta("llama.attention.key_length", hidden // heads if hidden and heads else None)
+    if rope_dims is not None and head_dim is not None and rope_dims != head_dim:
+        raise ModelLoadError(
+            f"{p}: partial rotary embeddings (llama.rope.dimension_count {rope_dims} != head_dim {head_dim}) "
+            "are not supported"
+        )
+    rope_freq_factors = None
+    if (t := tensors.pop("rope_freqs.weight", None)) is not None:
+        try:  # llama.cpp's Llama 3 RoPE frequency factors: one divisor per inverse frequency
+            factors = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
+        except Exception as e:
+            raise ModelLoadError(f"{p}: corrupt GGUF tensor data (rope_freqs.weight): {type(e).__name__}: {e}") from e
+        rope_freq_factors = tuple(float(f) for f in factors)
     eos = [meta("tokenizer.ggml.eos_token_id"), meta("tokenizer.ggml.eot_token_id")]
     try:
         config = ModelConfig(
@@ -193,7 +202,7 @@ def _load_gguf(p: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torc
             num_layers=meta("llama.block_count"),
             num_heads=heads,
             num_kv_heads=kv_heads,
-            head_dim=meta("llama.attention.key_length", hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=meta("llama.attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta=meta("llama.rope.freq_base", 10000.0),
             max_position_embeddings=meta("llama.context_length", 2048),
@@ -203,6 +212,7 @@ def _load_gguf(p: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torc
             architecture="llama",
             name=meta("general.name", p.stem),
             rope_scaling=rope_scaling,
+            rope_freq_factors=rope_freq_factors,
         )
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{p}: incomplete or invalid llama.* metadata in GGUF: {e}") from e
@@ -220,6 +230,23 @@ def _load_gguf(p: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torc
     except Exception as e:
         raise ModelLoadError(f"{p}: corrupt GGUF tensor data ({name}): {type(e).__name__}: {e}") from e
     return config, state
+
+
+def _gguf_rope_scaling(p: Path, meta: Any) -> dict | None:
+    """``llama.rope.scaling.*`` as a Hugging Face style rope_scaling dict, read as llama.cpp does:
+    the type defaults to linear and the factor (or the old ``rope.scale_linear``) applies to it."""
+    kind = meta("llama.rope.scaling.type", "linear")
+    factor = meta("llama.rope.scaling.factor")
+    if factor is None:
+        factor = meta("llama.rope.scale_linear")
+    if kind in ("none", "linear"):
+        if factor in (None, 0, 1) or kind == "none":
+            return None
+        return {"rope_type": "linear", "factor": float(factor)}
+    raise ModelLoadError(
+        f"{p}: unsupported RoPE scaling type {kind!r} (llama.rope.scaling.type): only 'linear' and the "
+        "Llama 3 rope_freqs.weight factors are implemented (running it unscaled would compute wrong positions)"
+    )
 
 
 def _hf_name(gguf_name: str) -> str:
@@ -257,6 +284,11 @@ def _load_hf_folder(p: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str,
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise ModelLoadError(f"{p}: Llama models with attention_bias/mlp_bias are not supported")
     config = _hf_config(p, cfg)
+    if (window := cfg.get("sliding_window")) is not None and window < config.max_position_embeddings:
+        raise ModelLoadError(
+            f"{p}: sliding window attention (sliding_window={window} < max_position_embeddings="
+            f"{config.max_position_embeddings}) is not supported; only full attention is implemented"
+        )
 
     index = p / "model.safetensors.index.json"
     if index.is_file():
@@ -284,7 +316,11 @@ def _load_hf_folder(p: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str,
 def _hf_config(p: Path, cfg: dict) -> ModelConfig:
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})  # transformers 5 / 4 layouts
     rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    kind = rope_type(rope)
+    try:
+        check_rope_scaling(rope)
+    except ValueError as e:
+        raise ModelLoadError(f"{p / 'config.json'}: {e} (rope_scaling)") from e
     eos: list[int] = []
     for source in (cfg, _read_json(p / "generation_config.json") if (p / "generation_config.json").is_file() else {}):
         ids = source.get("eos_token_id")
@@ -307,7 +343,7 @@ def _hf_config(p: Path, cfg: dict) -> ModelConfig:
             eos_token_ids=tuple(dict.fromkeys(eos)),
             architecture="llama",
             name=p.name,
-            rope_scaling=None if rope_type == "default" else rope,
+            rope_scaling=None if kind == "default" else rope,
         )
     except KeyError as e:
         raise ModelLoadError(f"{p / 'config.json'}: missing required key {e}") from e

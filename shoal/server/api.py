@@ -265,9 +265,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         prompts: list[list[int]]
         p = req.prompt
         if isinstance(p, str):
-            prompts = [tokenizer.encode(p, add_special_tokens=False)]
+            prompts = [tokenizer.encode(p, add_special_tokens=req.add_special_tokens)]
         elif p and isinstance(p[0], str):
-            prompts = [tokenizer.encode(x, add_special_tokens=False) for x in p]  # type: ignore[arg-type]
+            prompts = [tokenizer.encode(x, add_special_tokens=req.add_special_tokens) for x in p]  # type: ignore[arg-type]
         elif p and isinstance(p[0], int):
             prompts = [list(p)]  # type: ignore[arg-type]
         else:

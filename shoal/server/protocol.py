@@ -65,6 +65,7 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    add_special_tokens: bool = True  # text prompts get the tokenizer's BOS etc., as in vLLM
 
 
 class ChatMessage(BaseModel):
@@ -100,7 +101,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = False
+    add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
