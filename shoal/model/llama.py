@@ -63,15 +63,23 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        h = F.rms_norm(x, x.shape[-1:], self.input_layernorm, self.eps)
+        h = rms_norm(x, self.input_layernorm, self.eps)
         nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(h).view(t, nh + 2 * nkv, d)
         apply_rope_(qkv[:, : nh + nkv], cos, sin)
         attn = paged_attention(qkv[:, :nh], qkv[:, nh:], kv, meta, self.scale)
         x = x + self.o_proj(attn.view(t, nh * d))
-        h = F.rms_norm(x, x.shape[-1:], self.post_attention_layernorm, self.eps)
+        h = rms_norm(x, self.post_attention_layernorm, self.eps)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate).mul_(up))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, in float32 as Hugging Face Llama computes it. Written out because
+    torch's fused CPU kernel (``F.rms_norm``) is ~14x slower on prefill-sized inputs."""
+    xf = x.float()
+    normed = torch.mul(xf, xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_())
+    return normed.to(x.dtype).mul_(weight)
 
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -120,7 +128,7 @@ class LlamaModel(nn.Module):
         sin = sin_table[positions].to(x.dtype)[:, None, :]
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv, meta)
-        return F.rms_norm(x, x.shape[-1:], self.norm, self.config.rms_norm_eps)
+        return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
