@@ -421,3 +421,18 @@ def test_pinned_blocks_stay_cached_and_count_as_used():
     bm.unpin([first])
     assert bm.num_used == 0 and bm.num_pinned == 0
     bm.check()
+
+
+def test_prefix_hashes_are_a_sha256_chain():
+    """Block hashes are SHA-256 over the parent's hash and the block's token ids: no crafted prompt
+    can collide with another's prefix as it could with Python's 64-bit ``hash``."""
+    import hashlib
+    from array import array
+
+    from shoal.engine.block_manager import hash_block, prefix_hashes
+
+    first = int.from_bytes(hashlib.sha256(array("q", [1, 2, 3, 4]).tobytes()).digest(), "big")
+    second = int.from_bytes(hashlib.sha256(first.to_bytes(32, "big") + array("q", [5, 6, 7, 8]).tobytes()).digest(), "big")
+    assert prefix_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], block_size=4) == [first, second]
+    assert hash_block(None, [5, 6, 7, 8]) != second  # the same block after another prefix differs
+    assert BlockManager(8, 4, 0).prefix_hashes([1, 2, 3, 4, 5, 6, 7, 8], max_blocks=1) == [first]

@@ -245,6 +245,40 @@ def test_export_import_mid_decode_continues_identically(engine, hf, prompts, ref
         assert e.block_manager.num_used == 0
 
 
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_preempted_request_resumes_identically(engine, hf, prompts, reference_run, mode):
+    """Room for two of the prompts: a third with a better priority preempts the later one mid
+    decode (by ``mode``); every answer still equals the unpreempted run's and transformers'."""
+    need = [-(-(len(p) + GREEDY_LP.max_tokens) // BLOCK) for p in prompts]
+    small = Engine(
+        EngineConfig(dtype="float32", device="cpu", block_size=BLOCK, num_blocks=need[0] + need[1] + 1,
+                     num_swap_blocks=64, max_num_batched_tokens=BUDGET, preemption_mode=mode,
+                     enable_prefix_caching=False),
+        model=engine.model, tokenizer=engine.tokenizer,
+    )
+    got: dict[str, list] = defaultdict(list)
+    ids = [small.add(p, GREEDY_LP, priority=1) for p in prompts[:2]]
+    for _ in range(200):
+        if all(len(tokens_of(got[r])) >= 3 for r in ids):
+            break
+        for o in small.step():
+            got[o.req_id].append(o)
+    ids.append(small.add(prompts[2], GREEDY_LP, priority=0))
+    preempted = []
+    while small.has_unfinished():
+        for o in small.step():
+            got[o.req_id].append(o)
+        preempted += small.last_plan.preempted
+    assert preempted and all(m.value == mode for _, m in preempted)
+    assert {r for r, _ in preempted} == {ids[1]}  # the later of the two lower-priority requests
+    for rid, p, ref in zip(ids, prompts, reference_run):
+        assert tokens_of(got[rid]) == tokens_of(ref), rid
+        assert len([o for o in got[rid] if o.finished]) == 1
+    assert_matches_hf(hf, prompts[1], got[ids[1]])
+    small.block_manager.check()
+    assert small.block_manager.num_used == 0
+
+
 # ---- bf16 -------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
+from shoal.engine.block_manager import prefix_hashes
 from shoal.engine.outputs import InstanceLoad
 
 
@@ -79,15 +80,8 @@ class PrefixAware:
         self._where: OrderedDict[int, int] = OrderedDict()  # prefix hash -> instance
         self._fallback = LeastLoad()
 
-    def _hashes(self, tokens: Sequence[int]) -> list[int]:
-        out, h, bs = [], None, self.block_size
-        for i in range(len(tokens) // bs):
-            h = hash((h, tuple(tokens[i * bs : (i + 1) * bs])))
-            out.append(h)
-        return out
-
     def choose(self, loads: Sequence[InstanceLoad], request: DispatchRequest) -> int:
-        hashes = self._hashes(request.prompt_token_ids)
+        hashes = prefix_hashes(request.prompt_token_ids, self.block_size)
         best = self._fallback.choose(loads, request)
         for h in reversed(hashes):  # longest known prefix first
             i = self._where.get(h)

@@ -12,7 +12,10 @@ references it or it is pinned; when no request is left, used == pinned.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -20,9 +23,23 @@ class NoFreeBlocks(RuntimeError):
     """Raised when an allocation is attempted without room; callers ask ``can_*`` first."""
 
 
-def hash_block(parent: int | None, tokens: tuple[int, ...]) -> int:
-    """Hash of one full block, chained to the hash of the block before it."""
-    return hash((parent, tokens))
+def hash_block(parent: int | None, tokens: Sequence[int]) -> int:
+    """SHA-256 of one full block's token ids, chained to the hash of the block before it (as an int).
+    A cryptographic hash: with Python's 64-bit ``hash`` a crafted prompt could collide with another
+    tenant's prefix and be served its KV; this is also the same in every process."""
+    head = b"" if parent is None else parent.to_bytes(32, "big")
+    return int.from_bytes(hashlib.sha256(head + array("q", tokens).tobytes()).digest(), "big")
+
+
+def prefix_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int | None = None) -> list[int]:
+    """Chained hashes of the full blocks of ``token_ids`` (the first ``max_blocks`` of them)."""
+    n = len(token_ids) // block_size if max_blocks is None else min(max_blocks, len(token_ids) // block_size)
+    hashes: list[int] = []
+    parent: int | None = None
+    for i in range(n):
+        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size])
+        hashes.append(parent)
+    return hashes
 
 
 @dataclass
@@ -144,13 +161,7 @@ class BlockManager:
 
     def prefix_hashes(self, token_ids: list[int], max_blocks: int) -> list[int]:
         """Chained hashes of the first ``max_blocks`` full blocks of ``token_ids``."""
-        hashes: list[int] = []
-        parent: int | None = None
-        bs = self.block_size
-        for i in range(min(max_blocks, len(token_ids) // bs)):
-            parent = hash_block(parent, tuple(token_ids[i * bs : (i + 1) * bs]))
-            hashes.append(parent)
-        return hashes
+        return prefix_hashes(token_ids, self.block_size, max_blocks)
 
     def cached_prefix(self, token_ids: list[int]) -> list[int]:
         """Device blocks holding the longest cached prefix of ``token_ids``, leaving at least one
@@ -225,7 +236,7 @@ class BlockManager:
         full = min(num_computed // bs, len(table.blocks))
         parent = table.hashes[-1] if table.hashes else None
         for i in range(len(table.hashes), full):
-            parent = hash_block(parent, tuple(token_ids[i * bs : (i + 1) * bs]))
+            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
             table.hashes.append(parent)
             bid = table.blocks[i]
             blk = self.blocks[bid]
