@@ -24,6 +24,7 @@ class Completion:
     finish_reason: str | None
     stop_reason: str | int | None = None
     logprobs: list[tuple[Logprob, list[Logprob]]] | None = None
+    index: int = 0  # which of the prompt's n completions
 
 
 @dataclass
@@ -100,31 +101,32 @@ class LLM:
         # Validate every prompt before queueing any, so bad input changes nothing.
         for tokens in token_lists:
             self.engine._validate_prompt(tokens)
-        results: dict[str, GenerationOutput] = {}
-        order = []
+        results: list[GenerationOutput] = []
+        owners: dict[str, tuple[GenerationOutput, Completion]] = {}  # engine request -> what it fills
         for i, tokens in enumerate(token_lists):
-            rid = self.engine.add(tokens, params[i], priority=priority[i] if priority else 0)
-            order.append(rid)
-            results[rid] = GenerationOutput(prompt=texts[i], prompt_token_ids=tokens)
-            results[rid].outputs.append(Completion(text="", token_ids=[], finish_reason=None))
-        pending = set(order)
+            result = GenerationOutput(prompt=texts[i], prompt_token_ids=tokens)
+            results.append(result)
+            for j in range(params[i].n):
+                rid = self.engine.add(tokens, params[i].for_choice(j), priority=priority[i] if priority else 0)
+                result.outputs.append(Completion(text="", token_ids=[], finish_reason=None, index=j))
+                owners[rid] = (result, result.outputs[-1])
+        pending = set(owners)
         try:
             while pending:
                 for out in self.engine.step():
                     if out.req_id in pending:
                         if out.finished:
                             pending.discard(out.req_id)
-                        _accumulate(results[out.req_id], out)
+                        _accumulate(*owners[out.req_id], out)
         except BaseException:  # leave nothing of this batch behind in the engine
             for rid in pending:
                 self.engine.abort(rid)
             self.engine.step()  # hand out (and drop) the abort outputs
             raise
-        return [results[r] for r in order]
+        return results
 
 
-def _accumulate(result: GenerationOutput, out: RequestOutput) -> None:
-    c = result.outputs[0]
+def _accumulate(result: GenerationOutput, c: Completion, out: RequestOutput) -> None:
     c.text += out.new_text
     c.token_ids.extend(out.new_token_ids)
     if out.logprobs:
@@ -132,10 +134,11 @@ def _accumulate(result: GenerationOutput, out: RequestOutput) -> None:
     if out.finished:
         c.finish_reason = out.finish_reason.value if out.finish_reason else None
         c.stop_reason = out.stop_reason
-        result.num_cached_tokens = out.num_cached_tokens
-        if out.first_token_time is not None:
-            result.ttft_s = out.first_token_time - out.arrival_time
+        result.num_cached_tokens = max(result.num_cached_tokens, out.num_cached_tokens)
+        if out.first_token_time is not None:  # over the n completions: the first token, the last finish
+            ttft = out.first_token_time - out.arrival_time
+            result.ttft_s = ttft if result.ttft_s is None else min(result.ttft_s, ttft)
         if out.finished_time is not None:
-            result.e2e_s = out.finished_time - out.arrival_time
+            result.e2e_s = max(result.e2e_s or 0.0, out.finished_time - out.arrival_time)
         if out.finish_reason is FinishReason.ERROR:
             raise RuntimeError(f"request failed: {out.error}")

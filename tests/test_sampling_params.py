@@ -24,6 +24,12 @@ def test_stop_str_normalised_to_list():
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
 
 
+def test_for_choice_gives_one_sequence_with_its_own_seed():
+    p = SamplingParams(n=3, seed=10, temperature=0.5)
+    assert [(c.n, c.seed, c.temperature) for c in map(p.for_choice, range(3))] == [(1, 10, 0.5), (1, 11, 0.5), (1, 12, 0.5)]
+    assert SamplingParams(n=2).for_choice(1).seed is None
+
+
 def test_none_means_no_stops_as_in_vllm():
     p = SamplingParams(stop=None, stop_token_ids=None)
     assert p.stop == [] and p.stop_token_ids == []
@@ -63,6 +69,8 @@ def test_greedy(temperature, greedy):
         ("repetition_penalty", 0.0),
         ("repetition_penalty", -1.0),
         ("seed", 1.5),
+        ("n", 0),
+        ("n", 2.0),
         ("stop", [""]),
         ("stop", ["ok", 3]),
         ("stop", ""),

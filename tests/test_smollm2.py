@@ -396,6 +396,22 @@ def test_text_prompts_get_the_tokenizers_special_tokens(llm, monkeypatch):
     assert out.prompt_token_ids == [5, 6, 7]
 
 
+def test_llm_n_completions_per_prompt(llm):
+    """``n`` completions of each prompt, completion i seeded ``seed + i`` (as the server's choices);
+    the engine itself takes one sequence per request."""
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6)
+    story, color = llm.generate(["Tell me a story.", "Name a color."], params)
+    for out in (story, color):
+        assert [c.index for c in out.outputs] == [0, 1, 2]
+        assert all(len(c.token_ids) == 6 or c.finish_reason == "stop" for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in story.outputs}) > 1
+    (single,) = llm.generate("Tell me a story.", SamplingParams(temperature=1.0, seed=8, max_tokens=6))
+    assert single.outputs[0].token_ids == story.outputs[1].token_ids
+    with pytest.raises(ValueError, match="n=2"):
+        llm.engine.add([1, 2, 3], SamplingParams(n=2))
+    assert not llm.engine.has_unfinished()
+
+
 def test_llm_bad_input_raises_and_llm_keeps_serving(llm):
     with pytest.raises(ValueError, match="(?i)empty"):
         llm.generate("")

@@ -74,6 +74,9 @@ class EngineCore:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
+        if params.n != 1:
+            raise ValueError(f"an engine request is one sequence (n=1, got n={params.n}); "
+                             "add one request per completion with params.for_choice(i), as LLM does")
         if req_id is None:
             req_id = f"req-{self._next_id}"
             self._next_id += 1

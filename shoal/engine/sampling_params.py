@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -13,12 +14,14 @@ MAX_LOGPROBS = 20
 class SamplingParams:
     """How to pick tokens for one request and when to stop.
 
-    ``top_k`` of 0 or -1 disables top-k; ``logprobs`` is the number of top
+    ``n`` > 1 asks for several completions of one prompt; with a ``seed``, completion ``i`` uses
+    ``seed + i``. ``top_k`` of 0 or -1 disables top-k; ``logprobs`` is the number of top
     alternatives to return per token (0 = only the sampled token's logprob,
     None = no logprobs). ``stop`` accepts a single string; ``stop`` and
     ``stop_token_ids`` accept None for none, as in vLLM.
     """
 
+    n: int = 1  # completions per prompt (LLM and the server fan out; one engine request each)
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -58,6 +61,8 @@ class SamplingParams:
         def is_num(x: object) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
+        if not is_int(self.n) or self.n < 1:
+            fail("n", "an integer >= 1")
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             fail("max_tokens", "an integer >= 1")
         if not is_num(self.temperature) or self.temperature < 0:
@@ -81,6 +86,11 @@ class SamplingParams:
             fail("stop_token_ids", "a list of integers >= 0")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             fail("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+
+    def for_choice(self, index: int) -> "SamplingParams":
+        """The parameters of completion ``index`` of ``n``: one sequence, its own seed."""
+        seed = None if self.seed is None else self.seed + index
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

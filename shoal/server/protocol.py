@@ -43,6 +43,7 @@ class _SamplingRequest(BaseModel):
     def sampling_params(self, default_max_tokens: int, logprobs: int | None, index: int = 0) -> SamplingParams:
         """Engine sampling parameters for choice ``index`` (seeds differ per choice)."""
         return SamplingParams(
+            n=self.n,
             max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -51,14 +52,14 @@ class _SamplingRequest(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
-            seed=None if self.seed is None else self.seed + index,
+            seed=self.seed,
             stop=self.stop or [],
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-        )
+        ).for_choice(index)
 
 
 class CompletionRequest(_SamplingRequest):
