@@ -145,6 +145,30 @@ def test_export_import_continues_identically(make_tiny_engine, tiny_hf, after_st
         assert engine.block_manager.num_used == 0
 
 
+def test_import_into_a_full_engine_is_refused_and_changes_nothing(make_tiny_engine):
+    """An engine running max_num_seqs requests takes no more: import_ raises (the cluster then rolls
+    the migration back) and both engines carry on as before."""
+    ps = prompts(3, lo=12, hi=20, seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    src, dst = make_tiny_engine(), make_tiny_engine(max_num_seqs=1)
+    moving = src.add(ps[0], params, req_id="moving")
+    dst.add(ps[1], params)
+    while not src.requests[moving].output_token_ids or not dst.scheduler.running:
+        src.step()
+        dst.step()
+    state = src.export(moving)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        dst.import_(state)
+    assert moving not in dst.requests and len(dst.scheduler.running) == 1
+    dst.block_manager.check()
+    src.import_(state)  # it goes back where it came from
+    outs = run_all(src)
+    assert sum(o.finished for o in outs[moving]) == 1
+    run_all(dst)
+    for engine in (src, dst):
+        assert engine.block_manager.num_used == 0
+
+
 def test_export_of_swapped_request(make_tiny_engine):
     ps = prompts(6, lo=20, hi=40, seed=11)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)

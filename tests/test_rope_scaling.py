@@ -272,3 +272,9 @@ def test_mistral_sliding_window_rejected(tmp_path) -> None:
     ) as e:
         load_checkpoint(tmp_path)
     assert os.fspath(tmp_path) in str(e.value)
+
+
+def test_partial_rotary_factor_rejected(tmp_path) -> None:
+    _write_config(tmp_path, partial_rotary_factor=0.5)
+    with pytest.raises(ModelLoadError, match=r"partial_rotary_factor=0.5 is not supported"):
+        load_checkpoint(tmp_path)

@@ -381,6 +381,8 @@ class EngineCore:
         if staged != state.kv_start_block:
             raise ValueError(f"{state.kv_start_block} KV blocks should have been staged, found {staged}")
         if state.kv is not None:
+            if len(self.scheduler.running) >= self.scheduler.config.max_num_seqs:
+                raise ValueError(f"no room: {len(self.scheduler.running)} requests already running (max_num_seqs)")
             n_blocks = state.kv_start_block + state.kv.shape[3]
             if n_blocks != bm.blocks_needed(state.num_computed_tokens):
                 raise ValueError("exported KV does not match its computed-token count")
