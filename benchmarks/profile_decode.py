@@ -43,17 +43,33 @@ def linears_only(model: torch.nn.Module, rows: int, head: bool = True, repeats: 
     (the LM head only if ``head``: a prefill samples one row per prompt): a step's matmuls alone."""
     linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))
                and (head or m is not model.lm_head)]
-    dtype = next(model.parameters()).dtype
-    inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=dtype) for m in linears}
+    weight = next(model.parameters())
+    inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=weight.dtype, device=weight.device)
+              for m in linears}
+    sync = torch.cuda.synchronize if weight.is_cuda else (lambda: None)
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):
+            sync()
             t = time.perf_counter()
             for m in linears:
                 m(inputs[m.in_features])
+            sync()
             times.append(time.perf_counter() - t)
     times = sorted(times[1:])
     return times[len(times) // 2]
+
+
+def prefill_rate(engine: Engine, prompt_len: int, n: int = 16) -> float:
+    """Prompt tokens per second over ``n`` new prompts of ``prompt_len`` tokens, prefilled in the
+    engine's chunks (one output token each)."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    for i in range(n):
+        engine.add([2000 + i] + list(range(300, 299 + prompt_len)), params)
+    t = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return n * prompt_len / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -70,7 +86,9 @@ def main() -> None:
         print(f"batch {b:3d}: {dt * 1e3:6.1f} ms/step  {b / dt:7.1f} tok/s   "
               f"linears alone {floor * 1e3:6.1f} ms ({floor / dt:.0%} of the step)")
     floor = linears_only(engine.model, 512, head=False)
-    print(f"prefill floor: decoder linears alone on 512 rows {floor * 1e3:.0f} ms, {512 / floor:.0f} tok/s")
+    rate = prefill_rate(engine, args.prompt_len)
+    print(f"prefill: {rate:.0f} tok/s in chunks of {engine.config.max_num_batched_tokens}   "
+          f"decoder linears alone on 512 rows {512 / floor:.0f} tok/s ({rate * floor / 512:.0%})")
     prof = torch.profiler.profile()
     dt = decode_steps(engine, args.batch, args.prompt_len, steps=16, during_decode=prof)
     print(f"profiled batch {args.batch}: {dt * 1e3:.1f} ms/step (median, with the profiler on)")

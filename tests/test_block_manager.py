@@ -436,3 +436,19 @@ def test_prefix_hashes_are_a_sha256_chain():
     assert prefix_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], block_size=4) == [first, second]
     assert hash_block(None, [5, 6, 7, 8]) != second  # the same block after another prefix differs
     assert BlockManager(8, 4, 0).prefix_hashes([1, 2, 3, 4, 5, 6, 7, 8], max_blocks=1) == [first]
+
+
+def test_prefix_hash_memo_is_bounded_and_exact():
+    """Admission asks for a prompt's hash chain several times; the block manager keeps recent ones,
+    and what it returns is always the chain itself."""
+    from shoal.engine.block_manager import HASH_MEMO_SIZE, prefix_hashes
+
+    bm = BlockManager(8, 4, 0)
+    prompts = [[i, i + 1, 7, 7, 9, 9, 9, 9, 1] for i in range(HASH_MEMO_SIZE + 10)]
+    for _ in range(2):
+        for p in prompts:
+            assert bm.prefix_hashes(p, 2) == prefix_hashes(p, 4)
+            assert bm.prefix_hashes(p, 1) == prefix_hashes(p, 4)[:1]
+    assert len(bm._hash_memo) <= HASH_MEMO_SIZE
+    bm.prefix_hashes(prompts[0], 2).append(0)  # callers own what they get back
+    assert bm.prefix_hashes(prompts[0], 2) == prefix_hashes(prompts[0], 4)

@@ -47,7 +47,9 @@ def test_bench_offline_prints_throughput_ttft_and_tpot():
 @pytest.mark.parametrize("args, message", [
     (("generate", "--prompt", "hi", "--model", "/no/such/model.gguf"), "no such file or directory"),
     (("generate", "--prompt", "hi", "--dtype", "fp8"), "unknown dtype 'fp8'"),
-    (("generate", "--prompt", "hi", "--device", "cuda:7"), "CUDA is not available"),
+    (("generate", "--prompt", "hi", "--device", "cuda:7"), "cuda:7' requested but"),
+    (("generate", "--prompt", "hi", "--device", "bogus"), "unknown device 'bogus'"),
+    (("generate", "--prompt", "hi", "--num-threads", "0"), "num_threads must be None or an integer >= 1, got 0"),
     (("bench", "offline", "-c", "0"), "concurrency must be >= 1, got 0"),
     (("bench", "offline", "--output-len", "-1"), "output_len must be >= 1, got -1"),
     (("bench", "offline", "--max-num-batched-tokens", "0"), "must be positive"),

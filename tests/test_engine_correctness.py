@@ -51,6 +51,13 @@ def run_prompts(engine, ps, params=GREEDY, **add_kw):
     return [outs[r] for r in ids]
 
 
+def test_model_is_loaded_for_inference(make_tiny_engine):
+    """No parameter tracks gradients, so the forward (RoPE writes in place) runs outside
+    ``inference_mode`` too."""
+    model = make_tiny_engine().model
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_batched_prefill_and_decode_match_reference(make_tiny_engine, tiny_hf):
     ps = prompts(5)
     engine = make_tiny_engine()

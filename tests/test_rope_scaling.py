@@ -274,6 +274,15 @@ def test_mistral_sliding_window_rejected(tmp_path) -> None:
     assert os.fspath(tmp_path) in str(e.value)
 
 
+def test_partial_rotary_factor_of_one_or_null_loads(tmp_path) -> None:
+    path, _ = _save_tiny_llama(tmp_path)
+    base = load_checkpoint(path)[0]
+    cfg = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    for factor in (None, 1.0):
+        (tmp_path / "tiny" / "config.json").write_text(json.dumps({**cfg, "partial_rotary_factor": factor}))
+        assert load_checkpoint(path)[0] == base
+
+
 def test_partial_rotary_factor_rejected(tmp_path) -> None:
     _write_config(tmp_path, partial_rotary_factor=0.5)
     with pytest.raises(ModelLoadError, match=r"partial_rotary_factor=0.5 is not supported"):

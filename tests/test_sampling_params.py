@@ -24,6 +24,10 @@ def test_stop_str_normalised_to_list():
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
 
 
+def test_max_tokens_is_still_the_first_positional_field():
+    assert SamplingParams(32).max_tokens == 32 and SamplingParams(32).n == 1
+
+
 def test_for_choice_gives_one_sequence_with_its_own_seed():
     p = SamplingParams(n=3, seed=10, temperature=0.5)
     assert [(c.n, c.seed, c.temperature) for c in map(p.for_choice, range(3))] == [(1, 10, 0.5), (1, 11, 0.5), (1, 12, 0.5)]

@@ -154,6 +154,9 @@ def test_text_prompts_get_special_tokens_unless_asked_not_to(srv, monkeypatch):
     for extra, n in (({}, len(plain) + 1), ({"add_special_tokens": False}, len(plain))):
         r = srv.http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": text, "max_tokens": 1, **extra})
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == n
+    # echo gives the prompt back as sent, not with the BOS it was encoded with
+    r = srv.http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": [text, text], "max_tokens": 1, "echo": True})
+    assert [c["text"][: len(text)] for c in r.json()["choices"]] == [text, text]
 
 
 def test_tokenize_detokenize_round_trip(srv):

@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
+HASH_MEMO_SIZE = 64  # prompts whose prefix hash chains are kept
+
+
 class NoFreeBlocks(RuntimeError):
     """Raised when an allocation is attempted without room; callers ask ``can_*`` first."""
 
@@ -86,6 +89,9 @@ class BlockManager:
         self._free_plain: list[int] = list(range(num_blocks - 1, -1, -1))
         self._free_cached: OrderedDict[int, None] = OrderedDict()
         self._hash_to_block: dict[int, int] = {}
+        # Recent prompts' hash chains: admission asks for the same prompt's prefix several times a
+        # step, and again every step while it waits; SHA-256 is worth computing once.
+        self._hash_memo: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()
         self._free_swap: list[int] = list(range(num_swap_blocks - 1, -1, -1))
         self.tables: dict[str, BlockTable] = {}
         self.swapped: dict[str, list[int]] = {}
@@ -161,7 +167,15 @@ class BlockManager:
 
     def prefix_hashes(self, token_ids: list[int], max_blocks: int) -> list[int]:
         """Chained hashes of the first ``max_blocks`` full blocks of ``token_ids``."""
-        return prefix_hashes(token_ids, self.block_size, max_blocks)
+        key = tuple(token_ids[: min(max_blocks, len(token_ids) // self.block_size) * self.block_size])
+        hashes = self._hash_memo.get(key)
+        if hashes is None:
+            hashes = self._hash_memo[key] = prefix_hashes(key, self.block_size)
+            if len(self._hash_memo) > HASH_MEMO_SIZE:
+                self._hash_memo.popitem(last=False)
+        else:
+            self._hash_memo.move_to_end(key)
+        return list(hashes)
 
     def cached_prefix(self, token_ids: list[int]) -> list[int]:
         """Device blocks holding the longest cached prefix of ``token_ids``, leaving at least one

@@ -21,7 +21,6 @@ class SamplingParams:
     ``stop_token_ids`` accept None for none, as in vLLM.
     """
 
-    n: int = 1  # completions per prompt (LLM and the server fan out; one engine request each)
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -37,6 +36,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    n: int = 1  # completions per prompt (LLM and the server fan out; one engine request each)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

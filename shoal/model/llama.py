@@ -141,7 +141,7 @@ class LlamaModel(nn.Module):
         dtype = state["embed_tokens.weight"].dtype
         model = model.to_empty(device="cpu").to(dtype)
         model.load_weights(state)
-        return model
+        return model.requires_grad_(False)  # inference only (RoPE writes in place)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face-named weights (no ``model.`` prefix), fusing q/k/v and gate/up."""

@@ -289,7 +289,7 @@ def _load_hf_folder(p: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str,
             f"{p}: sliding window attention (sliding_window={window} < max_position_embeddings="
             f"{config.max_position_embeddings}) is not supported; only full attention is implemented"
         )
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+    if cfg.get("partial_rotary_factor") not in (None, 1, 1.0):
         raise ModelLoadError(f"{p}: partial_rotary_factor={cfg['partial_rotary_factor']} is not supported; "
                              "RoPE is applied to the whole head")
 

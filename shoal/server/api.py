@@ -295,8 +295,15 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                     off += len(text)
             return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
-        def prefix(i: int) -> str:
-            return tokenizer.decode(prompts[i // req.n]) if req.echo else ""
+        def prefix(i: int) -> str:  # a text prompt echoes as sent, not with the BOS it was encoded with
+            if not req.echo:
+                return ""
+            p = req.prompt
+            if isinstance(p, str):
+                return p
+            if isinstance(p[0], str):
+                return p[i // req.n]  # type: ignore[return-value]
+            return tokenizer.decode(prompts[i // req.n])
 
         if req.stream:
             async def sse():
