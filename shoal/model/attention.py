@@ -81,8 +81,6 @@ def paged_attention(
     cache = kv.cache
     write_kv(cache, new_kv, meta.slot_mapping)
     nd = meta.num_decodes
-    hkv = new_kv.shape[1] // 2
-    k, v = new_kv[:, :hkv], new_kv[:, hkv:]
     if nd:
         if kv.decode is None:
             ctx = _gather(cache, meta.decode_gather_index, nd)
@@ -94,6 +92,8 @@ def paged_attention(
     out = torch.empty_like(q)
     if nd:
         out[:nd] = decoded
+    hkv = new_kv.shape[1] // 2
+    k, v = new_kv[:, :hkv], new_kv[:, hkv:]
     for p in meta.prefills:
         rows = slice(p.q_start, p.q_start + p.q_len)
         if p.mask is None:

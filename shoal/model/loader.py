@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from shoal.model.config import ModelConfig, check_rope_scaling, rope_type
+from shoal.model.config import ModelConfig, rope_type
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -320,10 +320,6 @@ def _hf_config(p: Path, cfg: dict) -> ModelConfig:
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})  # transformers 5 / 4 layouts
     rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
     kind = rope_type(rope)
-    try:
-        check_rope_scaling(rope)
-    except ValueError as e:
-        raise ModelLoadError(f"{p / 'config.json'}: {e} (rope_scaling)") from e
     eos: list[int] = []
     for source in (cfg, _read_json(p / "generation_config.json") if (p / "generation_config.json").is_file() else {}):
         ids = source.get("eos_token_id")
