@@ -88,6 +88,8 @@ def serve(
     num_threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
+    max_body_bytes: int = typer.Option(16 << 20, "--max-body-bytes", min=1, help="Answer 413 to a request body larger than this"),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0.0, help="On SIGTERM, seconds to let requests in flight finish before ending them with an error"),
 ) -> None:
     """Serve the OpenAI API (completions, chat, models, tokenize, metrics)."""
     import uvicorn
@@ -95,6 +97,7 @@ def serve(
     from shoal.engine.config import EngineConfig
     from shoal.model.loader import default_model_path
     from shoal.server.api import create_app
+    from shoal.server.lifecycle import Lifecycle, ShoalServer
 
     log = logging.getLogger("shoal.serve")
     log.setLevel(logging.INFO)
@@ -124,13 +127,16 @@ def serve(
         with user_errors():
             engine = Engine(config)
         backend = AsyncEngine(engine, max_waiting=max_waiting)
-    app = create_app(backend, name, api_key)
+    lifecycle = Lifecycle(drain_timeout)
+    app = create_app(backend, name, api_key, max_body_bytes=max_body_bytes, lifecycle=lifecycle)
 
     @app.on_event("startup")
     async def _ready() -> None:
         log.warning("Shoal ready: model %r at http://%s:%d/v1 (max_model_len %d)", name, host, port, backend.max_model_len)
 
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    ShoalServer(uvicorn.Config(app, host=host, port=port, log_level="warning"), lifecycle, backend).run()
+    if lifecycle.exit_code:
+        raise typer.Exit(lifecycle.exit_code)
 
 
 @bench_app.command("offline")

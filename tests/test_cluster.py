@@ -297,6 +297,8 @@ def test_instance_death_every_request_ends(ray_runtime, cluster_config):
             assert all(f is not None and f.finished for f in finals)
             on_victim = [f for f in finals if f.error]
             assert on_victim and all("died" in f.error for f in on_victim)
+            # clients see the instance's number, never Ray's actor id, pid or address
+            assert not any(word in f.error for f in on_victim for word in ("pid", "Actor", "ray", "ip="))
             assert len(await collect(late)) == 5
             assert c.live() and c.dead is None
             gauge = lambda state: registry.get_sample_value("shoal:instances", {"state": state})  # noqa: E731
@@ -369,3 +371,78 @@ def test_instance_runs_calls_between_steps(cluster_config):
         inst.shutdown()
     with pytest.raises(RuntimeError, match="shutting down"):
         inst.running()
+
+
+def test_instance_restarts_its_engine_after_a_step_crash(cluster_config):
+    """A step that raises outside any one request fails the instance's requests with a readable
+    error and the engine starts over; if even that fails, poll() says the instance is broken so
+    the gateway takes it out (it used to wedge: the thread died, the actor lived, calls hung)."""
+    from shoal.cluster.instance import Instance
+
+    inst = Instance(cluster_config, "solo")
+    step = inst.engine.step
+    calls = [0]
+
+    def broken_once():
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OverflowError("int too large to convert to float")
+        return step()
+
+    inst.engine.step = broken_once
+    try:
+        inst.add(PROMPT, LONG, "victim")
+        finals = []
+        for _ in range(200):
+            finals += [o for o in inst.poll(0.05)[0] if o.finished]
+            if finals:
+                break
+        assert finals[0].req_id == "victim" and "restarted" in finals[0].error
+        assert inst.load().num_restarts == 1
+        inst.add(PROMPT, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), "next")
+        tokens = []
+        for _ in range(200):
+            outs, _ = inst.poll(0.05)
+            tokens += [t for o in outs for t in o.new_token_ids]
+            if any(o.finished for o in outs):
+                break
+        assert len(tokens) == 3 and inst.check() == {"used": 0, "requests": 0}
+
+        def no_recovery(error):
+            raise RuntimeError("cannot reset")
+
+        inst.engine.step = lambda: (_ for _ in ()).throw(RuntimeError("device lost"))
+        inst.engine.recover = no_recovery
+        inst.add(PROMPT, LONG, "last")
+        with pytest.raises(RuntimeError, match="broken"):
+            for _ in range(200):
+                inst.poll(0.05)
+        with pytest.raises(RuntimeError, match="broken"):
+            inst.running()
+    finally:
+        inst.shutdown()
+
+
+def test_cluster_refusals_are_the_engines_own_errors(ray_runtime, cluster_config):
+    """A refused request raises the engine's own error (no Ray traceback with actor id and pid);
+    fail_all (a shutdown past its drain timeout) ends every open request with an error."""
+    async def scenario():
+        c = await make_cluster(cluster_config, 2)
+        try:
+            with pytest.raises(ValueError) as exc:
+                await c.submit(PROMPT, LONG, "bomb", priority=10**400)
+            assert "priority" in str(exc.value) and "pid" not in str(exc.value) and "ray" not in str(exc.value)
+            streams = [await c.submit(PROMPT, LONG, f"f{i}") for i in range(3)]
+            await asyncio.gather(*(s.__anext__() for s in streams))
+            c.fail_all("the server is shutting down")
+            for s in streams:
+                last = None
+                async for out in s:
+                    last = out
+                assert last.finished and last.error == "the server is shutting down"
+            assert not c.requests
+            await check_clean(c)
+        finally:
+            c.shutdown()
+
+    run(scenario())

@@ -484,7 +484,7 @@ BAD_BODIES = [
     ("/v1/chat/completions", {"messages": COUNT, "top_p": 0}, "top_p"),
     ("/v1/chat/completions", {"messages": COUNT, "n": 0}, "n"),
     ("/v1/chat/completions", {"messages": COUNT, "max_tokens": 0}, "max_tokens"),
-    ("/v1/chat/completions", {"messages": COUNT, "max_completion_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": COUNT, "max_completion_tokens": 0}, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [

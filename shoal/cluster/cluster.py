@@ -68,6 +68,7 @@ class Tracked:
     migrating: bool = False
     aborted: bool = False
     pd_moved: bool = False
+    redispatches: int = 0  # times re-sent after its instance died (bounded: it may be what killed it)
 
 
 @dataclass
@@ -197,8 +198,8 @@ class ClusterEngine:
 
     async def submit(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str,
                      priority: int = 0) -> RequestStream:
-        if self.max_waiting is not None and self.load().num_waiting >= self.max_waiting:
-            raise QueueFull(f"{self.load().num_waiting} requests are waiting (limit {self.max_waiting})")
+        if self.max_waiting is not None and (waiting := self.load().waiting_for_room()) >= self.max_waiting:
+            raise QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
         tracked = Tracked(req_id, list(prompt_token_ids), params, priority, -1, asyncio.Queue())
         await self._dispatch(tracked)
         return RequestStream(self.abort, req_id, tracked.queue)
@@ -217,8 +218,9 @@ class ClusterEngine:
                 break
             except ray.exceptions.RayActorError as exc:  # died before its pump noticed: try another
                 await self._member_died(member, exc)
-            except ray.exceptions.RayTaskError as exc:  # the engine refused the request
-                raise exc.as_instanceof_cause() from None
+            except ray.exceptions.RayTaskError as exc:  # the engine refused the request: its own
+                cause = exc.cause  # error, without Ray's traceback (actor id, pid, address)
+                raise (cause if isinstance(cause, Exception) else RuntimeError("the instance refused the request")) from None
         tracked.member = member.id
         self.requests[tracked.req_id] = tracked
         # count the request at once so a burst is not herded onto one instance before the next poll
@@ -226,6 +228,19 @@ class ClusterEngine:
                                           waiting_prompt_tokens=member.load.waiting_prompt_tokens + len(tracked.prompt_token_ids))
         if self.metrics:
             self.metrics.dispatches.labels(policy=self.dispatch.name).inc()
+
+    def fail_all(self, error: str) -> None:
+        """End every open request with ``error`` (a shutdown whose drain timed out)."""
+        for tracked in list(self.requests.values()):
+            self.abort(tracked.req_id)
+            self._fail(tracked, error)
+
+    def _fail(self, tracked: Tracked, error: str) -> None:
+        self.requests.pop(tracked.req_id, None)
+        tracked.queue.put_nowait(RequestOutput(
+            req_id=tracked.req_id, new_token_ids=[], new_text="", finished=True,
+            num_prompt_tokens=len(tracked.prompt_token_ids), num_output_tokens=tracked.streamed_tokens,
+            finish_reason=FinishReason.ERROR, error=error))
 
     def abort(self, req_id: str) -> None:
         tracked = self.requests.get(req_id)
@@ -266,25 +281,28 @@ class ClusterEngine:
             self._tasks.append(asyncio.create_task(self._pd_transfer(tracked, member)))
 
     async def _member_died(self, member: Member, exc: Exception) -> None:
+        """Take a dead (or broken) instance out: re-send its requests that have streamed nothing
+        yet, at most twice each, and end the others with an error. Clients see the instance's
+        number only; the actor's details go to the log."""
         if not member.alive:
             return
         member.alive = False
-        self.dead = None if self.live() else f"all instances died ({exc})"
+        self.dead = None if self.live() else "all instances died"
         log.error("instance %d died: %s", member.id, exc)
+        ray.kill(member.handle)  # a broken instance's actor may still be alive
         for tracked in [t for t in self.requests.values() if t.member == member.id]:
-            if tracked.streamed_tokens == 0 and self.live(("both", "prefill")):
+            error = f"instance {member.id} died mid-request"
+            if tracked.streamed_tokens == 0 and tracked.redispatches < 2 and self.live(("both", "prefill")):
+                tracked.redispatches += 1
                 if self.metrics:
                     self.metrics.redispatched.inc()
                 try:
                     await self._dispatch(tracked)
                     continue
                 except Exception as err:  # nowhere to go
-                    exc = err
-            self.requests.pop(tracked.req_id, None)
-            tracked.queue.put_nowait(RequestOutput(
-                req_id=tracked.req_id, new_token_ids=[], new_text="", finished=True,
-                num_prompt_tokens=len(tracked.prompt_token_ids), num_output_tokens=tracked.streamed_tokens,
-                finish_reason=FinishReason.ERROR, error=f"instance {member.id} died mid-request: {exc}"))
+                    log.warning("re-dispatch of %s failed: %s", tracked.req_id, err)
+                    error = f"instance {member.id} died and no other instance could take the request"
+            self._fail(tracked, error)
 
     # ---- migration ----------------------------------------------------------------------------
 
@@ -435,7 +453,9 @@ class ClusterEngine:
                 self.metrics.instance_kv.labels(instance=str(m.id)).set(m.load.kv_usage)
         decoders = [m for m in members if m.role in MIGRATION_ROLES]  # prefill instances hand off instead
         if self.migration is not None and len(decoders) > 1:
-            running = await asyncio.gather(*(m.handle.running.remote() for m in decoders))
+            # bounded: a wedged instance must not stall the control loop (its pump notices death)
+            running = await asyncio.wait_for(asyncio.gather(*(m.handle.running.remote() for m in decoders)),
+                                             timeout=max(5.0, 20 * self.control_interval_s))
             mine = [[RunningRequest(*r) for r in rs if r[0] in self.requests and not self.requests[r[0]].migrating]
                     for rs in running]
             draining = frozenset(i for i, m in enumerate(decoders) if m.draining)

@@ -8,6 +8,7 @@ after each step with :meth:`Instance.poll`.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import Future
@@ -19,6 +20,8 @@ from shoal.engine.config import EngineConfig
 from shoal.engine.engine import Engine
 from shoal.engine.outputs import InstanceLoad, RequestOutput, RequestState
 from shoal.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class Instance:
@@ -38,6 +41,7 @@ class Instance:
         self._step_delay_s = 0.0
         self._hold: set[str] = set()  # P/D: suspend these after their first token
         self._handoffs: dict[str, RequestState] = {}
+        self._broken: str | None = None  # why the engine could not be restarted, if it could not
         self._thread = threading.Thread(target=self._loop, name=f"shoal-{name}", daemon=True)
         self._thread.start()
 
@@ -57,12 +61,12 @@ class Instance:
                 except Exception as exc:
                     fut.set_exception(exc)
             stepped = self.engine.has_unfinished()
-            outs = self.engine.step() if stepped else []
-            for out in outs:
-                if out.req_id in self._hold and out.new_token_ids:
-                    self._hold.discard(out.req_id)
-                    if not out.finished:  # prefill done: park it (KV kept) for the decode instance
-                        self._handoffs[out.req_id] = self.engine.export(out.req_id, 0, release=False)
+            try:
+                outs = self._step() if stepped else []
+            except Exception as exc:  # the step itself broke, not one request: start over
+                outs = self._recover(exc)
+                if outs is None:
+                    return
             load = self.engine.load()
             with self._cv:
                 self._outputs.extend(outs)
@@ -71,10 +75,42 @@ class Instance:
             if stepped and self._step_delay_s:
                 time.sleep(self._step_delay_s)
 
+    def _step(self) -> list[RequestOutput]:
+        outs = self.engine.step()
+        for out in outs:
+            if out.req_id in self._hold and out.new_token_ids:
+                self._hold.discard(out.req_id)
+                if not out.finished:  # prefill done: park it (KV kept) for the decode instance
+                    self._handoffs[out.req_id] = self.engine.export(out.req_id, 0, release=False)
+        return outs
+
+    def _recover(self, exc: Exception) -> list[RequestOutput] | None:
+        """Fail every request here and start the engine core over (its outputs are returned);
+        None if even that failed: the instance is then broken and :meth:`poll` says so, so the
+        gateway treats it as dead instead of routing to it."""
+        log.exception("%s: engine step crashed; failing its requests and restarting the engine", self.name)
+        self._hold.clear()
+        self._handoffs.clear()
+        try:
+            outs = self.engine.recover(f"the engine hit an internal error and restarted: {exc!r}")
+        except Exception as fatal:
+            log.critical("%s: engine restart failed: %r", self.name, fatal)
+            with self._cv:
+                self._broken = repr(fatal)
+                for _, fut in self._calls:
+                    fut.set_exception(RuntimeError(f"{self.name} is broken"))
+                self._calls = []
+                self._cv.notify_all()
+            return None
+        log.warning("%s: engine restarted (restart %d)", self.name, self.engine.num_restarts)
+        return outs
+
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the stepping thread before its next step; return its result or raise."""
         fut: Future = Future()
         with self._cv:
+            if self._broken:
+                raise RuntimeError(f"{self.name} is broken: {self._broken}")
             if self._stop:
                 raise RuntimeError(f"{self.name} is shutting down")
             self._calls.append((fn, fut))
@@ -117,9 +153,11 @@ class Instance:
         """Outputs produced since the last poll (waiting up to ``timeout`` for some) and the load
         after the latest step."""
         with self._cv:
-            if not self._outputs:
+            if not self._outputs and not self._broken:
                 self._cv.wait(timeout)
             outs, self._outputs = self._outputs, []
+            if self._broken and not outs:
+                raise RuntimeError(f"{self.name} is broken: {self._broken}")
             return outs, self._load
 
     def load(self) -> InstanceLoad:

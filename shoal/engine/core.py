@@ -18,7 +18,7 @@ from shoal.engine.block_manager import BlockManager
 from shoal.engine.detokenizer import IncrementalDetokenizer
 from shoal.engine.executor import Executor
 from shoal.engine.outputs import InstanceLoad, RequestOutput, RequestState
-from shoal.engine.request import FinishReason, Request, Status
+from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN, FinishReason, Request, Status
 from shoal.engine.sampler import SamplingState, make_generator
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -58,6 +58,7 @@ class EngineCore:
             self._eos.add(tokenizer.eos_token_id)
         self._next_id = 0
         self._suspended: dict[str, Request] = {}  # exported, KV kept until release / restore
+        self.num_restarts = 0  # times recover() started over
 
     # ---- requests in ----------------------------------------------------------------------------
 
@@ -85,6 +86,8 @@ class EngineCore:
         self._validate_prompt(prompt_token_ids)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an integer, got {priority!r}")
+        if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+            raise ValueError(f"priority must be in [{PRIORITY_MIN}, {PRIORITY_MAX}], got {priority}")
         req = Request(
             req_id=req_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -132,6 +135,35 @@ class EngineCore:
             return False
         self._finish(req, FinishReason.ABORT, pending=True)
         return True
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """End every request with ``error`` (a shutdown past its drain timeout); returns their
+        final outputs, with any not yet handed out."""
+        outputs, self._pending = self._pending, []
+        return outputs + [self._finish(req, FinishReason.ERROR, error=error) for req in list(self.requests.values())]
+
+    def recover(self, error: str) -> list[RequestOutput]:
+        """After :meth:`step` itself raised (a fault no one request can be blamed for, so the
+        scheduler and block manager may be half-updated): end every request with ``error`` and
+        start again from an empty scheduler and block manager. The model and its KV tensors stay."""
+        now = self.clock()
+        outputs = []
+        for req in [*self.requests.values(), *self._suspended.values()]:
+            req.status, req.finish_reason, req.error, req.finished_time = Status.FINISHED, FinishReason.ERROR, error, now
+            outputs.append(self._output(req, [], ""))
+        bm, sched = self.block_manager, self.scheduler
+        self.block_manager = BlockManager(bm.num_blocks, bm.block_size, bm.num_swap_blocks, bm.enable_prefix_caching)
+        self.block_manager.prefix_queries, self.block_manager.prefix_hits = bm.prefix_queries, bm.prefix_hits
+        self.scheduler = Scheduler(sched.config, self.block_manager)
+        self.scheduler.num_preemptions = sched.num_preemptions
+        self.num_restarts += 1
+        self.requests.clear()
+        self._sampling.clear()
+        self._detok.clear()
+        self._pending.clear()
+        self._suspended.clear()
+        self.executor.reset()
+        return outputs
 
     # ---- the step -------------------------------------------------------------------------------
 
@@ -263,6 +295,8 @@ class EngineCore:
             num_preemptions=s.num_preemptions,
             prefix_cache_queries=bm.prefix_queries,
             prefix_cache_hits=bm.prefix_hits,
+            max_num_seqs=s.config.max_num_seqs,
+            num_restarts=self.num_restarts,
         )
 
     def read_blocks(self, req_id: str, start_block: int) -> tuple[torch.Tensor | None, int]:

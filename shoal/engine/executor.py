@@ -22,6 +22,10 @@ class Executor(Protocol):
 
     def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None: ...
 
+    def reset(self) -> None:
+        """Forget whatever is carried from step to step (the engine starts over)."""
+        ...
+
 
 class ModelExecutor:
     """The real thing: a forward pass on the device, then the sampler."""
@@ -42,3 +46,6 @@ class ModelExecutor:
 
     def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
         self.runner.kv.write(block_ids, data)
+
+    def reset(self) -> None:
+        self.runner.kv.version += 1  # the carried decode K/V buffer no longer matches

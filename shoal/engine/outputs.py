@@ -50,10 +50,18 @@ class InstanceLoad:
     num_preemptions: int
     prefix_cache_queries: int = 0  # prompt tokens looked up so far
     prefix_cache_hits: int = 0  # of which found cached
+    max_num_seqs: int = 0  # the running batch's bound (summed over a cluster's instances)
+    num_restarts: int = 0  # times the engine started over after a step itself failed
 
     @property
     def kv_usage(self) -> float:
         return self.num_used_blocks / self.num_total_blocks
+
+    def waiting_for_room(self, unseen: int = 0) -> int:
+        """Requests beyond the running batch's free slots: the queued and swapped ones, plus
+        ``unseen`` submitted since this snapshot. A burst that fits in free slots counts zero."""
+        free_slots = max(0, self.max_num_seqs - self.num_running)
+        return max(0, self.num_waiting + self.num_swapped + unseen - free_slots)
 
 
 @dataclass

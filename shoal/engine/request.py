@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from shoal.engine.sampling_params import SamplingParams
 
 
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
+"""The priorities a request may have (lower runs first); anything else is refused at the edge."""
+
+
 class Status(enum.Enum):
     WAITING = "waiting"  # not started, or preempted by recompute
     RUNNING = "running"

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit seed, as vLLM takes (choice i adds i)
+MAX_INT32 = 2**31 - 1  # the bound on token ids, top_k and max_tokens
 
 
 @dataclass
@@ -63,13 +65,13 @@ class SamplingParams:
 
         if not is_int(self.n) or self.n < 1:
             fail("n", "an integer >= 1")
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            fail("max_tokens", "an integer >= 1")
+        if not is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_INT32:
+            fail("max_tokens", f"an integer in [1, {MAX_INT32}]")
         if not is_num(self.temperature) or self.temperature < 0:
             fail("temperature", "a finite number >= 0")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "in (0, 1]")
-        if not is_int(self.top_k) or self.top_k < -1:
+        if not is_int(self.top_k) or not -1 <= self.top_k <= MAX_INT32:
             fail("top_k", "-1 or 0 (disabled) or an integer >= 1")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             fail("min_p", "in [0, 1]")
@@ -78,12 +80,12 @@ class SamplingParams:
                 fail(name, "in [-2, 2]")
         if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
             fail("repetition_penalty", "a finite number > 0")
-        if self.seed is not None and not is_int(self.seed):
-            fail("seed", "None or an integer")
+        if self.seed is not None and (not is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            fail("seed", f"None or an integer in [{SEED_MIN}, {SEED_MAX}]")
         if not all(isinstance(s, str) and s for s in self.stop):
             fail("stop", "a list of non-empty strings")
-        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
-            fail("stop_token_ids", "a list of integers >= 0")
+        if not all(is_int(t) and 0 <= t <= MAX_INT32 for t in self.stop_token_ids):
+            fail("stop_token_ids", f"a list of integers in [0, {MAX_INT32}]")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             fail("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
 

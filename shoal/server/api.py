@@ -14,21 +14,44 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 import shoal
 from shoal.engine.outputs import RequestOutput
 from shoal.server.async_engine import AsyncEngine
-from shoal.streams import QueueFull
+from shoal.server.lifecycle import Lifecycle
 from shoal.server.metrics import ServerMetrics
+from shoal.server.middleware import AdmissionGate, BearerAuth, BodyLimit, BodyTooLarge, error_response, too_large_response
+from shoal.server.prompts import PromptBuilder
 from shoal.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ErrorResponse,
     TokenizeRequest,
     _SamplingRequest,
 )
+from shoal.streams import QueueFull
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+
+_ERRORS = {
+    400: "Bad input: malformed JSON, a parameter out of range, a prompt that does not fit.",
+    401: "Missing or wrong API key.",
+    404: "Unknown model.",
+    413: "Request body over the size limit.",
+    429: "Too many requests waiting; retry after `Retry-After` seconds.",
+    500: "The engine failed this request.",
+    503: "Shutting down, or the engine is unavailable; retry after `Retry-After` seconds.",
+}
+ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": text} for code, text in _ERRORS.items()}
+STREAM_RESPONSES = {**ERROR_RESPONSES, 200: {
+    "description": "A JSON object, or with `stream: true` server-sent events: `data: {chunk}` lines, "
+                   "an error event if the engine fails mid-stream, and `data: [DONE]`.",
+    "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+}}
 
 
 class APIError(Exception):
@@ -40,14 +63,10 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
 
-def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """Build the app. ``engine`` must already be running; the app shuts it down on exit."""
+def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lifecycle: Lifecycle | None = None) -> FastAPI:
+    """Build the app. ``engine`` must already be running; the app shuts it down on exit.
+    ``lifecycle`` (kept as ``app.state.lifecycle``) drives the graceful shutdown."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -59,8 +78,10 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             engine.shutdown()
 
     app = FastAPI(title="Shoal", version=shoal.__version__, lifespan=lifespan)
+    app.state.lifecycle = lifecycle = lifecycle or Lifecycle()
     metrics = ServerMetrics(model_name)
     tokenizer = engine.tokenizer
+    prompts = PromptBuilder(tokenizer, engine.max_model_len)
     last_token: dict[str, float] = {}
 
     def on_step(outputs: list[RequestOutput]) -> None:  # runs on the engine thread
@@ -83,22 +104,39 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else first.get("msg", "invalid request")
-        return error_response(400, msg, "BadRequestError", loc or None)
+        message, param = validation_message(exc.errors())
+        return error_response(400, message, "BadRequestError", param)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:  # 404, 405, unparsable bodies
+        if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI wraps errors raised while reading the body
+            return too_large_response(exc.__cause__)
+        kind = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(exc.status_code, "BadRequestError")
+        return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return too_large_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:  # a bug: still OpenAI's shape
+        log.exception("unhandled error")
+        return error_response(500, f"internal error: {type(exc).__name__}", "InternalServerError")
+
+    # outermost first: the body limit, then the gate (its 503 needs no key), then the key
     if api_key:
-        # A plain ASGI middleware: @app.middleware("http") (BaseHTTPMiddleware) would hide client
-        # disconnects from request.is_disconnected(), so aborted non-streaming requests kept running.
-        app.add_middleware(_BearerAuth, api_key=api_key)
+        app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(AdmissionGate, lifecycle=lifecycle)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     # ---- plain endpoints -------------------------------------------------------------------------
 
-    @app.get("/health")
+    @app.get("/health", responses={503: ERROR_RESPONSES[503]})
     async def health() -> Response:
         if engine.dead:
             return error_response(503, f"engine stopped: {engine.dead}", "ServiceUnavailableError")
+        if not lifecycle.accepting:
+            return error_response(503, "shutting down", "ServiceUnavailableError", headers={"Retry-After": "5"})
         return Response(status_code=200)
 
     @app.get("/version")
@@ -109,25 +147,25 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={401: ERROR_RESPONSES[401]})
     async def models() -> dict:
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": int(time.time()), "owned_by": "shoal",
             "max_model_len": engine.max_model_len,
         }]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=ERROR_RESPONSES)
     async def tokenize(req: TokenizeRequest) -> dict:
         check_model(req.model)
         if req.messages is not None:
-            ids = chat_token_ids(req.messages, req.add_generation_prompt)
+            ids = await chat_token_ids(req.messages, req.add_generation_prompt, fit=False)
         elif req.prompt is not None:
-            ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await encode(req.prompt, req.add_special_tokens, "prompt", fit=False)  # counting is its use
         else:
             raise APIError(400, "give either prompt or messages", param="prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=ERROR_RESPONSES)
     async def detokenize(req: DetokenizeRequest) -> dict:
         check_model(req.model)
         vocab = engine.vocab_size
@@ -141,13 +179,18 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         if name is not None and name != model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
 
-    def chat_token_ids(messages, add_generation_prompt: bool) -> list[int]:
+    async def chat_token_ids(messages, add_generation_prompt: bool, fit: bool = True) -> list[int]:
         try:
             conv = [{"role": m.role, "content": m.text()} for m in messages]
+            return await prompts.chat(conv, add_generation_prompt, fit)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
-        text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
-        return tokenizer.encode(text, add_special_tokens=False)
+
+    async def encode(text: str, add_special_tokens: bool, what: str, fit: bool = True) -> list[int]:
+        try:
+            return await prompts.encode(text, add_special_tokens, fit)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=what) from exc
 
     def check_length(prompt_len: int, max_tokens: int | None, what: str) -> int:
         """Validate prompt + completion against the context; returns the max_tokens to use."""
@@ -239,6 +282,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 
     def failed(out: RequestOutput) -> None:
         if out.finish_reason is not None and out.finish_reason.value == "error":
+            if not lifecycle.accepting:  # cut by a shutdown whose drain timed out
+                raise APIError(503, out.error or "shutting down", "ServiceUnavailableError",
+                               headers={"Retry-After": "5"})
             raise APIError(500, out.error or "generation failed", "InternalServerError")
 
     async def complete(request: Request, streams, body) -> tuple[list[dict], int]:
@@ -259,15 +305,15 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 
     # ---- completions -----------------------------------------------------------------------------
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=STREAM_RESPONSES)
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         prompts: list[list[int]]
         p = req.prompt
         if isinstance(p, str):
-            prompts = [tokenizer.encode(p, add_special_tokens=req.add_special_tokens)]
+            prompts = [await encode(p, req.add_special_tokens, "prompt")]
         elif p and isinstance(p[0], str):
-            prompts = [tokenizer.encode(x, add_special_tokens=req.add_special_tokens) for x in p]  # type: ignore[arg-type]
+            prompts = [await encode(x, req.add_special_tokens, "prompt") for x in p]  # type: ignore[arg-type]
         elif p and isinstance(p[0], int):
             prompts = [list(p)]  # type: ignore[arg-type]
         else:
@@ -310,7 +356,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                 completion_tokens = 0
                 offsets = [0] * n_choices
                 async for i, out in merged(streams):
-                    if (error := stream_error(out)) is not None:
+                    if (error := stream_error(out, lifecycle.accepting)) is not None:
                         yield error
                         break
                     completion_tokens += len(out.new_token_ids)
@@ -337,10 +383,10 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 
     # ---- chat completions ------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=STREAM_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
-        ids = chat_token_ids(req.messages, req.add_generation_prompt)
+        ids = await chat_token_ids(req.messages, req.add_generation_prompt)
         max_tokens = check_length(len(ids), req.effective_max_tokens(), "messages")
         req.max_tokens = max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -371,7 +417,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
                 async for i, out in merged(streams):
-                    if (error := stream_error(out)) is not None:
+                    if (error := stream_error(out, lifecycle.accepting)) is not None:
                         yield error
                         break
                     completion_tokens += len(out.new_token_ids)
@@ -394,19 +440,15 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
     return app
 
 
-class _BearerAuth:
-    """Require ``Authorization: Bearer <api_key>`` on every ``/v1`` path."""
-
-    def __init__(self, app, api_key: str) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if (scope["type"] == "http" and scope["path"].startswith("/v1")
-                and dict(scope["headers"]).get(b"authorization", b"") != self.expected):
-            response = error_response(401, "Invalid or missing API key.", "AuthenticationError")
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """A one-line message and ``param`` for pydantic's errors: the deepest one (in a union, the
+    branch that got furthest), without echoing the input."""
+    if not errors:
+        return "invalid request", None
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    msg = first.get("msg", "invalid request")
+    return (f"{loc}: {msg}" if loc else msg), (loc or None)
 
 
 async def collect(streams) -> list[list[RequestOutput]]:
@@ -422,13 +464,14 @@ async def collect(streams) -> list[list[RequestOutput]]:
             await s.aclose()
 
 
-def stream_error(out: RequestOutput) -> str | None:
+def stream_error(out: RequestOutput, accepting: bool = True) -> str | None:
     """The SSE error event for a choice the engine failed (OpenAI clients raise on it), else None.
-    Mid-stream the status is already 200, so this is the only way to tell the client."""
+    Mid-stream the status is already 200, so this is the only way to tell the client. A request
+    cut by a shutdown (the server no longer ``accepting``) reads 503, anything else 500."""
     if out.finish_reason is None or out.finish_reason.value != "error":
         return None
-    return sse_event({"error": {"message": out.error or "generation failed", "type": "InternalServerError",
-                                "param": None, "code": 500}})
+    code, kind = (500, "InternalServerError") if accepting else (503, "ServiceUnavailableError")
+    return sse_event({"error": {"message": out.error or "generation failed", "type": kind, "param": None, "code": code}})
 
 
 def reason(out: RequestOutput) -> str | None:

@@ -39,13 +39,18 @@ class _Abort:
     req_id: str
 
 
+@dataclass
+class _FailAll:
+    error: str
+
+
 class AsyncEngine:
     """Thread-backed asyncio front of one :class:`Engine`."""
 
     def __init__(self, engine: Engine, max_waiting: int | None = None) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
-        self._inbox: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._inbox: queue.Queue[_Add | _Abort | _FailAll | None] = queue.Queue()
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
         # (load snapshot, adds it reflects): refreshed by the loop thread after every step. Requests
         # submitted since are not in the snapshot yet, so the queue bound counts them separately
@@ -56,7 +61,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="shoal-engine", daemon=True)
         self._stopped = threading.Event()
         self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
-        self.dead: str | None = None  # why the loop stopped, if it crashed
+        self.dead: str | None = None  # why the engine could not be started again, if it could not
         self._thread.start()
 
     @property
@@ -85,7 +90,7 @@ class AsyncEngine:
             raise RuntimeError(f"engine stopped: {self.dead}")
         if self.max_waiting is not None:
             load, seen = self._snapshot
-            waiting = load.num_waiting + self._num_submitted - seen
+            waiting = load.waiting_for_room(self._num_submitted - seen)
             if waiting >= self.max_waiting:
                 raise QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
         loop = asyncio.get_running_loop()
@@ -102,6 +107,10 @@ class AsyncEngine:
 
     def abort(self, req_id: str) -> None:
         self._inbox.put(_Abort(req_id))
+
+    def fail_all(self, error: str) -> None:
+        """End every open request with ``error`` (a shutdown whose drain timed out)."""
+        self._inbox.put(_FailAll(error))
 
     def shutdown(self) -> None:
         self._stopped.set()
@@ -122,43 +131,64 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _handle(self, item: _Add | _Abort) -> None:
+    def _handle(self, item: _Add | _Abort | _FailAll) -> None:
         if isinstance(item, _Abort):
             self._sinks.pop(item.req_id, None)
             self.engine.abort(item.req_id)
             return
+        if isinstance(item, _FailAll):
+            self._deliver(self.engine.fail_all(item.error))
+            return
         self._num_handled += 1
         try:
             self.engine.add(item.prompt_token_ids, item.params, req_id=item.req_id, priority=item.priority)
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:  # refused (ValueError / TypeError) or a bug: this request alone fails
             item.loop.call_soon_threadsafe(_set_exception, item.admitted, exc)
             return
         self._sinks[item.req_id] = item.sink
         item.loop.call_soon_threadsafe(_set_result, item.admitted)
 
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            sink = self._sinks.get(out.req_id)
+            if sink is not None:
+                sink(out)
+                if out.finished:
+                    del self._sinks[out.req_id]
+        for listener in self.step_listeners:
+            listener(outputs)
+
     def _run(self) -> None:
-        try:
-            while not self._stopped.is_set():
+        while not self._stopped.is_set():
+            try:
                 self._drain(block=not self.engine.has_unfinished())
-                if not self.engine.has_unfinished():
+                if self.engine.has_unfinished():
+                    outputs = self.engine.step()
                     self._snapshot = (self.engine.load(), self._num_handled)
-                    continue
-                outputs = self.engine.step()
-                self._snapshot = (self.engine.load(), self._num_handled)
-                for out in outputs:
-                    sink = self._sinks.get(out.req_id)
-                    if sink is not None:
-                        sink(out)
-                        if out.finished:
-                            del self._sinks[out.req_id]
-                for listener in self.step_listeners:
-                    listener(outputs)
-        except Exception as exc:  # the engine itself broke: fail everyone, loudly
-            log.exception("engine loop crashed")
-            self.dead = repr(exc)
+                    self._deliver(outputs)
+                else:
+                    self._snapshot = (self.engine.load(), self._num_handled)
+            except Exception as exc:  # the step itself broke, not one request: start over
+                if not self._recover(exc):
+                    return
+
+    def _recover(self, exc: Exception) -> bool:
+        """Fail every open request and start the engine core over; False (and ``dead`` set) if
+        even that fails, so that the server exits instead of answering 503 for ever."""
+        log.exception("engine step crashed; failing its %d requests and restarting the engine", len(self._sinks))
+        try:
+            outputs = self.engine.recover(f"the engine hit an internal error and restarted: {exc!r}")
+            self._snapshot = (self.engine.load(), self._num_handled)
+            self._deliver(outputs)
+        except Exception as fatal:
+            log.critical("engine restart failed: %r", fatal)
+            self.dead = repr(fatal)
             for req_id, sink in self._sinks.items():
                 sink(_failed_output(req_id, self.dead))
             self._sinks.clear()
+            return False
+        log.warning("engine restarted (restart %d)", self.engine.num_restarts)
+        return True
 
 
 def _set_result(fut: asyncio.Future) -> None:

@@ -34,6 +34,7 @@ class ServerMetrics:
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("num_preemptions", "Requests preempted (swap or recompute).")
+        self.restarts = counter("engine_restarts", "Times an engine started over after a step itself failed.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.success = counter("request_success", "Requests ended, by finish reason.", ("finished_reason",))
@@ -41,7 +42,7 @@ class ServerMetrics:
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens.")
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.")
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.")
-        self._seen_queries = self._seen_hits = self._seen_preemptions = 0
+        self._seen_queries = self._seen_hits = self._seen_preemptions = self._seen_restarts = 0
 
     def _l(self, metric, **extra):
         return metric.labels(model_name=self.model_name, **extra)
@@ -57,6 +58,8 @@ class ServerMetrics:
         self._l(self.preemptions).inc(max(0, load.num_preemptions - self._seen_preemptions))
         self._seen_queries, self._seen_hits = load.prefix_cache_queries, load.prefix_cache_hits
         self._seen_preemptions = load.num_preemptions
+        self._l(self.restarts).inc(max(0, load.num_restarts - self._seen_restarts))
+        self._seen_restarts = load.num_restarts
 
     def observe_output(self, out: RequestOutput, now: float, last_token_time: float | None) -> None:
         """Account one engine output; ``last_token_time`` is when this request's previous token came."""

@@ -2,43 +2,95 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN
+from shoal.engine.sampling_params import MAX_INT32, MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
+
+# Every number is bounded and strictly typed at the edge: ``false`` is not token 0, "0.5" is not a
+# float, and no integer reaches the engine that it cannot hold (a 10**400 priority once stopped it).
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+TokenId = Annotated[int, Field(strict=True, ge=0, le=MAX_INT32)]
+Count = Annotated[int, Field(strict=True, ge=1, le=MAX_INT32)]
+MAX_STOPS = 64  # stop strings (or stop token ids) per request: each is checked on every token
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, which every 4xx and 5xx answer has."""
+
+    error: ErrorInfo
+
+
+def _reject_surrogates(value: Any) -> None:
+    """Raise if any string in a parsed JSON value holds a lone UTF-16 surrogate (JSON allows
+    ``"\\ud800"``; no tokenizer or encoder can take it). Iterative: nesting depth is the client's."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise ValueError(f"text holds a lone UTF-16 surrogate at position {exc.start}, "
+                                     "which is not valid Unicode") from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+class _Body(BaseModel):
+    """A request body: any string in it must be valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _reject_surrogates(data)
+        return data
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(_Body):
     """Fields shared by completions and chat completions (OpenAI names, plus vLLM extensions)."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    max_tokens: Count | None = None
+    temperature: Annotated[Float, Field(ge=0)] | None = None
+    top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(strict=True, ge=1, le=16)] = 1
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    seed: Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)] | None = None
+    presence_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
     user: str | None = None
     # extensions, as vLLM names them
-    top_k: int | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    priority: int = 0
+    top_k: Annotated[int, Field(strict=True, ge=-1, le=MAX_INT32)] | None = None
+    min_p: Annotated[Float, Field(ge=0, le=1)] = 0.0
+    repetition_penalty: Annotated[Float, Field(gt=0)] = 1.0
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOPS)] | None = None
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
+    priority: Annotated[int, Field(strict=True, ge=PRIORITY_MIN, le=PRIORITY_MAX,
+                                   description="Lower runs first.")] = 0
 
     def sampling_params(self, default_max_tokens: int, logprobs: int | None, index: int = 0) -> SamplingParams:
         """Engine sampling parameters for choice ``index`` (seeds differ per choice)."""
@@ -63,17 +115,26 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    add_special_tokens: bool = True  # text prompts get the tokenizer's BOS etc., as in vLLM
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: StrictBool = False
+    add_special_tokens: StrictBool = True  # text prompts get the tokenizer's BOS etc., as in vLLM
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only ``text`` parts are served."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         """The message's text; content parts other than text are rejected."""
@@ -81,31 +142,33 @@ class ChatMessage(BaseModel):
             return self.content or ""
         parts = []
         for part in self.content:
-            if part.get("type") != "text":
-                raise ValueError(f"content part of type {part.get('type')!r} is not supported (text only)")
-            parts.append(part.get("text", ""))
+            if part.type != "text":
+                raise ValueError(f"content part of type {part.type!r} is not supported (text only)")
+            if part.text is None:
+                raise ValueError("a text content part needs a string `text`")
+            parts.append(part.text)
         return "".join(parts)
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    add_generation_prompt: bool = True
+    max_completion_tokens: Count | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
+    add_generation_prompt: StrictBool = True
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

@@ -100,6 +100,9 @@ class CostModelExecutor:
         if data.shape[3] != len(block_ids):
             raise ValueError("KV block count mismatch")
 
+    def reset(self) -> None:
+        """Nothing is carried between simulated steps."""
+
 
 @dataclass
 class InstanceSpec:

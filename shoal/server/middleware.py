@@ -1,0 +1,98 @@
+"""Plain ASGI middlewares of the OpenAI app: API key, body-size limit, and the admission gate.
+
+Plain ASGI rather than ``@app.middleware("http")`` (Starlette's BaseHTTPMiddleware), which would
+hide client disconnects from ``request.is_disconnected()``.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi.responses import JSONResponse
+
+from shoal.server.lifecycle import Lifecycle
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
+    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BearerAuth:
+    """Require ``Authorization: Bearer <api_key>`` on every ``/v1`` path (compared in constant time)."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (scope["type"] == "http" and scope["path"].startswith("/v1")
+                and not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), self.expected)):
+            response = error_response(401, "Invalid or missing API key.", "AuthenticationError")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyTooLarge(Exception):
+    """A request body over the limit (raised while it is read, for bodies without Content-Length)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The request body is larger than the limit of {limit} bytes.")
+
+
+class BodyLimit:
+    """Answer 413 to a body over ``max_bytes``: at once from its Content-Length, or as soon as a
+    chunked body grows past the limit (the app's BodyTooLarge handler answers)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await too_large_response(BodyTooLarge(self.max_bytes))(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def too_large_response(exc: BodyTooLarge) -> JSONResponse:
+    return error_response(413, str(exc), "RequestTooLargeError")
+
+
+class AdmissionGate:
+    """Counts the ``/v1`` POSTs in flight (until their last byte is sent) and, once the server
+    drains for shutdown, answers new ones 503 with ``Retry-After``."""
+
+    def __init__(self, app, lifecycle: Lifecycle) -> None:
+        self.app, self.lifecycle = app, lifecycle
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1"):
+            await self.app(scope, receive, send)
+            return
+        if not self.lifecycle.accepting:
+            response = error_response(503, "The server is shutting down; retry on another replica.",
+                                      "ServiceUnavailableError", headers={"Retry-After": "5"})
+            await response(scope, receive, send)
+            return
+        self.lifecycle.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.lifecycle.inflight -= 1
