@@ -255,9 +255,11 @@ def test_drain_of_a_prefill_instance_hands_off_instead_of_migrating(ray_runtime,
         prefill = next(m.id for m in c.members.values() if m.role == "prefill")
         await c.members[prefill].handle.inject_delay.remote(0.05)
         try:
-            streams = [await c.submit(PROMPT, params, f"pf{i}") for i in range(3)]
+            streams, on_prefill = [], 0
+            for i in range(3):  # where each went, read before it can finish
+                streams.append(await c.submit(PROMPT, params, f"pf{i}"))
+                on_prefill += c.requests[f"pf{i}"].member == prefill
             tasks = [asyncio.create_task(collect(s)) for s in streams]
-            on_prefill = sum(c.requests[f"pf{i}"].member == prefill for i in range(3))
             assert on_prefill >= 1
             # a manual migration off a prefill instance is refused: it hands off after its first token
             assert not await c.migrate("pf0", next(i for i in c.members if i != prefill))

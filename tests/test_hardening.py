@@ -193,6 +193,26 @@ def test_keep_alive_survives_errors(srv):
     conn.close()
 
 
+def test_a_bug_answers_500_in_openai_shape_and_keeps_the_connection(srv, monkeypatch):
+    async def buggy(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(srv.async_engine, "submit", buggy)
+    host, port = srv.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps({"prompt": "hi", "max_tokens": 2}),
+                 headers={"content-type": "application/json"})
+    r = conn.getresponse()
+    body = json.loads(r.read())
+    assert r.status == 500 and body["error"]["type"] == "InternalServerError" and not r.will_close
+    sock = conn.sock
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200 and conn.sock is sock
+    conn.close()
+    monkeypatch.undo()
+    assert_serves(srv)
+
+
 # ---- sizes ----------------------------------------------------------------------------------------
 
 

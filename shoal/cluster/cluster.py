@@ -212,6 +212,9 @@ class ClusterEngine:
             loads = [m.load for m in members]
             i = self.dispatch.choose(loads, DispatchRequest(tracked.req_id, tracked.prompt_token_ids, priority=tracked.priority))
             member = members[i]
+            # count the request before the await, so that concurrent arrivals see it (a burst was
+            # herded onto one instance: 16 of 16, or 79 of 80, before the next poll)
+            self._count_queued(member, tracked, +1)
             try:
                 await member.handle.add.remote(tracked.prompt_token_ids, tracked.params, tracked.req_id,
                                                tracked.priority, member.role == "prefill")
@@ -219,15 +222,21 @@ class ClusterEngine:
             except ray.exceptions.RayActorError as exc:  # died before its pump noticed: try another
                 await self._member_died(member, exc)
             except ray.exceptions.RayTaskError as exc:  # the engine refused the request: its own
+                self._count_queued(member, tracked, -1)
                 cause = exc.cause  # error, without Ray's traceback (actor id, pid, address)
                 raise (cause if isinstance(cause, Exception) else RuntimeError("the instance refused the request")) from None
         tracked.member = member.id
         self.requests[tracked.req_id] = tracked
-        # count the request at once so a burst is not herded onto one instance before the next poll
-        member.load = dataclasses.replace(member.load, num_waiting=member.load.num_waiting + 1,
-                                          waiting_prompt_tokens=member.load.waiting_prompt_tokens + len(tracked.prompt_token_ids))
         if self.metrics:
             self.metrics.dispatches.labels(policy=self.dispatch.name).inc()
+
+    @staticmethod
+    def _count_queued(member: Member, tracked: Tracked, sign: int) -> None:
+        """Add (or take back) a just-dispatched request in the member's load until its next poll."""
+        load = member.load
+        member.load = dataclasses.replace(
+            load, num_waiting=max(0, load.num_waiting + sign),
+            waiting_prompt_tokens=max(0, load.waiting_prompt_tokens + sign * len(tracked.prompt_token_ids)))
 
     def fail_all(self, error: str) -> None:
         """End every open request with ``error`` (a shutdown whose drain timed out)."""
@@ -454,8 +463,11 @@ class ClusterEngine:
         decoders = [m for m in members if m.role in MIGRATION_ROLES]  # prefill instances hand off instead
         if self.migration is not None and len(decoders) > 1:
             # bounded: a wedged instance must not stall the control loop (its pump notices death)
-            running = await asyncio.wait_for(asyncio.gather(*(m.handle.running.remote() for m in decoders)),
-                                             timeout=max(5.0, 20 * self.control_interval_s))
+            running = await asyncio.wait_for(
+                asyncio.gather(*(m.handle.running.remote() for m in decoders), return_exceptions=True),
+                timeout=max(5.0, 20 * self.control_interval_s))
+            if any(isinstance(r, BaseException) for r in running):
+                return  # an instance died: its pump takes it out; plan again next tick
             mine = [[RunningRequest(*r) for r in rs if r[0] in self.requests and not self.requests[r[0]].migrating]
                     for rs in running]
             draining = frozenset(i for i, m in enumerate(decoders) if m.draining)

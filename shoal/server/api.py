@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -21,15 +22,25 @@ from shoal.engine.outputs import RequestOutput
 from shoal.server.async_engine import AsyncEngine
 from shoal.server.lifecycle import Lifecycle
 from shoal.server.metrics import ServerMetrics
-from shoal.server.middleware import AdmissionGate, BearerAuth, BodyLimit, BodyTooLarge, error_response, too_large_response
+from shoal.server.middleware import (
+    AdmissionGate,
+    BearerAuth,
+    BodyLimit,
+    BodyTooLarge,
+    InternalErrors,
+    error_response,
+    too_large_response,
+)
 from shoal.server.prompts import PromptBuilder
 from shoal.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     ErrorResponse,
+    TokenizeChatRequest,
     TokenizeRequest,
     _SamplingRequest,
+    bind_limits,
 )
 from shoal.streams import QueueFull
 
@@ -50,7 +61,8 @@ ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": text} for code,
 STREAM_RESPONSES = {**ERROR_RESPONSES, 200: {
     "description": "A JSON object, or with `stream: true` server-sent events: `data: {chunk}` lines, "
                    "an error event if the engine fails mid-stream, and `data: [DONE]`.",
-    "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+    "content": {"application/json": {}, "text/event-stream": {"schema": {
+        "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}},
 }}
 
 
@@ -79,9 +91,17 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     app = FastAPI(title="Shoal", version=shoal.__version__, lifespan=lifespan)
     app.state.lifecycle = lifecycle = lifecycle or Lifecycle()
+    build_openapi = app.openapi
+
+    def openapi() -> dict:  # the document states this model's own limits (vocabulary, context)
+        if app.openapi_schema is None:
+            bind_limits(build_openapi(), engine.vocab_size - 1, engine.max_model_len - 1)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     metrics = ServerMetrics(model_name)
     tokenizer = engine.tokenizer
-    prompts = PromptBuilder(tokenizer, engine.max_model_len)
+    prompts = PromptBuilder(tokenizer, lambda: engine.max_model_len)  # a cluster knows it once started
     last_token: dict[str, float] = {}
 
     def on_step(outputs: list[RequestOutput]) -> None:  # runs on the engine thread
@@ -118,20 +138,17 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
         return too_large_response(exc)
 
-    @app.exception_handler(Exception)
-    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:  # a bug: still OpenAI's shape
-        log.exception("unhandled error")
-        return error_response(500, f"internal error: {type(exc).__name__}", "InternalServerError")
-
-    # outermost first: the body limit, then the gate (its 503 needs no key), then the key
+    # outermost first: bugs, the body limit, the gate (its 503 needs no key), then the key
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
     app.add_middleware(AdmissionGate, lifecycle=lifecycle)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(InternalErrors)
 
     # ---- plain endpoints -------------------------------------------------------------------------
 
-    @app.get("/health", responses={503: ERROR_RESPONSES[503]})
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "Serving (an empty body)."}, 503: ERROR_RESPONSES[503]})
     async def health() -> Response:
         if engine.dead:
             return error_response(503, f"engine stopped: {engine.dead}", "ServiceUnavailableError")
@@ -143,7 +160,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def version() -> dict:
         return {"version": shoal.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -157,12 +175,10 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     @app.post("/tokenize", responses=ERROR_RESPONSES)
     async def tokenize(req: TokenizeRequest) -> dict:
         check_model(req.model)
-        if req.messages is not None:
+        if isinstance(req, TokenizeChatRequest):
             ids = await chat_token_ids(req.messages, req.add_generation_prompt, fit=False)
-        elif req.prompt is not None:
-            ids = await encode(req.prompt, req.add_special_tokens, "prompt", fit=False)  # counting is its use
         else:
-            raise APIError(400, "give either prompt or messages", param="prompt")
+            ids = await encode(req.prompt, req.add_special_tokens, "prompt", fit=False)  # counting is its use
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize", responses=ERROR_RESPONSES)
@@ -192,12 +208,18 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         except ValueError as exc:
             raise APIError(400, str(exc), param=what) from exc
 
+    def check_max_tokens(req: _SamplingRequest, *names: str) -> None:
+        """No completion length beyond the context, whether or not another field overrides it."""
+        for name in names:
+            value = getattr(req, name)
+            if value is not None and value >= engine.max_model_len:
+                raise APIError(400, f"{name} must be less than the model's maximum context length of "
+                               f"{engine.max_model_len} tokens, got {value}", param=name)
+
     def check_length(prompt_len: int, max_tokens: int | None, what: str) -> int:
         """Validate prompt + completion against the context; returns the max_tokens to use."""
         if prompt_len == 0:
             raise APIError(400, "The prompt is empty.", param=what)
-        if max_tokens is not None and max_tokens <= 0:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         max_model_len = engine.max_model_len
         requested = prompt_len + (max_tokens or 1)
         if prompt_len >= max_model_len or requested > max_model_len:
@@ -308,6 +330,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     @app.post("/v1/completions", responses=STREAM_RESPONSES)
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
+        check_max_tokens(req, "max_tokens")
         prompts: list[list[int]]
         p = req.prompt
         if isinstance(p, str):
@@ -386,6 +409,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions", responses=STREAM_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
+        check_max_tokens(req, "max_tokens", "max_completion_tokens")
         ids = await chat_token_ids(req.messages, req.add_generation_prompt)
         max_tokens = check_length(len(ids), req.effective_max_tokens(), "messages")
         req.max_tokens = max_tokens
@@ -440,15 +464,20 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     return app
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """A one-line message and ``param`` for pydantic's errors: the deepest one (in a union, the
-    branch that got furthest), without echoing the input."""
+    branch that got furthest), its location without pydantic's union-branch tags, and never the
+    input itself. ``param`` is the top-level field."""
     if not errors:
         return "invalid request", None
     first = max(errors, key=lambda e: len(e.get("loc", ())))
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and (
+        isinstance(p, int) or (re.fullmatch(r"[a-z_][a-z0-9_]*", str(p)) and p not in _UNION_TAGS))]
     msg = first.get("msg", "invalid request")
-    return (f"{loc}: {msg}" if loc else msg), (loc or None)
+    return (f"{'.'.join(loc)}: {msg}" if loc else msg), (loc[0] if loc else None)
 
 
 async def collect(streams) -> list[list[RequestOutput]]:

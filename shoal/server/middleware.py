@@ -7,10 +7,13 @@ hide client disconnects from ``request.is_disconnected()``.
 from __future__ import annotations
 
 import hmac
+import logging
 
 from fastapi.responses import JSONResponse
 
 from shoal.server.lifecycle import Lifecycle
+
+log = logging.getLogger(__name__)
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None,
@@ -96,3 +99,32 @@ class AdmissionGate:
             await self.app(scope, receive, send)
         finally:
             self.lifecycle.inflight -= 1
+
+
+class InternalErrors:
+    """A bug while handling a request answers 500 in OpenAI's shape and is logged, and the
+    keep-alive connection survives: Starlette's own handler re-raises, after which uvicorn closes
+    the connection."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if started:
+                raise  # mid-response: nothing valid can be sent any more
+            response = error_response(500, f"internal error: {type(exc).__name__}", "InternalServerError")
+            await response(scope, receive, send)

@@ -16,19 +16,19 @@ class PromptBuilder:
     """Tokenizes for one server. The tokenizer releases the GIL, so a 10 MB prompt in a worker
     thread does not stall the event loop's streams."""
 
-    def __init__(self, tokenizer, max_model_len: int) -> None:
+    def __init__(self, tokenizer, max_model_len: Callable[[], int]) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         # No token is longer than this many UTF-8 bytes, so a text of more than
         # max_model_len * max_token_bytes bytes cannot fit the context, whatever it holds.
-        self.max_token_bytes = max((len(tokenizer.decode([i]).encode()) for i in range(len(tokenizer))), default=1)
-        self.max_text_bytes = max_model_len * max(1, self.max_token_bytes)
+        self.max_token_bytes = max(1, max((len(tokenizer.decode([i]).encode()) for i in range(len(tokenizer))), default=1))
 
     def _check_size(self, nbytes: int) -> None:
-        if nbytes > self.max_text_bytes:
+        max_len = self.max_model_len()
+        if nbytes > max_len * self.max_token_bytes:
             raise ValueError(
                 f"The prompt is {nbytes} bytes of text: more than the model's maximum context length of "
-                f"{self.max_model_len} tokens can hold (no token is longer than {self.max_token_bytes} bytes).")
+                f"{max_len} tokens can hold (no token is longer than {self.max_token_bytes} bytes).")
 
     async def _run(self, nbytes: int, fn: Callable[[], T]) -> T:
         return fn() if nbytes <= INLINE_BYTES else await asyncio.to_thread(fn)

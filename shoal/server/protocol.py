@@ -4,17 +4,50 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN
 from shoal.engine.sampling_params import MAX_INT32, MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
 
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 2.0 as an integer, so the API does; ``true`` and ``"2"`` stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Int(ge: int, le: int, bound: str | None = None, **field: Any) -> Any:
+    """A strictly typed integer in [ge, le]. ``bound`` marks limits the served OpenAPI document
+    states exactly (see :func:`bind_limits`): the model's ("vocab", "context"), or 64-bit ones
+    ("int64"), which FastAPI would otherwise round through a float."""
+    extra = {"json_schema_extra": {"x-shoal-bound": bound}} if bound else {}
+    return Annotated[int, Field(strict=True, ge=ge, le=le, **extra, **field), BeforeValidator(_integral)]
+
+
 # Every number is bounded and strictly typed at the edge: ``false`` is not token 0, "0.5" is not a
 # float, and no integer reaches the engine that it cannot hold (a 10**400 priority once stopped it).
 Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-TokenId = Annotated[int, Field(strict=True, ge=0, le=MAX_INT32)]
-Count = Annotated[int, Field(strict=True, ge=1, le=MAX_INT32)]
+TokenId = Int(0, MAX_INT32, "vocab")
+Count = Int(1, MAX_INT32, "context")
+Text = Annotated[str, Field(min_length=1)]
 MAX_STOPS = 64  # stop strings (or stop token ids) per request: each is checked on every token
+
+
+def bind_limits(schema: dict, max_token_id: int, max_tokens: int) -> dict:
+    """Write the exact bounds of every marked field of an OpenAPI document: the served model's
+    largest token id and completion length, and 64-bit seeds; returns the document."""
+    limits = {"vocab": (0, max_token_id), "context": (1, max_tokens), "int64": (SEED_MIN, SEED_MAX)}
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            bound = node.pop("x-shoal-bound", None)
+            if bound in limits:
+                node["minimum"], node["maximum"] = limits[bound]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return schema
 
 
 class ErrorInfo(BaseModel):
@@ -73,24 +106,23 @@ class _SamplingRequest(_Body):
     max_tokens: Count | None = None
     temperature: Annotated[Float, Field(ge=0)] | None = None
     top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(strict=True, ge=1, le=16)] = 1
+    n: Int(1, 16) = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
-    seed: Annotated[int, Field(strict=True, ge=SEED_MIN, le=SEED_MAX)] | None = None
+    seed: Int(SEED_MIN, SEED_MAX, "int64") | None = None
     presence_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
     user: str | None = None
     # extensions, as vLLM names them
-    top_k: Annotated[int, Field(strict=True, ge=-1, le=MAX_INT32)] | None = None
+    top_k: Int(-1, MAX_INT32) | None = None
     min_p: Annotated[Float, Field(ge=0, le=1)] = 0.0
     repetition_penalty: Annotated[Float, Field(gt=0)] = 1.0
-    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOPS)] | None = None
+    stop_token_ids: Annotated[list[Int(0, MAX_INT32)], Field(max_length=MAX_STOPS)] | None = None
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
-    priority: Annotated[int, Field(strict=True, ge=PRIORITY_MIN, le=PRIORITY_MAX,
-                                   description="Lower runs first.")] = 0
+    priority: Int(PRIORITY_MIN, PRIORITY_MAX, description="Lower runs first.") = 0
 
     def sampling_params(self, default_max_tokens: int, logprobs: int | None, index: int = 0) -> SamplingParams:
         """Engine sampling parameters for choice ``index`` (seeds differ per choice)."""
@@ -115,19 +147,28 @@ class _SamplingRequest(_Body):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
+    prompt: (Text | Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+    logprobs: Int(0, MAX_LOGPROBS) | None = None
     echo: StrictBool = False
     add_special_tokens: StrictBool = True  # text prompts get the tokenizer's BOS etc., as in vLLM
 
 
 class ContentPart(BaseModel):
-    """One part of a message's content; only ``text`` parts are served."""
+    """One part of a message's content; only ``text`` parts are served (an image or audio part
+    is refused with a 400 naming its type)."""
 
     model_config = ConfigDict(extra="allow")
 
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type", "text") != "text":
+            raise ValueError(f"content part of type {str(data['type'])[:40]!r} is not supported (text only)")
+        return data
 
 
 class ChatMessage(BaseModel):
@@ -137,36 +178,40 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
-        """The message's text; content parts other than text are rejected."""
+        """The message's text."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.type != "text":
-                raise ValueError(f"content part of type {part.type!r} is not supported (text only)")
-            if part.text is None:
-                raise ValueError("a text content part needs a string `text`")
-            parts.append(part.text)
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Count | None = None
     logprobs: StrictBool = False
-    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Int(0, MAX_LOGPROBS) | None = None
     add_generation_prompt: StrictBool = True
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class TokenizeRequest(_Body):
+class TokenizeCompletionRequest(_Body):
+    model_config = ConfigDict(extra="forbid")
+
     model: str | None = None
-    prompt: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    prompt: str
     add_special_tokens: StrictBool = True
+
+
+class TokenizeChatRequest(_Body):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: StrictBool = True
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
 
 
 class DetokenizeRequest(_Body):
