@@ -108,7 +108,7 @@ def serve(
     name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
     if instances > 1 or ray_address or autoscale_max:
         from shoal.cluster.cluster import ClusterEngine
-        from shoal.cluster.policies import Autoscaler, make_dispatch_policy, make_migration_policy
+        from shoal.control.policies import Autoscaler, make_dispatch_policy, make_migration_policy
         from shoal.model.loader import load_tokenizer
 
         role_list = roles.split(",") if roles else None
@@ -277,7 +277,7 @@ def sim(
     max_context: int = typer.Option(2048, "--max-context", help="Clip trace requests to this many tokens"),
     instances: int = typer.Option(1, "--instances"),
     cost_model: Optional[Path] = typer.Option(None, "--cost-model", help="Fitted profile JSON (default: the committed SmolLM2-on-CPU one)"),
-    policy: str = typer.Option("least_load", "--policy", help="round_robin | least_load | prefix_aware | session_affinity"),
+    dispatch: str = typer.Option("least_load", "--dispatch", "--policy", help="round_robin | least_load | prefix_aware | session_affinity (as in serve; --policy is the old name)"),
     migration: str = typer.Option("none", "--migration", help="none | llumnix: live migration between instances"),
     roles: Optional[str] = typer.Option(None, "--roles", help="Comma-separated per-instance roles: both | prefill | decode"),
     link_gbps: float = typer.Option(10.0, "--link-gbps", help="Bandwidth of KV copies between instances, Gbit/s"),
@@ -295,7 +295,7 @@ def sim(
     import time
 
     from shoal.bench import report
-    from shoal.cluster.policies import check_roles, make_dispatch_policy, make_migration_policy
+    from shoal.control.policies import check_roles, make_dispatch_policy, make_migration_policy
     from shoal.sim.cost_model import LinearCostModel, default_profile_path
     from shoal.sim.simulator import InstanceSpec, simulate
     from shoal.sim.transfer import Link, summarize_transfers
@@ -318,18 +318,18 @@ def sim(
     spec = InstanceSpec(cm, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=max_num_batched_tokens)
     try:
-        dispatch = make_dispatch_policy(policy.replace("-", "_"))
+        dispatch_policy = make_dispatch_policy(dispatch.replace("-", "_"))
         role_list = check_roles(roles.split(",") if roles else None, instances)
         migration_policy = make_migration_policy(migration)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     link = Link(link_gbps, link_latency_ms / 1e3)
     t = time.perf_counter()
-    records, duration, sims = simulate(wl, [spec] * instances, dispatch, seed, migration=migration_policy,
+    records, duration, sims = simulate(wl, [spec] * instances, dispatch_policy, seed, migration=migration_policy,
                                        roles=role_list, link=link)
     wall = time.perf_counter() - t
     result = report.summarize(records, wl.description, slo_ttft_ms, slo_tpot_ms, duration_s=duration, extra={
-        "simulated": True, "instances": instances, "policy": dispatch.name, "migration": migration, "roles": role_list,
+        "simulated": True, "instances": instances, "policy": dispatch_policy.name, "migration": migration, "roles": role_list,
         "link": {"gbps": link_gbps, "latency_ms": link_latency_ms, "kv_bytes_per_block": spec.kv_bytes_per_block},
         **summarize_transfers([tr for s in sims for tr in s.transfers]),
         "cost_model": {"device": cm.device, "model": cm.model}, "sim_wall_s": wall})

@@ -4,11 +4,10 @@ prefill/decode disaggregation, drain, instance death; and the pure policies."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import pytest
 
-from shoal.cluster import policies
+from shoal.control import policies
 from shoal.engine.outputs import InstanceLoad
 from shoal.engine.sampling_params import SamplingParams
 
@@ -16,6 +15,11 @@ ray = pytest.importorskip("ray")
 
 PROMPT = list(range(5, 45))
 LONG = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+
+
+def ids(items: list) -> dict:
+    """Instance id -> item, ids 0, 1, ... (policies key instances by id)."""
+    return dict(enumerate(items))
 
 
 def load(free=100, running=1, waiting=0, swapped=0, cached=0, waiting_tokens=0, total=128) -> InstanceLoad:
@@ -30,19 +34,18 @@ def load(free=100, running=1, waiting=0, swapped=0, cached=0, waiting_tokens=0, 
 
 def test_dispatch_policies():
     req = policies.DispatchRequest("r", list(range(64)))
-    loads = [load(free=10, running=4), load(free=90, running=1), load(free=50, running=2)]
+    loads = dict(enumerate([load(free=10, running=4), load(free=90, running=1), load(free=50, running=2)]))
     assert policies.LeastLoad().choose(loads, req) == 1
     # queued demand counts: instance 1's waiting prompts eat its free blocks
-    busy = [loads[0], load(free=90, running=1, waiting=3, waiting_tokens=3 * 16 * 40), loads[2]]
+    busy = {**loads, 1: load(free=90, running=1, waiting=3, waiting_tokens=3 * 16 * 40)}
     assert policies.LeastLoad().choose(busy, req) == 2
     rr = policies.RoundRobin()
     assert [rr.choose(loads, req) for _ in range(4)] == [0, 1, 2, 0]
     pa = policies.PrefixAware(block_size=16)
     first = pa.choose(loads, req)
-    even = [load(free=60, running=1)] * 3
+    even = dict(enumerate([load(free=60, running=1)] * 3))
     assert pa.choose(even, policies.DispatchRequest("r2", list(range(64)) + [7, 8])) == first  # prefix sticks
-    hot = [dataclasses.replace(even[0])] * 3
-    hot[first] = load(free=5, running=30, waiting=10)
+    hot = {**even, first: load(free=5, running=30, waiting=10)}
     assert pa.choose(hot, policies.DispatchRequest("r3", list(range(64)))) != first  # load guard
     sa = policies.SessionAffinity()
     home = sa.choose(loads, policies.DispatchRequest("a", [1], session_id="s"))
@@ -55,29 +58,29 @@ def test_migration_policy_decisions():
     pol = policies.LlumnixMigration(gap=2.0)
     rr = lambda *ids: [policies.RunningRequest(i, 0, 100 + n) for n, i in enumerate(ids)]  # noqa: E731
     # drain: everything on the draining instance moves to the other one
-    plan = pol.plan([load(), load()], [rr("a", "b"), rr("c")], draining=frozenset({0}))
+    plan = pol.plan(ids([load(), load()]), ids([rr("a", "b"), rr("c")]), draining=frozenset({0}))
     assert {(m.req_id, m.src, m.dst, m.reason) for m in plan} == {("a", 0, 1, "drain"), ("b", 0, 1, "drain")}
     # relieve an instance about to preempt (fewer free blocks than running requests)
-    plan = pol.plan([load(free=1, running=3), load(free=100, running=1)], [rr("a", "b", "c"), rr("d")])
+    plan = pol.plan(ids([load(free=1, running=3), load(free=100, running=1)]), ids([rr("a", "b", "c"), rr("d")]))
     assert plan and plan[0].src == 0 and plan[0].dst == 1 and plan[0].reason == "relieve"
     assert plan[0].req_id == "a"  # the cheapest (fewest tokens)
     # ... but not onto an instance without room for its KV (it would only roll back)
-    assert pol.plan([load(free=1, running=3), load(free=2, running=1)], [rr("a", "b", "c"), rr("d")]) == []
+    assert pol.plan(ids([load(free=1, running=3), load(free=2, running=1)]), ids([rr("a", "b", "c"), rr("d")])) == []
     # ... nor onto one whose free blocks its own queue is about to take (the move would bounce)
     queued = load(free=30, running=1, waiting=2, waiting_tokens=400)  # 25 blocks queued
-    assert pol.plan([load(free=1, running=3), queued], [rr("a", "b", "c"), rr("d")]) == []
-    assert pol.plan([load(free=1, running=3), load(free=30, running=1)], [rr("a", "b", "c"), rr("d")])
+    assert pol.plan(ids([load(free=1, running=3), queued]), ids([rr("a", "b", "c"), rr("d")])) == []
+    assert pol.plan(ids([load(free=1, running=3), load(free=30, running=1)]), ids([rr("a", "b", "c"), rr("d")]))
     # two moves of one round must not count on the same free blocks of the destination
     hot = load(free=0, running=2, swapped=1)
-    plan = pol.plan([hot, hot, load(free=9, running=1)], [rr("a", "b"), rr("c", "e"), rr("d")])  # room for one
+    plan = pol.plan(ids([hot, hot, load(free=9, running=1)]), ids([rr("a", "b"), rr("c", "e"), rr("d")]))  # room for one
     assert [(m.req_id, m.dst) for m in plan] == [("a", 2)]
-    plan = pol.plan([hot, hot, load(free=40, running=1)], [rr("a", "b"), rr("c", "e"), rr("d")])
+    plan = pol.plan(ids([hot, hot, load(free=40, running=1)]), ids([rr("a", "b"), rr("c", "e"), rr("d")]))
     assert [(m.req_id, m.dst) for m in plan] == [("a", 2), ("c", 2)]
     # balanced: nothing to do
-    assert pol.plan([load(free=60, running=2), load(free=60, running=2)], [rr("a", "b"), rr("c", "d")]) == []
+    assert pol.plan(ids([load(free=60, running=2), load(free=60, running=2)]), ids([rr("a", "b"), rr("c", "d")])) == []
     # a high-priority request is kept where it is; a normal one is moved off its instance
     hp = [policies.RunningRequest("vip", -1, 10), policies.RunningRequest("n", 0, 500)]
-    plan = pol.plan([load(free=4, running=2), load(free=100, running=0)], [hp, []])
+    plan = pol.plan(ids([load(free=4, running=2), load(free=100, running=0)]), ids([hp, []]))
     assert [m.req_id for m in plan] == ["n"]
 
 
@@ -444,6 +447,29 @@ def test_cluster_refusals_are_the_engines_own_errors(ray_runtime, cluster_config
                 assert last.finished and last.error == "the server is shutting down"
             assert not c.requests
             await check_clean(c)
+        finally:
+            c.shutdown()
+
+    run(scenario())
+
+
+def test_session_affinity_gets_the_session_id(ray_runtime, cluster_config):
+    """The session id reaches the dispatch policy (it used to stop at the gateway)."""
+    seen = []
+
+    class Recording(policies.SessionAffinity):
+        def choose(self, loads, request):
+            seen.append(request.session_id)
+            return super().choose(loads, request)
+
+    async def scenario():
+        c = await make_cluster(cluster_config, 2, dispatch=Recording())
+        short = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        try:
+            for i in range(2):
+                await collect(await c.submit(PROMPT, short, f"s{i}", session_id="conv"))
+                await collect(await c.submit(PROMPT, short, f"n{i}"))
+            assert seen == ["conv", None, "conv", None]
         finally:
             c.shutdown()
 

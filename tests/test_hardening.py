@@ -213,6 +213,23 @@ def test_a_bug_answers_500_in_openai_shape_and_keeps_the_connection(srv, monkeyp
     assert_serves(srv)
 
 
+def test_session_id_reaches_the_backend_from_body_or_header(srv, monkeypatch):
+    seen = []
+    real = srv.async_engine.submit
+
+    async def recording(prompt, params, req_id, priority=0, session_id=None):
+        seen.append(session_id)
+        return await real(prompt, params, req_id, priority, session_id)
+
+    monkeypatch.setattr(srv.async_engine, "submit", recording)
+    body = {"messages": CHAT, "max_tokens": 2}
+    assert srv.http.post("/v1/chat/completions", json={**body, "session_id": "conv-1"}).status_code == 200
+    assert srv.http.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "conv-2"}).status_code == 200
+    assert srv.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert seen == ["conv-1", "conv-2", None]
+    assert_error(srv.http.post("/v1/chat/completions", json={**body, "session_id": "x" * 300}), 400)
+
+
 # ---- sizes ----------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from shoal.bench.report import summarize
 from shoal.bench.workloads import RequestSpec, Workload, synthetic
-from shoal.cluster import policies
+from shoal.control import policies
 from shoal.engine.scheduler import ScheduledChunk, StepPlan
 from shoal.sim.catalog import RooflineCostModel, gpus, model_shape
 from shoal.sim.cost_model import FEATURES, LinearCostModel, default_profile_path, plan_features
@@ -173,9 +173,10 @@ class Scripted:
         self.calls = []
 
     def plan(self, loads, running, draining=frozenset()):
-        self.calls.append((list(loads), [list(r) for r in running]))
-        if len(self.calls) == 1 and running[0]:
-            return [policies.Migration(running[0][0].req_id, 0, 1, "test")]
+        self.calls.append((dict(loads), {i: list(r) for i, r in running.items()}))
+        src, dst = sorted(running)[:2]
+        if len(self.calls) == 1 and running[src]:
+            return [policies.Migration(running[src][0].req_id, src, dst, "test")]
         return []
 
 
@@ -191,7 +192,7 @@ def test_migration_timeline_by_hand(ff):
                                        migration=policy, link=BLOCK_A_SECOND, control_interval_s=2.5)
     (r,) = records
     assert r.token_times_s == pytest.approx([1, 2, 3, 4, 5, 7.25, 8.25, 9.25, 10.25, 11.25])
-    assert policy.calls[0][1] == [[policies.RunningRequest("r0", 0, 35)], []]  # as Instance.running() builds them
+    assert policy.calls[0][1] == {0: [policies.RunningRequest("r0", 0, 35)], 1: []}  # as Instance.running() builds them
     (t,) = transfers(sims)
     assert (t.kind, t.reason, t.src, t.dst, t.outcome) == ("migration", "test", 0, 1, "done")
     assert (t.staged_bytes, t.tail_bytes) == (2 * 2048, 2048)

@@ -1,15 +1,15 @@
 """Many engine instances (Ray actors) behind one global scheduler, in the gateway process.
 
 ``ClusterEngine`` has the same face as :class:`shoal.server.async_engine.AsyncEngine` (``submit``,
-``abort``, ``load``, ...), so the OpenAI server runs on either. It dispatches new requests with a
-dispatch policy, migrates running requests live (Llumnix), moves requests from prefill to decode
-instances (DistServe), scales the number of instances, and survives an instance dying.
+``abort``, ``load``, ...), so the OpenAI server runs on either. Every decision (dispatch, live
+migration, P/D destination, drain target, scaling) is made by :class:`GlobalScheduler`, the object
+the simulator drives too; this module only carries them out with Ray calls, and survives an
+instance dying.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
@@ -19,7 +19,8 @@ import ray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shoal.cluster.instance import Instance
-from shoal.cluster.policies import (
+from shoal.control.global_scheduler import ENTRY_ROLES, GlobalScheduler
+from shoal.control.policies import (
     MIGRATION_ROLES,
     ROLES,
     Autoscaler,
@@ -27,9 +28,7 @@ from shoal.cluster.policies import (
     DispatchRequest,
     MigrationPolicy,
     RunningRequest,
-    can_remove,
     check_roles,
-    decode_room,
 )
 from shoal.engine.config import EngineConfig
 from shoal.engine.outputs import InstanceLoad, RequestOutput
@@ -43,12 +42,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Member:
-    """One instance as the gateway sees it."""
+    """One instance's actor as the gateway holds it (what the scheduler knows of it is in
+    ``GlobalScheduler.instances``)."""
 
     id: int
     handle: ray.actor.ActorHandle
     role: str
-    load: InstanceLoad | None = None
     alive: bool = True
     draining: bool = False
     pump: asyncio.Task | None = None
@@ -64,6 +63,7 @@ class Tracked:
     priority: int
     member: int
     queue: asyncio.Queue
+    session_id: str | None = None
     streamed_tokens: int = 0
     migrating: bool = False
     aborted: bool = False
@@ -113,9 +113,7 @@ class ClusterEngine:
     ) -> None:
         roles = check_roles(roles, num_instances)
         self.config = config
-        self.dispatch = dispatch
-        self.migration = migration
-        self.autoscaler = autoscaler
+        self.scheduler = GlobalScheduler(dispatch, migration, autoscaler)
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
         self.control_interval_s = control_interval_s
@@ -157,7 +155,8 @@ class ClusterEngine:
         handle = actor.remote(self.config, f"instance-{mid}", self._threads)
         info = await handle.info.remote()
         self.info = self.info or info
-        member = Member(mid, handle, role, load=await handle.load.remote())
+        self.scheduler.add_instance(mid, role, await handle.load.remote())
+        member = Member(mid, handle, role)
         self.members[mid] = member
         member.pump = asyncio.create_task(self._pump(member))
         log.warning("instance %d (%s) ready", mid, role)
@@ -183,38 +182,27 @@ class ClusterEngine:
 
     def live(self, roles: tuple[str, ...] = ROLES, include_draining: bool = False) -> list[Member]:
         return [m for m in self.members.values()
-                if m.alive and m.role in roles and (include_draining or not m.draining) and m.load is not None]
+                if m.alive and m.role in roles and (include_draining or not m.draining)]
 
     def load(self) -> InstanceLoad:
         """The cluster's load: every live instance's snapshot summed."""
-        loads = [m.load for m in self.members.values() if m.alive and m.load is not None]
-        if not loads:
-            return InstanceLoad(0, 0, 0, 1, 0, 0, 0, 0, 16, 0, 0, 0)
-        total = {f.name: sum(getattr(l, f.name) for l in loads) for f in dataclasses.fields(InstanceLoad)}
-        total["block_size"] = loads[0].block_size
-        return InstanceLoad(**total)
+        return self.scheduler.total_load()
 
     # ---- requests -----------------------------------------------------------------------------
 
     async def submit(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str,
-                     priority: int = 0) -> RequestStream:
+                     priority: int = 0, session_id: str | None = None) -> RequestStream:
         if self.max_waiting is not None and (waiting := self.load().waiting_for_room()) >= self.max_waiting:
             raise QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
-        tracked = Tracked(req_id, list(prompt_token_ids), params, priority, -1, asyncio.Queue())
+        tracked = Tracked(req_id, list(prompt_token_ids), params, priority, -1, asyncio.Queue(), session_id=session_id)
         await self._dispatch(tracked)
         return RequestStream(self.abort, req_id, tracked.queue)
 
     async def _dispatch(self, tracked: Tracked) -> None:
+        request = DispatchRequest(tracked.req_id, tracked.prompt_token_ids, session_id=tracked.session_id,
+                                  priority=tracked.priority)
         while True:
-            members = self.live(("both", "prefill"))
-            if not members:
-                raise RuntimeError("no live instance can take requests")
-            loads = [m.load for m in members]
-            i = self.dispatch.choose(loads, DispatchRequest(tracked.req_id, tracked.prompt_token_ids, priority=tracked.priority))
-            member = members[i]
-            # count the request before the await, so that concurrent arrivals see it (a burst was
-            # herded onto one instance: 16 of 16, or 79 of 80, before the next poll)
-            self._count_queued(member, tracked, +1)
+            member = self.members[self.scheduler.dispatch(request)]
             try:
                 await member.handle.add.remote(tracked.prompt_token_ids, tracked.params, tracked.req_id,
                                                tracked.priority, member.role == "prefill")
@@ -222,21 +210,13 @@ class ClusterEngine:
             except ray.exceptions.RayActorError as exc:  # died before its pump noticed: try another
                 await self._member_died(member, exc)
             except ray.exceptions.RayTaskError as exc:  # the engine refused the request: its own
-                self._count_queued(member, tracked, -1)
+                self.scheduler.undo_dispatch(member.id, request)
                 cause = exc.cause  # error, without Ray's traceback (actor id, pid, address)
                 raise (cause if isinstance(cause, Exception) else RuntimeError("the instance refused the request")) from None
         tracked.member = member.id
         self.requests[tracked.req_id] = tracked
         if self.metrics:
-            self.metrics.dispatches.labels(policy=self.dispatch.name).inc()
-
-    @staticmethod
-    def _count_queued(member: Member, tracked: Tracked, sign: int) -> None:
-        """Add (or take back) a just-dispatched request in the member's load until its next poll."""
-        load = member.load
-        member.load = dataclasses.replace(
-            load, num_waiting=max(0, load.num_waiting + sign),
-            waiting_prompt_tokens=max(0, load.waiting_prompt_tokens + sign * len(tracked.prompt_token_ids)))
+            self.metrics.dispatches.labels(policy=self.scheduler.dispatch_policy.name).inc()
 
     def fail_all(self, error: str) -> None:
         """End every open request with ``error`` (a shutdown whose drain timed out)."""
@@ -271,7 +251,7 @@ class ClusterEngine:
             except Exception as exc:  # the actor died
                 await self._member_died(member, exc)
                 return
-            member.load = load
+            self.scheduler.observe(member.id, load)
             for out in outs:
                 self._deliver(out, member)
             for listener in self.step_listeners:
@@ -296,12 +276,13 @@ class ClusterEngine:
         if not member.alive:
             return
         member.alive = False
+        self.scheduler.remove_instance(member.id)
         self.dead = None if self.live() else "all instances died"
         log.error("instance %d died: %s", member.id, exc)
         ray.kill(member.handle)  # a broken instance's actor may still be alive
         for tracked in [t for t in self.requests.values() if t.member == member.id]:
             error = f"instance {member.id} died mid-request"
-            if tracked.streamed_tokens == 0 and tracked.redispatches < 2 and self.live(("both", "prefill")):
+            if tracked.streamed_tokens == 0 and tracked.redispatches < 2 and self.live(ENTRY_ROLES):
                 tracked.redispatches += 1
                 if self.metrics:
                     self.metrics.redispatched.inc()
@@ -386,15 +367,15 @@ class ClusterEngine:
     async def _pd_transfer(self, tracked: Tracked, src: Member) -> None:
         """Move a request parked on a prefill instance (after its first token) to the freest
         decode instance; if that fails it continues on the prefill instance."""
-        decoders = self.live(("decode", "both"))
         tracked.migrating = True
         outcome = "rolled_back"
         try:
             state = await src.handle.take_handoff.remote(tracked.req_id)
-            if not decoders:
+            dst_id = self.scheduler.pd_destination()
+            if dst_id is None:
                 await src.handle.restore.remote(tracked.req_id)
                 return
-            dst = max(decoders, key=lambda m: decode_room(m.load))
+            dst = self.members[dst_id]
             t = time.perf_counter()
             try:
                 await dst.handle.import_.remote(state)
@@ -423,14 +404,15 @@ class ClusterEngine:
         instance is not migrated from: its requests finish prefilling and hand off as usual."""
         member = self.members[member_id]
         member.draining = True
+        self.scheduler.set_draining(member_id)
         while any(t.member == member_id for t in self.requests.values()):
-            targets = self.live(MIGRATION_ROLES) if member.role in MIGRATION_ROLES else []
             for t in [t for t in self.requests.values() if t.member == member_id and not t.migrating]:
-                if targets:
-                    dst = max(targets, key=lambda m: m.load.num_free_blocks)
-                    self._tasks.append(asyncio.create_task(self.migrate(t.req_id, dst.id, reason="drain")))
+                dst = self.scheduler.drain_target(member_id)
+                if dst is not None:
+                    self._tasks.append(asyncio.create_task(self.migrate(t.req_id, dst, reason="drain")))
             await asyncio.sleep(self.control_interval_s)
         member.alive = False
+        self.scheduler.remove_instance(member_id)
         if member.pump:
             member.pump.cancel()
         ray.kill(member.handle)
@@ -457,32 +439,28 @@ class ClusterEngine:
             for state in ("alive", "draining", "dead"):
                 self.metrics.instances.labels(state=state).set(states.count(state))
             for m in members:
-                self.metrics.instance_running.labels(instance=str(m.id)).set(m.load.num_running)
-                self.metrics.instance_waiting.labels(instance=str(m.id)).set(m.load.num_waiting)
-                self.metrics.instance_kv.labels(instance=str(m.id)).set(m.load.kv_usage)
+                load = self.scheduler.instances[m.id].load
+                self.metrics.instance_running.labels(instance=str(m.id)).set(load.num_running)
+                self.metrics.instance_waiting.labels(instance=str(m.id)).set(load.num_waiting)
+                self.metrics.instance_kv.labels(instance=str(m.id)).set(load.kv_usage)
         decoders = [m for m in members if m.role in MIGRATION_ROLES]  # prefill instances hand off instead
-        if self.migration is not None and len(decoders) > 1:
+        if self.scheduler.migration_policy is not None and len(decoders) > 1:
             # bounded: a wedged instance must not stall the control loop (its pump notices death)
             running = await asyncio.wait_for(
                 asyncio.gather(*(m.handle.running.remote() for m in decoders), return_exceptions=True),
                 timeout=max(5.0, 20 * self.control_interval_s))
             if any(isinstance(r, BaseException) for r in running):
                 return  # an instance died: its pump takes it out; plan again next tick
-            mine = [[RunningRequest(*r) for r in rs if r[0] in self.requests and not self.requests[r[0]].migrating]
-                    for rs in running]
-            draining = frozenset(i for i, m in enumerate(decoders) if m.draining)
-            for mig in self.migration.plan([m.load for m in decoders], mine, draining):
-                self._tasks.append(asyncio.create_task(self.migrate(mig.req_id, decoders[mig.dst].id, mig.reason)))
-        if self.autoscaler is not None and ticks % 4 == 0:
-            active = self.live()
-            decision = self.autoscaler.decide([m.load for m in active])
-            if decision > 0:
+            mine = {m.id: [RunningRequest(*r) for r in rs if r[0] in self.requests and not self.requests[r[0]].migrating]
+                    for m, rs in zip(decoders, running)}
+            for mig in self.scheduler.migration_plan(mine):
+                self._tasks.append(asyncio.create_task(self.migrate(mig.req_id, mig.dst, mig.reason)))
+        if ticks % 4 == 0:
+            direction, victim = self.scheduler.scale()
+            if direction > 0:
                 await self._add_member()
                 if self.metrics:
                     self.metrics.scale_events.labels(direction="up").inc()
-            elif decision < 0 and len(active) > 1:
-                removable = [m for m in active if can_remove([a.role for a in active if a is not m])]
-                if removable:
-                    victim = min(removable, key=lambda m: m.load.num_running + m.load.num_waiting)
-                    self._tasks.append(asyncio.create_task(self.drain(victim.id)))
+            elif victim is not None:
+                self._tasks.append(asyncio.create_task(self.drain(victim)))
         self._tasks = [t for t in self._tasks if not t.done()]

@@ -238,10 +238,10 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
 
-    async def start(prompt_ids: list[int], params, req_id: str, priority: int):
+    async def start(prompt_ids: list[int], params, req_id: str, priority: int, session_id: str | None):
         """Submit, turning engine refusals into API errors before any byte is sent."""
         try:
-            return await engine.submit(prompt_ids, params, req_id, priority)
+            return await engine.submit(prompt_ids, params, req_id, priority, session_id)
         except QueueFull as exc:
             raise APIError(429, f"Server busy: {exc}. Retry later.", "RateLimitError",
                            headers={"Retry-After": "1"}) from exc
@@ -251,15 +251,17 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise APIError(503, str(exc), "ServiceUnavailableError") from exc
 
     async def run_choices(prompts: list[list[int]], req: _SamplingRequest, max_tokens: list[int],
-                          logprobs: int | None, base_id: str):
-        """Start every (prompt, n) choice; returns one output stream per choice, in index order."""
+                          logprobs: int | None, base_id: str, request: Request):
+        """Start every (prompt, n) choice; returns one output stream per choice, in index order.
+        The session is the body's ``session_id``, else the ``X-Session-Id`` header."""
+        session_id = req.session_id or request.headers.get("x-session-id")
         streams = []
         try:
             for p_i, ids in enumerate(prompts):
                 for j in range(req.n):
                     index = p_i * req.n + j
                     params = build_params(req, max_tokens[p_i], logprobs, j)
-                    streams.append(await start(ids, params, f"{base_id}-{index}", req.priority))
+                    streams.append(await start(ids, params, f"{base_id}-{index}", req.priority, session_id))
         except BaseException:
             for s in streams:
                 await s.aclose()
@@ -346,7 +348,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         max_tokens = [check_length(len(ids), req.max_tokens, "prompt") for ids in prompts]
         base = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        streams = await run_choices(prompts, req, max_tokens, req.logprobs, base)
+        streams = await run_choices(prompts, req, max_tokens, req.logprobs, base, request)
         n_choices = len(streams)
         prompt_tokens = sum(len(x) for x in prompts)
 
@@ -416,7 +418,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         base = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        streams = await run_choices([ids], req, [max_tokens], logprobs, base)
+        streams = await run_choices([ids], req, [max_tokens], logprobs, base, request)
 
         def lp_content(outs: list[RequestOutput]):
             if logprobs is None:

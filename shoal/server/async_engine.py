@@ -81,9 +81,11 @@ class AsyncEngine:
         return self._snapshot[0]
 
     async def submit(
-        self, prompt_token_ids: list[int], params: SamplingParams, req_id: str, priority: int = 0
+        self, prompt_token_ids: list[int], params: SamplingParams, req_id: str, priority: int = 0,
+        session_id: str | None = None,
     ) -> "RequestStream":
-        """Admit a request; returns the stream of its outputs. Raises QueueFull when the waiting
+        """Admit a request; returns the stream of its outputs (``session_id`` only matters to a
+        cluster's dispatch: one engine holds every session). Raises QueueFull when the waiting
         queue is over its bound, ValueError for input the engine refuses, RuntimeError if the
         engine has stopped."""
         if self.dead:

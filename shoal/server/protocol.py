@@ -123,6 +123,8 @@ class _SamplingRequest(_Body):
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
     priority: Int(PRIORITY_MIN, PRIORITY_MAX, description="Lower runs first.") = 0
+    session_id: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        None, description="Keeps a conversation on the instance holding its KV (or the X-Session-Id header).")
 
     def sampling_params(self, default_max_tokens: int, logprobs: int | None, index: int = 0) -> SamplingParams:
         """Engine sampling parameters for choice ``index`` (seeds differ per choice)."""

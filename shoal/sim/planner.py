@@ -18,7 +18,7 @@ import numpy as np
 
 from shoal.bench.report import summarize
 from shoal.bench.workloads import RequestSpec, Workload
-from shoal.cluster.policies import LeastLoad
+from shoal.control.policies import LeastLoad
 from shoal.sim.catalog import GPU, ModelShape, RooflineCostModel
 from shoal.sim.simulator import InstanceSpec, simulate
 

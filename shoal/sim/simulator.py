@@ -42,14 +42,14 @@ import torch
 
 from shoal.bench.report import RequestRecord
 from shoal.bench.workloads import Workload
-from shoal.cluster.policies import (
+from shoal.control.global_scheduler import ENTRY_ROLES, GlobalScheduler
+from shoal.control.policies import (
     MIGRATION_ROLES,
     DispatchPolicy,
     DispatchRequest,
     MigrationPolicy,
     RunningRequest,
     check_roles,
-    decode_room,
 )
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.core import EngineCore
@@ -174,7 +174,11 @@ class _Cluster:
         self.by_id: dict[str, RequestRecord] = {}
         self.gen = torch.Generator().manual_seed(seed)
         self.vocab = specs[0].vocab_size
-        self.dispatch, self.migration, self.link = dispatch, migration, link
+        # the cluster's own decision maker; instance ids are positions here (simulated ones never die)
+        self.scheduler = GlobalScheduler(dispatch, migration)
+        for i, sim in enumerate(self.sims):
+            self.scheduler.add_instance(i, sim.role, sim.engine.load())
+        self.migration, self.link = migration, link
         self.fast_forward = fast_forward
         self.interval = control_interval_s
         self.max_stages = max_migration_stages
@@ -221,19 +225,28 @@ class _Cluster:
         spec, rec = self.arrivals[idx], self.records[idx]
         prompt = torch.randint(1, self.vocab, (spec.prompt_len,), generator=self.gen).tolist()
         rid = f"r{idx}"
-        entry = [i for i, s in enumerate(self.sims) if s.role != "decode"]
-        target = entry[self.dispatch.choose([self.sims[i].engine.load() for i in entry], DispatchRequest(rid, prompt))]
+        self._observe(ENTRY_ROLES)
+        request = DispatchRequest(rid, prompt)
+        target = self.scheduler.dispatch(request)
         self.by_id[rid] = rec
         params = SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
         try:
             self.sims[target].engine.add(prompt, params, req_id=rid, arrival_time=now)
         except ValueError as exc:
+            self.scheduler.undo_dispatch(target, request)
             rec.error = str(exc)
             return
         if self.sims[target].role == "prefill":
             self.sims[target].hold.add(rid)
         self._wake(target, now)
         self._maybe_tick(now)
+
+    def _observe(self, roles: tuple[str, ...]) -> None:
+        """Hand the scheduler these instances' snapshots, as the cluster's pumps do after a step
+        (here they are exact at every event)."""
+        for i, sim in enumerate(self.sims):
+            if sim.role in roles:
+                self.scheduler.observe(i, sim.engine.load())
 
     def _wake(self, i: int, now: float) -> None:
         if not self.sims[i].busy and self.sims[i].engine.has_unfinished():
@@ -312,13 +325,12 @@ class _Cluster:
     def _tick(self, now: float, _: Any) -> None:
         self.tick_pending = False
         assert self.migration is not None
-        ids = [i for i, s in enumerate(self.sims) if s.role in MIGRATION_ROLES]  # as the cluster
-        loads = [self.sims[i].engine.load() for i in ids]
-        running = [[RunningRequest(r.req_id, r.priority, r.num_tokens) for r in self.sims[i].engine.scheduler.running
-                    if r.req_id not in self.moving] for i in ids]
-        for m in self.migration.plan(loads, running, frozenset()) if len(ids) > 1 else []:
+        self._observe(MIGRATION_ROLES)
+        running = {i: [RunningRequest(r.req_id, r.priority, r.num_tokens) for r in s.engine.scheduler.running
+                       if r.req_id not in self.moving] for i, s in enumerate(self.sims) if s.role in MIGRATION_ROLES}
+        for m in self.scheduler.migration_plan(running):
             if m.req_id not in self.moving and m.src != m.dst:
-                mv = _Move(Transfer(m.req_id, "migration", m.reason, ids[m.src], ids[m.dst], now))
+                mv = _Move(Transfer(m.req_id, "migration", m.reason, m.src, m.dst, now))
                 self.sims[mv.rec.src].transfers.append(mv.rec)
                 self.moving[m.req_id] = mv
                 self._stage(now, mv)
@@ -361,8 +373,8 @@ class _Cluster:
     def _handoff(self, i: int, rid: str, now: float) -> None:
         """P/D: send a request that just got its first token on prefill instance ``i`` onward."""
         state = self.sims[i].engine.export(rid, 0, release=False)
-        decoders = [j for j, s in enumerate(self.sims) if s.role != "prefill"]
-        dst = max(decoders, key=lambda j: decode_room(self.sims[j].engine.load()))
+        self._observe(("decode", "both"))
+        dst = self.scheduler.pd_destination()
         n = kv_bytes(state.kv)
         mv = _Move(Transfer(rid, "pd", "pd", i, dst, now, tail_bytes=n, downtime_s=self.link.seconds(n)))
         self.sims[i].transfers.append(mv.rec)

@@ -14,7 +14,7 @@ import numpy as np
 from shoal.bench.prompts import PromptMaker
 from shoal.bench.report import RequestRecord, summarize
 from shoal.bench.workloads import Workload
-from shoal.cluster.policies import LeastLoad
+from shoal.control.policies import LeastLoad
 from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
 from shoal.sim.cost_model import CostModel

@@ -1,14 +1,15 @@
-"""Dispatch policies: which instance gets a new request.
+"""The cluster's policies: dispatch, migration, P/D roles and autoscaling.
 
-Small, pure objects over :class:`InstanceLoad` snapshots, shared by the real cluster and the
-simulator (the same objects, not copies). None reads a clock.
+Small, pure objects over :class:`InstanceLoad` snapshots keyed by instance id (never by list
+position, which names another instance once one dies or drains). :class:`GlobalScheduler`
+composes them; the real cluster and the simulator share the very same objects. None reads a clock.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 from shoal.engine.block_manager import prefix_hashes
 from shoal.engine.outputs import InstanceLoad
@@ -24,11 +25,14 @@ class DispatchRequest:
     priority: int = 0
 
 
+Loads = Mapping[int, InstanceLoad]  # instance id -> its latest snapshot
+
+
 class DispatchPolicy(Protocol):
     name: str
 
-    def choose(self, loads: Sequence[InstanceLoad], request: DispatchRequest) -> int:
-        """Index of the instance (into ``loads``) that should serve ``request``."""
+    def choose(self, loads: Loads, request: DispatchRequest) -> int:
+        """The id (a key of ``loads``) of the instance that should serve ``request``."""
         ...
 
 
@@ -49,19 +53,20 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def choose(self, loads: Sequence[InstanceLoad], request: DispatchRequest) -> int:
-        i = self._next % len(loads)
+    def choose(self, loads: Loads, request: DispatchRequest) -> int:
+        ids = sorted(loads)
+        i = ids[self._next % len(ids)]
         self._next += 1
         return i
 
 
 class LeastLoad:
-    """The freest instance by :func:`freeness` (ties: fewest waiting, then lowest index)."""
+    """The freest instance by :func:`freeness` (ties: fewest waiting, then lowest id)."""
 
     name = "least_load"
 
-    def choose(self, loads: Sequence[InstanceLoad], request: DispatchRequest) -> int:
-        return max(range(len(loads)), key=lambda i: (freeness(loads[i]), -loads[i].num_waiting, -i))
+    def choose(self, loads: Loads, request: DispatchRequest) -> int:
+        return max(loads, key=lambda i: (freeness(loads[i]), -loads[i].num_waiting, -i))
 
 
 class PrefixAware:
@@ -77,15 +82,15 @@ class PrefixAware:
         self.block_size = block_size
         self.load_guard = load_guard
         self.capacity = capacity
-        self._where: OrderedDict[int, int] = OrderedDict()  # prefix hash -> instance
+        self._where: OrderedDict[int, int] = OrderedDict()  # prefix hash -> instance id
         self._fallback = LeastLoad()
 
-    def choose(self, loads: Sequence[InstanceLoad], request: DispatchRequest) -> int:
+    def choose(self, loads: Loads, request: DispatchRequest) -> int:
         hashes = prefix_hashes(request.prompt_token_ids, self.block_size)
         best = self._fallback.choose(loads, request)
         for h in reversed(hashes):  # longest known prefix first
             i = self._where.get(h)
-            if i is not None and i < len(loads):
+            if i is not None and i in loads:  # an instance gone since is simply not a candidate
                 busy = loads[i].num_running + loads[i].num_waiting
                 least = loads[best].num_running + loads[best].num_waiting
                 if busy <= self.load_guard * least + 1:
@@ -107,16 +112,16 @@ class SessionAffinity:
 
     def __init__(self, load_guard: float = 2.0) -> None:
         self.load_guard = load_guard
-        self._home: dict[str, int] = {}
+        self._home: dict[str, int] = {}  # session -> instance id
         self._fallback = LeastLoad()
 
-    def choose(self, loads: Sequence[InstanceLoad], request: DispatchRequest) -> int:
+    def choose(self, loads: Loads, request: DispatchRequest) -> int:
         best = self._fallback.choose(loads, request)
         sid = request.session_id
         if sid is None:
             return best
         home = self._home.get(sid)
-        if home is not None and home < len(loads):
+        if home is not None and home in loads:
             busy = loads[home].num_running + loads[home].num_waiting
             least = loads[best].num_running + loads[best].num_waiting
             if busy <= self.load_guard * least + 1:
@@ -149,7 +154,7 @@ class RunningRequest:
 @dataclass(frozen=True)
 class Migration:
     req_id: str
-    src: int
+    src: int  # instance ids
     dst: int
     reason: str
 
@@ -157,9 +162,9 @@ class Migration:
 class MigrationPolicy(Protocol):
     name: str
 
-    def plan(self, loads: Sequence[InstanceLoad], running: Sequence[Sequence[RunningRequest]],
+    def plan(self, loads: Loads, running: Mapping[int, Sequence[RunningRequest]],
              draining: frozenset[int] = frozenset()) -> list[Migration]:
-        """Migrations to start now, given every instance's load and running requests."""
+        """Migrations to start now, given every instance's load and running requests (by id)."""
         ...
 
 
@@ -180,8 +185,8 @@ class LlumnixMigration:
         self.max_per_round = max_per_round
 
     def plan(self, loads, running, draining=frozenset()):
-        loads = list(loads)
-        targets = [i for i in range(len(loads)) if i not in draining]
+        loads = dict(loads)
+        targets = [i for i in sorted(loads) if i not in draining]
         if not targets:
             return []
         out: list[Migration] = []
@@ -216,7 +221,7 @@ class LlumnixMigration:
                 loads[src] = replace(loads[src], num_free_blocks=loads[src].num_free_blocks + blocks,
                                      num_running=loads[src].num_running - 1)
 
-        for i in sorted(draining):
+        for i in sorted(draining & loads.keys()):
             for _ in running[i]:
                 add(i, "drain")
         for i in targets:

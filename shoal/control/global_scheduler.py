@@ -1,0 +1,145 @@
+"""The global scheduler: every cluster-level decision, in one synchronous object (Llumnix's shape).
+
+Keyed by instance id, it holds each instance's role, whether it drains, and its latest load
+snapshot, and decides: where a request goes (with the optimistic bump that keeps a burst from
+being herded onto one instance before the next snapshot), which migrations to start, where a
+prefilled request decodes, where a draining instance's requests go, and when to scale and which
+instance to remove. No Ray, no asyncio, no clock: the Ray cluster and the simulator both drive this
+one object, so what the simulator shows is what the cluster decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from shoal.control.policies import (
+    MIGRATION_ROLES,
+    Autoscaler,
+    DispatchPolicy,
+    DispatchRequest,
+    Migration,
+    MigrationPolicy,
+    RunningRequest,
+    can_remove,
+    decode_room,
+)
+from shoal.engine.outputs import InstanceLoad
+
+ENTRY_ROLES = ("both", "prefill")  # instances that take new requests
+
+
+@dataclass
+class InstanceView:
+    """What the global scheduler knows of one instance."""
+
+    id: int
+    role: str
+    load: InstanceLoad
+    draining: bool = False
+
+
+class GlobalScheduler:
+    """Dispatch, migration, P/D destination, drain target and scaling over instances by id."""
+
+    def __init__(self, dispatch: DispatchPolicy, migration: MigrationPolicy | None = None,
+                 autoscaler: Autoscaler | None = None) -> None:
+        self.dispatch_policy = dispatch
+        self.migration_policy = migration
+        self.autoscaler = autoscaler
+        self.instances: dict[int, InstanceView] = {}
+
+    # ---- membership and snapshots ---------------------------------------------------------------
+
+    def add_instance(self, instance_id: int, role: str, load: InstanceLoad) -> None:
+        self.instances[instance_id] = InstanceView(instance_id, role, load)
+
+    def remove_instance(self, instance_id: int) -> None:
+        """An instance died or finished draining: it is no longer a candidate for anything."""
+        self.instances.pop(instance_id, None)
+
+    def set_draining(self, instance_id: int) -> None:
+        self.instances[instance_id].draining = True
+
+    def observe(self, instance_id: int, load: InstanceLoad) -> None:
+        """The instance's latest snapshot (it replaces any optimistic bump)."""
+        if instance_id in self.instances:
+            self.instances[instance_id].load = load
+
+    def loads(self, roles: Sequence[str], include_draining: bool = False) -> dict[int, InstanceLoad]:
+        return {i: v.load for i, v in self.instances.items()
+                if v.role in roles and (include_draining or not v.draining)}
+
+    # ---- decisions -----------------------------------------------------------------------------
+
+    def dispatch(self, request: DispatchRequest) -> int:
+        """The instance for a new request, counted there at once (see :meth:`undo_dispatch`).
+        Raises RuntimeError when no instance takes new requests."""
+        loads = self.loads(ENTRY_ROLES)
+        if not loads:
+            raise RuntimeError("no live instance can take requests")
+        chosen = self.dispatch_policy.choose(loads, request)
+        self._count_queued(chosen, len(request.prompt_token_ids), +1)
+        return chosen
+
+    def undo_dispatch(self, instance_id: int, request: DispatchRequest) -> None:
+        """The instance refused the request: take back its optimistic count."""
+        self._count_queued(instance_id, len(request.prompt_token_ids), -1)
+
+    def _count_queued(self, instance_id: int, prompt_len: int, sign: int) -> None:
+        view = self.instances.get(instance_id)
+        if view is not None:
+            load = view.load
+            view.load = dataclasses.replace(
+                load, num_waiting=max(0, load.num_waiting + sign),
+                waiting_prompt_tokens=max(0, load.waiting_prompt_tokens + sign * prompt_len))
+
+    def pd_destination(self) -> int | None:
+        """Where a request prefilled on a prefill instance decodes: the most decode room."""
+        loads = self.loads(("decode", "both"))
+        return max(loads, key=lambda i: (decode_room(loads[i]), -i)) if loads else None
+
+    def drain_target(self, source: int) -> int | None:
+        """Where a draining instance's requests move (None: a prefill instance hands off instead,
+        or nowhere to go)."""
+        if self.instances[source].role not in MIGRATION_ROLES:
+            return None
+        loads = {i: l for i, l in self.loads(MIGRATION_ROLES).items() if i != source}
+        return max(loads, key=lambda i: (loads[i].num_free_blocks, -i)) if loads else None
+
+    def migration_plan(self, running: Mapping[int, Sequence[RunningRequest]]) -> list[Migration]:
+        """Live migrations to start, among decode-capable instances (prefill ones hand off);
+        ``running`` holds each one's running requests that are not already moving."""
+        if self.migration_policy is None:
+            return []
+        loads = {i: l for i, l in self.loads(MIGRATION_ROLES, include_draining=True).items() if i in running}
+        if len(loads) < 2:
+            return []
+        draining = frozenset(i for i in loads if self.instances[i].draining)
+        return self.migration_policy.plan(loads, running, draining)
+
+    def scale(self) -> tuple[int, int | None]:
+        """(+1, None) to add an instance, (-1, victim id) to drain one, (0, None) to hold. The
+        victim is the least busy instance whose removal leaves a serving cluster."""
+        if self.autoscaler is None:
+            return 0, None
+        active = [v for v in self.instances.values() if not v.draining]
+        decision = self.autoscaler.decide([v.load for v in active])
+        if decision > 0:
+            return 1, None
+        if decision < 0 and len(active) > 1:
+            removable = [v for v in active if can_remove([a.role for a in active if a is not v])]
+            if removable:
+                victim = min(removable, key=lambda v: (v.load.num_running + v.load.num_waiting, -v.id))
+                return -1, victim.id
+        return 0, None
+
+    def total_load(self) -> InstanceLoad:
+        """Every instance's snapshot summed (draining ones included: they still hold requests)."""
+        loads = [v.load for v in self.instances.values()]
+        if not loads:
+            return InstanceLoad(0, 0, 0, 1, 0, 0, 0, 0, 16, 0, 0, 0)
+        total = {f.name: sum(getattr(l, f.name) for l in loads) for f in dataclasses.fields(InstanceLoad)}
+        total["block_size"] = loads[0].block_size
+        return InstanceLoad(**total)
