@@ -80,9 +80,15 @@ def serve(
     kv_cache_gb: Optional[float] = typer.Option(None, "--kv-cache-gb"),
     instances: int = typer.Option(1, "--instances", help="Engine instances; >1 runs them as Ray actors"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (implies the cluster mode)"),
-    dispatch: str = typer.Option("least_load", "--dispatch", help="round_robin | least_load | prefix_aware | session_affinity"),
+    dispatch: str = typer.Option("predicted_latency", "--dispatch", help="predicted_latency | round_robin | least_load | prefix_aware | session_affinity"),
     migration: str = typer.Option("llumnix", "--migration", help="llumnix | none: live migration between instances"),
     roles: Optional[str] = typer.Option(None, "--roles", help="Comma-separated per-instance roles: both | prefill | decode"),
+    slo_ttft_ms: float = typer.Option(1000.0, "--slo-ttft-ms", help="TTFT objective of requests that bring none (dispatch, deadline admission)"),
+    slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms", help="TPOT objective (dispatch; the step time limit of --token-budget slo)"),
+    token_budget: str = typer.Option("fixed", "--token-budget", help="fixed | slo: also cut prefill chunks so a step with decodes stays within the TPOT SLO"),
+    admission: str = typer.Option("fcfs", "--admission", help="fcfs | deadline: at equal priority, admit requests within the TTFT SLO first"),
+    cost_model: Optional[str] = typer.Option(None, "--cost-model", help="Profile JSON timing this machine's steps (default: the committed SmolLM2-on-CPU one)"),
+    instance_threads: Optional[str] = typer.Option(None, "--instance-threads", help="Comma-separated CPU threads per instance (a heterogeneous cluster)"),
     autoscale_max: Optional[int] = typer.Option(None, "--autoscale-max", help="Enable autoscaling up to this many instances"),
     autoscale_min: int = typer.Option(1, "--autoscale-min"),
     num_threads: Optional[int] = ThreadsOpt,
@@ -101,22 +107,30 @@ def serve(
 
     log = logging.getLogger("shoal.serve")
     log.setLevel(logging.INFO)
+    from shoal.engine.metadata import SLO
+
+    if token_budget not in ("fixed", "slo"):
+        raise typer.BadParameter("--token-budget is fixed or slo")
     with user_errors():
+        slo = SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3)
         config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                              kv_cache_gb=kv_cache_gb, num_threads=num_threads)
+                              kv_cache_gb=kv_cache_gb, num_threads=num_threads, admission=admission,
+                              step_time_limit_s=slo.tpot_s if token_budget == "slo" else None, cost_model=cost_model)
     name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
     if instances > 1 or ray_address or autoscale_max:
         from shoal.cluster.cluster import ClusterEngine
-        from shoal.control.policies import Autoscaler, make_dispatch_policy, make_migration_policy
+        from shoal.control.policies import Autoscaler, make_migration_policy
         from shoal.model.loader import load_tokenizer
 
         role_list = roles.split(",") if roles else None
         try:
+            threads = [int(t) for t in instance_threads.split(",")] if instance_threads else None
             backend = ClusterEngine(
-                config, instances, make_dispatch_policy(dispatch), tokenizer=load_tokenizer(model or default_model_path()),
+                config, instances, dispatch.replace("-", "_"), tokenizer=load_tokenizer(model or default_model_path()),
                 roles=role_list, migration=make_migration_policy(migration), ray_address=ray_address,
                 autoscaler=Autoscaler(autoscale_min, autoscale_max) if autoscale_max else None, max_waiting=max_waiting,
+                slo=slo, instance_threads=threads,
             )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
@@ -126,7 +140,7 @@ def serve(
 
         with user_errors():
             engine = Engine(config)
-        backend = AsyncEngine(engine, max_waiting=max_waiting)
+        backend = AsyncEngine(engine, max_waiting=max_waiting, slo=slo)
     lifecycle = Lifecycle(drain_timeout)
     app = create_app(backend, name, api_key, max_body_bytes=max_body_bytes, lifecycle=lifecycle)
 
@@ -277,9 +291,12 @@ def sim(
     max_context: int = typer.Option(2048, "--max-context", help="Clip trace requests to this many tokens"),
     instances: int = typer.Option(1, "--instances"),
     cost_model: Optional[Path] = typer.Option(None, "--cost-model", help="Fitted profile JSON (default: the committed SmolLM2-on-CPU one)"),
-    dispatch: str = typer.Option("least_load", "--dispatch", "--policy", help="round_robin | least_load | prefix_aware | session_affinity (as in serve; --policy is the old name)"),
+    dispatch: str = typer.Option("predicted_latency", "--dispatch", "--policy", help="predicted_latency | round_robin | least_load | prefix_aware | session_affinity (as in serve; --policy is the old name)"),
     migration: str = typer.Option("none", "--migration", help="none | llumnix: live migration between instances"),
     roles: Optional[str] = typer.Option(None, "--roles", help="Comma-separated per-instance roles: both | prefill | decode"),
+    speeds: Optional[str] = typer.Option(None, "--speeds", help="Per-instance speed relative to the cost model, e.g. 8x1,8x0.5 (default: all 1)"),
+    token_budget: str = typer.Option("fixed", "--token-budget", help="fixed: --max-num-batched-tokens per step | slo: also cut prefill chunks so a step with decodes stays within the TPOT SLO"),
+    admission: str = typer.Option("fcfs", "--admission", help="fcfs | deadline: at equal priority, admit requests still within the TTFT SLO before late ones"),
     link_gbps: float = typer.Option(10.0, "--link-gbps", help="Bandwidth of KV copies between instances, Gbit/s"),
     link_latency_ms: float = typer.Option(1.0, "--link-latency-ms", help="Fixed time per KV copy"),
     num_blocks: int = typer.Option(2800, "--num-blocks", help="KV blocks per instance"),
@@ -287,27 +304,26 @@ def sim(
     max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens"),
     slo_ttft_ms: float = typer.Option(1000.0, "--slo-ttft-ms"),
     slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms"),
+    capacity: Optional[float] = typer.Option(None, "--capacity", help="Find the busiest time scale (trace) at which this fraction of requests meets both SLOs; --time-scale is ignored"),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("sim-out"), "--out"),
     validate: bool = typer.Option(False, "--validate", help="Also run the workload on the real engine (one instance) and print the errors"),
 ) -> None:
     """Simulate a cluster on the real scheduler code with a cost model; same JSON as bench serve."""
-    import time
-
     from shoal.bench import report
-    from shoal.control.policies import check_roles, make_dispatch_policy, make_migration_policy
-    from shoal.sim.cost_model import LinearCostModel, default_profile_path
-    from shoal.sim.simulator import InstanceSpec, simulate
-    from shoal.sim.transfer import Link, summarize_transfers
+    from shoal.control.policies import check_roles
+    from shoal.engine.metadata import SLO
+    from shoal.engine.cost_model import LinearCostModel, default_profile_path
+    from shoal.sim.experiment import SimSetup, parse_speeds
 
-    wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
-                         output_len, max_context, seed)
     cm = LinearCostModel.load(cost_model or default_profile_path())
     if validate:
         from shoal.engine.config import EngineConfig
         from shoal.engine.engine import Engine
         from shoal.sim.validate import compare
 
+        wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
+                             output_len, max_context, seed)
         engine = Engine(EngineConfig(num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens))
         fidelity = compare(wl, engine, cm, (slo_ttft_ms, slo_tpot_ms))
@@ -315,25 +331,50 @@ def sim(
         (out / "fidelity.json").write_text(json.dumps(fidelity, indent=2))
         typer.echo(json.dumps(fidelity, indent=2))
         return
-    spec = InstanceSpec(cm, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                        max_num_batched_tokens=max_num_batched_tokens)
     try:
-        dispatch_policy = make_dispatch_policy(dispatch.replace("-", "_"))
-        role_list = check_roles(roles.split(",") if roles else None, instances)
-        migration_policy = make_migration_policy(migration)
+        if token_budget not in ("fixed", "slo") or admission not in ("fcfs", "deadline"):
+            raise ValueError("--token-budget is fixed or slo; --admission is fcfs or deadline")
+        setup = SimSetup(
+            cost_model=cm, speeds=parse_speeds(speeds, instances), dispatch=dispatch.replace("-", "_"),
+            migration=migration, roles=check_roles(roles.split(",") if roles else None, instances),
+            slo=SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3), slo_steps=token_budget == "slo",
+            deadlines=admission == "deadline", num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, link_gbps=link_gbps, link_latency_ms=link_latency_ms, seed=seed)
+        setup.check()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    link = Link(link_gbps, link_latency_ms / 1e3)
-    t = time.perf_counter()
-    records, duration, sims = simulate(wl, [spec] * instances, dispatch_policy, seed, migration=migration_policy,
-                                       roles=role_list, link=link)
-    wall = time.perf_counter() - t
-    result = report.summarize(records, wl.description, slo_ttft_ms, slo_tpot_ms, duration_s=duration, extra={
-        "simulated": True, "instances": instances, "policy": dispatch_policy.name, "migration": migration, "roles": role_list,
-        "link": {"gbps": link_gbps, "latency_ms": link_latency_ms, "kv_bytes_per_block": spec.kv_bytes_per_block},
-        **summarize_transfers([tr for s in sims for tr in s.transfers]),
-        "cost_model": {"device": cm.device, "model": cm.model}, "sim_wall_s": wall})
-    report.write(out, result, records)
+
+    def build(ts: float):
+        return _build_workload(workload, rate, burstiness, None, ts, trace_start, num_requests, prompt_len,
+                               output_len, max_context, seed)
+
+    if capacity is not None:
+        from shoal.sim.capacity import find_capacity
+
+        if not workload.startswith("trace:"):
+            raise typer.BadParameter("--capacity varies a trace's time scale: use --workload trace:PATH")
+        runs: dict[float, list] = {}
+
+        def attainment(ts: float) -> dict:
+            result, records = setup.run(build(ts))
+            runs[ts] = records
+            typer.echo(f"time scale {ts:.3f}: rate {result['workload']['rate']:.2f} req/s, "
+                       f"attainment {result['slo_attainment']:.3f}", err=True)
+            return result
+
+        try:
+            found = find_capacity(attainment, capacity)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        if found is None:
+            typer.echo(f"even the lightest time scale tried misses {capacity:.0%} attainment", err=True)
+            raise typer.Exit(1)
+        result = {**found.result, "capacity": {"target": capacity, "time_scale": found.time_scale,
+                                               "rate_rps": found.rate_rps, "probes": found.probes}}
+        report.write(out, result, runs[found.time_scale])
+    else:
+        result, records = setup.run(build(time_scale))
+        report.write(out, result, records)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "workload"}, indent=2))
     typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png")
 

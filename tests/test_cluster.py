@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from shoal.control import policies
+from shoal.engine.metadata import RequestMetadata
 from shoal.engine.outputs import InstanceLoad
 from shoal.engine.sampling_params import SamplingParams
 
@@ -48,8 +49,8 @@ def test_dispatch_policies():
     hot = {**even, first: load(free=5, running=30, waiting=10)}
     assert pa.choose(hot, policies.DispatchRequest("r3", list(range(64)))) != first  # load guard
     sa = policies.SessionAffinity()
-    home = sa.choose(loads, policies.DispatchRequest("a", [1], session_id="s"))
-    assert sa.choose(even, policies.DispatchRequest("b", [1], session_id="s")) == home
+    home = sa.choose(loads, policies.DispatchRequest("a", [1], RequestMetadata(session_id="s")))
+    assert sa.choose(even, policies.DispatchRequest("b", [1], RequestMetadata(session_id="s"))) == home
     with pytest.raises(ValueError, match="unknown dispatch policy"):
         policies.make_dispatch_policy("random")
 
@@ -435,8 +436,8 @@ def test_cluster_refusals_are_the_engines_own_errors(ray_runtime, cluster_config
         c = await make_cluster(cluster_config, 2)
         try:
             with pytest.raises(ValueError) as exc:
-                await c.submit(PROMPT, LONG, "bomb", priority=10**400)
-            assert "priority" in str(exc.value) and "pid" not in str(exc.value) and "ray" not in str(exc.value)
+                await c.submit([10**9], LONG, "bomb")  # a token id out of the vocabulary
+            assert "vocabulary" in str(exc.value) and "pid" not in str(exc.value) and "ray" not in str(exc.value)
             streams = [await c.submit(PROMPT, LONG, f"f{i}") for i in range(3)]
             await asyncio.gather(*(s.__anext__() for s in streams))
             c.fail_all("the server is shutting down")
@@ -467,7 +468,7 @@ def test_session_affinity_gets_the_session_id(ray_runtime, cluster_config):
         short = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
         try:
             for i in range(2):
-                await collect(await c.submit(PROMPT, short, f"s{i}", session_id="conv"))
+                await collect(await c.submit(PROMPT, short, f"s{i}", RequestMetadata(session_id="conv")))
                 await collect(await c.submit(PROMPT, short, f"n{i}"))
             assert seen == ["conv", None, "conv", None]
         finally:

@@ -10,6 +10,7 @@ import pytest
 
 from shoal.control import policies
 from shoal.control.global_scheduler import GlobalScheduler
+from shoal.engine.metadata import RequestMetadata
 from shoal.engine.outputs import InstanceLoad
 
 ROOT = Path(__file__).resolve().parent.parent / "shoal"
@@ -68,14 +69,14 @@ def test_affinity_follows_instance_ids_after_a_death(policy):
     prompt = list(range(64))
     gs.observe(0, load(free=50, running=2))
     gs.observe(1, load(free=50, running=2))
-    first = gs.dispatch(policies.DispatchRequest("a", prompt, session_id="s"))
+    first = gs.dispatch(policies.DispatchRequest("a", prompt, RequestMetadata(session_id="s")))
     assert first == 2
     for i in gs.instances:
         gs.observe(i, load())
     gs.remove_instance(0)  # instance 2 is now second in line, not third
-    assert gs.dispatch(policies.DispatchRequest("b", prompt + [1, 2], session_id="s")) == first
+    assert gs.dispatch(policies.DispatchRequest("b", prompt + [1, 2], RequestMetadata(session_id="s"))) == first
     gs.remove_instance(first)  # its home is gone: served elsewhere, no error
-    assert gs.dispatch(policies.DispatchRequest("c", prompt, session_id="s")) in gs.instances
+    assert gs.dispatch(policies.DispatchRequest("c", prompt, RequestMetadata(session_id="s"))) in gs.instances
 
 
 def test_dispatch_skips_draining_decode_only_and_dead_instances():

@@ -213,20 +213,29 @@ def test_a_bug_answers_500_in_openai_shape_and_keeps_the_connection(srv, monkeyp
     assert_serves(srv)
 
 
-def test_session_id_reaches_the_backend_from_body_or_header(srv, monkeypatch):
-    seen = []
+def test_request_metadata_reaches_the_engine_from_body_and_headers(srv, monkeypatch):
+    """priority, user (the tenant) and session_id / X-Session-Id become one RequestMetadata, which
+    the engine keeps on the request and hands back on every output."""
+    seen, outs = [], []
     real = srv.async_engine.submit
+    engine = srv.async_engine.engine
+    real_output = engine._output
 
-    async def recording(prompt, params, req_id, priority=0, session_id=None):
-        seen.append(session_id)
-        return await real(prompt, params, req_id, priority, session_id)
+    async def recording(prompt, params, req_id, metadata=None):
+        seen.append(metadata)
+        return await real(prompt, params, req_id, metadata)
 
     monkeypatch.setattr(srv.async_engine, "submit", recording)
+    monkeypatch.setattr(engine, "_output", lambda *a, **k: outs.append(real_output(*a, **k)) or outs[-1])
     body = {"messages": CHAT, "max_tokens": 2}
-    assert srv.http.post("/v1/chat/completions", json={**body, "session_id": "conv-1"}).status_code == 200
+    assert srv.http.post("/v1/chat/completions", json={**body, "session_id": "conv-1", "user": "acme",
+                                                       "priority": -3}).status_code == 200
     assert srv.http.post("/v1/chat/completions", json=body, headers={"X-Session-Id": "conv-2"}).status_code == 200
     assert srv.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
-    assert seen == ["conv-1", "conv-2", None]
+    assert [(m.session_id, m.tenant, m.priority) for m in seen] == [("conv-1", "acme", -3), ("conv-2", None, 0),
+                                                                    (None, None, 0)]
+    assert outs and {o.metadata.session_id for o in outs} == {"conv-1", "conv-2", None}
+    assert all(o.metadata.tenant == "acme" for o in outs if o.metadata.session_id == "conv-1")
     assert_error(srv.http.post("/v1/chat/completions", json={**body, "session_id": "x" * 300}), 400)
 
 

@@ -13,7 +13,7 @@ from shoal.bench.workloads import RequestSpec, Workload, synthetic
 from shoal.control import policies
 from shoal.engine.scheduler import ScheduledChunk, StepPlan
 from shoal.sim.catalog import RooflineCostModel, gpus, model_shape
-from shoal.sim.cost_model import FEATURES, LinearCostModel, default_profile_path, plan_features
+from shoal.engine.cost_model import FEATURES, LinearCostModel, default_profile_path, plan_features
 from shoal.sim.simulator import InstanceSpec, simulate
 from shoal.sim.transfer import Link, summarize_transfers
 

@@ -23,17 +23,23 @@ from shoal.control.global_scheduler import ENTRY_ROLES, GlobalScheduler
 from shoal.control.policies import (
     MIGRATION_ROLES,
     ROLES,
+    DEFAULT_DISPATCH,
     Autoscaler,
     DispatchPolicy,
     DispatchRequest,
     MigrationPolicy,
     RunningRequest,
     check_roles,
+    make_dispatch_policy,
 )
+from shoal.control.predictor import InstanceProfile
 from shoal.engine.config import EngineConfig
+from shoal.engine.cost_model import instance_cost_model
+from shoal.engine.metadata import SLO, RequestMetadata, with_slo
 from shoal.engine.outputs import InstanceLoad, RequestOutput
 from shoal.engine.request import FinishReason
 from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.step_budget import StepTimeBudget
 from shoal.streams import QueueFull, RequestStream
 
 log = logging.getLogger(__name__)
@@ -60,10 +66,9 @@ class Tracked:
     req_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    priority: int
+    metadata: RequestMetadata
     member: int
     queue: asyncio.Queue
-    session_id: str | None = None
     streamed_tokens: int = 0
     migrating: bool = False
     aborted: bool = False
@@ -100,7 +105,7 @@ class ClusterEngine:
         self,
         config: EngineConfig,
         num_instances: int,
-        dispatch: DispatchPolicy,
+        dispatch: DispatchPolicy | str = DEFAULT_DISPATCH,
         *,
         tokenizer=None,
         roles: list[str] | None = None,
@@ -110,10 +115,16 @@ class ClusterEngine:
         max_waiting: int | None = None,
         control_interval_s: float = 0.25,
         max_migration_stages: int = 4,
+        slo: SLO | None = None,
+        instance_threads: list[int] | None = None,
     ) -> None:
         roles = check_roles(roles, num_instances)
         self.config = config
-        self.scheduler = GlobalScheduler(dispatch, migration, autoscaler)
+        self.slo = slo  # given to requests that bring none
+        profiles: dict[int, InstanceProfile] = {}
+        if isinstance(dispatch, str):
+            dispatch = make_dispatch_policy(dispatch, profiles, slo)
+        self.scheduler = GlobalScheduler(dispatch, migration, autoscaler, profiles)
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
         self.control_interval_s = control_interval_s
@@ -130,7 +141,9 @@ class ClusterEngine:
         self._tasks: list[asyncio.Task] = []
         self.info: dict = {}
         cpus = os.cpu_count() or 1
-        self._threads = max(1, cpus // max(1, num_instances))
+        if instance_threads is not None and (len(instance_threads) != num_instances or min(instance_threads) < 1):
+            raise ValueError(f"instance threads must be {num_instances} positive counts")
+        self._threads = instance_threads or [max(1, cpus // max(1, num_instances))] * num_instances
 
     # ---- life cycle ---------------------------------------------------------------------------
 
@@ -141,26 +154,34 @@ class ClusterEngine:
             else:
                 ray.init(num_cpus=max(os.cpu_count() or 1, len(self._initial_roles)), log_to_driver=False,
                          include_dashboard=False)
-        for role in self._initial_roles:
-            await self._add_member(role)
+        for role, threads in zip(self._initial_roles, self._threads):
+            await self._add_member(role, threads)
         self._tasks.append(asyncio.create_task(self._control_loop()))
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         self.metrics = ClusterMetrics(registry)
 
-    async def _add_member(self, role: str = "both") -> Member:
+    async def _add_member(self, role: str = "both", threads: int | None = None) -> Member:
         mid = self._next_member
         self._next_member += 1
+        threads = threads or min(self._threads)
         actor = ray.remote(num_cpus=0, max_concurrency=16)(Instance)
-        handle = actor.remote(self.config, f"instance-{mid}", self._threads)
+        handle = actor.remote(self.config, f"instance-{mid}", threads)
         info = await handle.info.remote()
         self.info = self.info or info
-        self.scheduler.add_instance(mid, role, await handle.load.remote())
+        self.scheduler.add_instance(mid, role, await handle.load.remote(), self._profile(threads))
         member = Member(mid, handle, role)
         self.members[mid] = member
         member.pump = asyncio.create_task(self._pump(member))
         log.warning("instance %d (%s) ready", mid, role)
         return member
+
+    def _profile(self, threads: int) -> InstanceProfile:
+        """An instance's cost profile (``EngineConfig.cost_model`` at its thread count)."""
+        scaled = instance_cost_model(self.config.cost_model, threads)
+        budget = self.config.step_time_limit_s
+        return InstanceProfile(scaled, self.config.max_num_batched_tokens,
+                               None if budget is None else StepTimeBudget(scaled, budget))
 
     def shutdown(self) -> None:
         for t in self._tasks:
@@ -191,21 +212,20 @@ class ClusterEngine:
     # ---- requests -----------------------------------------------------------------------------
 
     async def submit(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str,
-                     priority: int = 0, session_id: str | None = None) -> RequestStream:
+                     metadata: RequestMetadata | None = None) -> RequestStream:
         if self.max_waiting is not None and (waiting := self.load().waiting_for_room()) >= self.max_waiting:
             raise QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
-        tracked = Tracked(req_id, list(prompt_token_ids), params, priority, -1, asyncio.Queue(), session_id=session_id)
+        tracked = Tracked(req_id, list(prompt_token_ids), params, with_slo(metadata, self.slo), -1, asyncio.Queue())
         await self._dispatch(tracked)
         return RequestStream(self.abort, req_id, tracked.queue)
 
     async def _dispatch(self, tracked: Tracked) -> None:
-        request = DispatchRequest(tracked.req_id, tracked.prompt_token_ids, session_id=tracked.session_id,
-                                  priority=tracked.priority)
+        request = DispatchRequest(tracked.req_id, tracked.prompt_token_ids, tracked.metadata)
         while True:
             member = self.members[self.scheduler.dispatch(request)]
             try:
                 await member.handle.add.remote(tracked.prompt_token_ids, tracked.params, tracked.req_id,
-                                               tracked.priority, member.role == "prefill")
+                                               tracked.metadata, member.role == "prefill")
                 break
             except ray.exceptions.RayActorError as exc:  # died before its pump noticed: try another
                 await self._member_died(member, exc)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from shoal.engine.metadata import RequestMetadata
 from shoal.engine.config import EngineConfig
 from shoal.engine.engine import Engine
 from shoal.engine.outputs import InstanceLoad, RequestOutput, RequestState
@@ -123,13 +124,13 @@ class Instance:
                 "block_size": e.block_manager.block_size, "num_blocks": e.block_manager.num_blocks,
                 "model": e.model_config.name}
 
-    def add(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str, priority: int = 0,
-            hold_after_prefill: bool = False) -> None:
+    def add(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str,
+            metadata: RequestMetadata | None = None, hold_after_prefill: bool = False) -> None:
         """Queue a request. With ``hold_after_prefill`` (a prefill instance) the request is parked
         after its first token until :meth:`take_handoff` moves it to a decode instance."""
 
         def add() -> None:
-            self.engine.add(prompt_token_ids, params, req_id=req_id, priority=priority)
+            self.engine.add(prompt_token_ids, params, req_id=req_id, metadata=metadata)
             if hold_after_prefill:
                 self._hold.add(req_id)
 

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from shoal.control.predictor import InstanceProfile
 from shoal.control.policies import (
     MIGRATION_ROLES,
     Autoscaler,
@@ -44,20 +45,26 @@ class GlobalScheduler:
     """Dispatch, migration, P/D destination, drain target and scaling over instances by id."""
 
     def __init__(self, dispatch: DispatchPolicy, migration: MigrationPolicy | None = None,
-                 autoscaler: Autoscaler | None = None) -> None:
+                 autoscaler: Autoscaler | None = None, profiles: dict[int, InstanceProfile] | None = None) -> None:
         self.dispatch_policy = dispatch
         self.migration_policy = migration
         self.autoscaler = autoscaler
         self.instances: dict[int, InstanceView] = {}
+        # each instance's cost profile (the very dict a predicted-latency policy reads)
+        self.profiles: dict[int, InstanceProfile] = {} if profiles is None else profiles
 
     # ---- membership and snapshots ---------------------------------------------------------------
 
-    def add_instance(self, instance_id: int, role: str, load: InstanceLoad) -> None:
+    def add_instance(self, instance_id: int, role: str, load: InstanceLoad,
+                     profile: InstanceProfile | None = None) -> None:
         self.instances[instance_id] = InstanceView(instance_id, role, load)
+        if profile is not None:
+            self.profiles[instance_id] = profile
 
     def remove_instance(self, instance_id: int) -> None:
         """An instance died or finished draining: it is no longer a candidate for anything."""
         self.instances.pop(instance_id, None)
+        self.profiles.pop(instance_id, None)
 
     def set_draining(self, instance_id: int) -> None:
         self.instances[instance_id].draining = True

@@ -11,6 +11,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Mapping, Protocol, Sequence
 
+from shoal.control.predictor import InstanceProfile, LatencyPredictor, Prediction
+from shoal.engine.metadata import SLO, RequestMetadata
 from shoal.engine.block_manager import prefix_hashes
 from shoal.engine.outputs import InstanceLoad
 
@@ -21,8 +23,19 @@ class DispatchRequest:
 
     req_id: str
     prompt_token_ids: Sequence[int]
-    session_id: str | None = None
-    priority: int = 0
+    metadata: RequestMetadata = RequestMetadata()
+
+    @property
+    def session_id(self) -> str | None:
+        return self.metadata.session_id
+
+    @property
+    def priority(self) -> int:
+        return self.metadata.priority
+
+    @property
+    def slo(self) -> SLO | None:
+        return self.metadata.slo
 
 
 Loads = Mapping[int, InstanceLoad]  # instance id -> its latest snapshot
@@ -34,6 +47,35 @@ class DispatchPolicy(Protocol):
     def choose(self, loads: Loads, request: DispatchRequest) -> int:
         """The id (a key of ``loads``) of the instance that should serve ``request``."""
         ...
+
+
+class PrefixMemory:
+    """Which instance each recently dispatched prompt prefix went to: the chained hashes of its
+    leading blocks (LRU-bounded), in the spirit of SGLang's cache-aware router. Ids of instances
+    gone since are simply not candidates."""
+
+    def __init__(self, block_size: int = 16, capacity: int = 100_000) -> None:
+        self.block_size = block_size
+        self.capacity = capacity
+        self._where: OrderedDict[int, int] = OrderedDict()  # prefix hash -> instance id
+
+    def hashes(self, token_ids: Sequence[int]) -> list[int]:
+        return prefix_hashes(token_ids, self.block_size)
+
+    def longest(self, hashes: Sequence[int], candidates: Loads) -> tuple[int | None, int]:
+        """(instance, cached tokens) of the longest known prefix on a candidate instance."""
+        for k in range(len(hashes), 0, -1):
+            i = self._where.get(hashes[k - 1])
+            if i is not None and i in candidates:
+                return i, k * self.block_size
+        return None, 0
+
+    def record(self, hashes: Sequence[int], instance_id: int) -> None:
+        for h in hashes:
+            self._where[h] = instance_id
+            self._where.move_to_end(h)
+        while len(self._where) > self.capacity:
+            self._where.popitem(last=False)
 
 
 def queued_blocks(load: InstanceLoad) -> int:
@@ -79,28 +121,20 @@ class PrefixAware:
     name = "prefix_aware"
 
     def __init__(self, block_size: int = 16, load_guard: float = 2.0, capacity: int = 100_000) -> None:
-        self.block_size = block_size
         self.load_guard = load_guard
-        self.capacity = capacity
-        self._where: OrderedDict[int, int] = OrderedDict()  # prefix hash -> instance id
+        self.memory = PrefixMemory(block_size, capacity)
         self._fallback = LeastLoad()
 
     def choose(self, loads: Loads, request: DispatchRequest) -> int:
-        hashes = prefix_hashes(request.prompt_token_ids, self.block_size)
+        hashes = self.memory.hashes(request.prompt_token_ids)
         best = self._fallback.choose(loads, request)
-        for h in reversed(hashes):  # longest known prefix first
-            i = self._where.get(h)
-            if i is not None and i in loads:  # an instance gone since is simply not a candidate
-                busy = loads[i].num_running + loads[i].num_waiting
-                least = loads[best].num_running + loads[best].num_waiting
-                if busy <= self.load_guard * least + 1:
-                    best = i
-                break
-        for h in hashes:
-            self._where[h] = best
-            self._where.move_to_end(h)
-        while len(self._where) > self.capacity:
-            self._where.popitem(last=False)
+        i, _ = self.memory.longest(hashes, loads)
+        if i is not None:
+            busy = loads[i].num_running + loads[i].num_waiting
+            least = loads[best].num_running + loads[best].num_waiting
+            if busy <= self.load_guard * least + 1:
+                best = i
+        self.memory.record(hashes, best)
         return best
 
 
@@ -130,13 +164,57 @@ class SessionAffinity:
         return best
 
 
-DISPATCH_POLICIES = {p.name: p for p in (RoundRobin, LeastLoad, PrefixAware, SessionAffinity)}
+class PredictedLatency:
+    """Predict the request's TTFT and TPOT on every instance from that instance's profile
+    (:class:`LatencyPredictor`; prefix-cache hits from :class:`PrefixMemory` shorten its
+    prefill) and send it where both meet the SLO with the lowest predicted TTFT; if no instance
+    can meet it, where it misses least. Without an SLO: the lowest predicted TTFT. An instance
+    without a profile is predicted with the first profile given."""
+
+    name = "predicted_latency"
+
+    def __init__(self, profiles: Mapping[int, InstanceProfile], slo: SLO | None = None,
+                 predictor: LatencyPredictor | None = None, block_size: int = 16) -> None:
+        self.profiles = profiles  # the global scheduler's own mapping: instances added later appear
+        self.slo = slo
+        self.predictor = predictor or LatencyPredictor()
+        self.memory = PrefixMemory(block_size)
+
+    def predictions(self, loads: Loads, request: DispatchRequest) -> dict[int, Prediction]:
+        hashes = self.memory.hashes(request.prompt_token_ids)
+        home, cached = self.memory.longest(hashes, loads)
+        fallback = next(iter(self.profiles.values()))
+        n = len(request.prompt_token_ids)
+        return {i: self.predictor.predict(self.profiles.get(i, fallback), load, n, cached if i == home else 0)
+                for i, load in loads.items()}
+
+    def choose(self, loads: Loads, request: DispatchRequest) -> int:
+        preds = self.predictions(loads, request)
+        slo = request.slo or self.slo
+        ok = [i for i, p in preds.items() if p.meets(slo)]
+        if ok:  # among those predicted to meet it, the most KV headroom (Llumnix's freeness)
+            best = max(ok, key=lambda i: (freeness(loads[i]), -preds[i].ttft_s, -i))
+        else:
+            best = min(preds, key=lambda i: (preds[i].violation(slo), i))
+        self.memory.record(self.memory.hashes(request.prompt_token_ids), best)
+        return best
 
 
-def make_dispatch_policy(name: str) -> DispatchPolicy:
-    if name not in DISPATCH_POLICIES:
-        raise ValueError(f"unknown dispatch policy {name!r}; choose one of {', '.join(DISPATCH_POLICIES)}")
-    return DISPATCH_POLICIES[name]()
+DISPATCH_POLICIES = ("predicted_latency", "round_robin", "least_load", "prefix_aware", "session_affinity")
+DEFAULT_DISPATCH = "predicted_latency"
+
+
+def make_dispatch_policy(name: str, profiles: Mapping[int, InstanceProfile] | None = None,
+                         slo: SLO | None = None) -> DispatchPolicy:
+    """A policy by name; ``predicted_latency`` needs the instances' ``profiles`` (by id)."""
+    simple = {p.name: p for p in (RoundRobin, LeastLoad, PrefixAware, SessionAffinity)}
+    if name in simple:
+        return simple[name]()
+    if name == PredictedLatency.name:
+        if profiles is None:
+            raise ValueError("predicted_latency dispatch needs the instances' cost profiles")
+        return PredictedLatency(profiles, slo)
+    raise ValueError(f"unknown dispatch policy {name!r}; choose one of {', '.join(DISPATCH_POLICIES)}")
 
 
 # ---- migration ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shoal.engine.scheduler import ADMISSION_ORDERS
 from shoal.model.linear import cpu_has_bf16
 
 
@@ -30,6 +31,9 @@ class EngineConfig:
     int4_small_batch: bool = True  # CPU bf16: run steps of few rows on 4-bit weights when exact
     skip_tokenizer: bool = False  # token ids in, token ids out (no text)
     num_threads: int | None = None  # torch CPU threads; None = torch's default
+    admission: str = "fcfs"  # fcfs | deadline (SchedulerConfig.admission)
+    step_time_limit_s: float | None = None  # SLO-sized steps: a step with decodes stays within this
+    cost_model: str | None = None  # the profile JSON that times steps (default: the committed one)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -37,6 +41,10 @@ class EngineConfig:
         if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
                                              or self.num_threads < 1):
             raise ValueError(f"num_threads must be None or an integer >= 1, got {self.num_threads!r}")
+        if self.admission not in ADMISSION_ORDERS:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSION_ORDERS)}, got {self.admission!r}")
+        if self.step_time_limit_s is not None and not self.step_time_limit_s > 0:
+            raise ValueError(f"step_time_limit_s must be positive, got {self.step_time_limit_s}")
         if self.preemption_mode not in ("auto", "swap", "recompute"):
             raise ValueError(f"preemption_mode must be auto, swap or recompute, not {self.preemption_mode!r}")
 

@@ -18,7 +18,8 @@ from shoal.engine.block_manager import BlockManager
 from shoal.engine.detokenizer import IncrementalDetokenizer
 from shoal.engine.executor import Executor
 from shoal.engine.outputs import InstanceLoad, RequestOutput, RequestState
-from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN, FinishReason, Request, Status
+from shoal.engine.metadata import RequestMetadata
+from shoal.engine.request import FinishReason, Request, Status
 from shoal.engine.sampler import SamplingState, make_generator
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -68,10 +69,13 @@ class EngineCore:
         params: SamplingParams | None = None,
         *,
         req_id: str | None = None,
-        priority: int = 0,
+        priority: int | None = None,
         arrival_time: float | None = None,
+        metadata: RequestMetadata | None = None,
     ) -> str:
-        """Queue a request. Raises ValueError (and changes nothing) for bad input."""
+        """Queue a request. Raises ValueError (and changes nothing) for bad input. ``metadata``
+        carries its priority (``priority`` alone is the short form) and SLO: its first token is
+        due ``slo.ttft_s`` after arrival, which deadline admission orders by."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
@@ -84,16 +88,19 @@ class EngineCore:
         if req_id in self.requests:
             raise ValueError(f"request id {req_id!r} is already in use")
         self._validate_prompt(prompt_token_ids)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise TypeError(f"priority must be an integer, got {priority!r}")
-        if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
-            raise ValueError(f"priority must be in [{PRIORITY_MIN}, {PRIORITY_MAX}], got {priority}")
+        if metadata is None:
+            metadata = RequestMetadata(priority=0 if priority is None else priority)
+        elif priority is not None and priority != metadata.priority:
+            raise ValueError("priority given twice, differently (as an argument and in the metadata)")
+        arrival = self.clock() if arrival_time is None else arrival_time
         req = Request(
             req_id=req_id,
             prompt_token_ids=list(prompt_token_ids),
             params=params,
-            arrival_time=self.clock() if arrival_time is None else arrival_time,
-            priority=priority,
+            arrival_time=arrival,
+            priority=metadata.priority,
+            deadline=None if metadata.slo is None else arrival + metadata.slo.ttft_s,
+            metadata=metadata,
         )
         self._track(req, make_generator(params))
         self.scheduler.add(req)
@@ -249,6 +256,7 @@ class EngineCore:
             first_scheduled_time=req.first_scheduled_time,
             first_token_time=req.first_token_time,
             finished_time=req.finished_time,
+            metadata=req.metadata,
         )
 
     def _finish(
@@ -347,6 +355,8 @@ class EngineCore:
             first_token_time=req.first_token_time,
             kv=kv,
             kv_start_block=from_block,
+            metadata=req.metadata,
+            deadline=req.deadline,
         )
         self.scheduler.detach(req)
         del self.requests[req_id]
@@ -407,6 +417,8 @@ class EngineCore:
             num_cached_tokens=state.num_cached_tokens,
             num_preemptions=state.num_preemptions,
             first_token_time=state.first_token_time,
+            metadata=state.metadata,
+            deadline=state.deadline,
         )
         if req.num_tokens >= self.max_model_len:
             raise ValueError(f"request has {req.num_tokens} tokens; this engine holds {self.max_model_len}")

@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from shoal.engine.cost_model import instance_cost_model
+from shoal.engine.step_budget import StepTimeBudget
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.config import EngineConfig, resolve_device, resolve_dtype
 from shoal.engine.core import EngineCore
@@ -77,6 +79,10 @@ class Engine(EngineCore):
                 force=None if config.preemption_mode == "auto" else PreemptionMode(config.preemption_mode),
             ),
             priority_aging_s=config.priority_aging_s,
+            admission=config.admission,
+            step_time_budget=None if config.step_time_limit_s is None else StepTimeBudget(
+                instance_cost_model(config.cost_model, config.num_threads or torch.get_num_threads()),
+                config.step_time_limit_s),
         )
         self.runner = ModelRunner(self.model, self.kv, bs, self.device)
         super().__init__(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +31,7 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    metadata: Any = None  # the request's RequestMetadata, as it came in
 
 
 @dataclass(frozen=True)
@@ -87,4 +89,6 @@ class RequestState:
     first_token_time: float | None = None
     kv: torch.Tensor | None = None
     kv_start_block: int = 0  # blocks before this one were staged on the destination already
+    metadata: Any = None  # RequestMetadata
+    deadline: float | None = None  # its first token's due time on the source's clock
     extra: dict = field(default_factory=dict)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from shoal.engine.sampling_params import SamplingParams
 
@@ -42,6 +43,8 @@ class Request:
     stop_reason: str | int | None = None
     error: str | None = None
     num_preemptions: int = 0
+    deadline: float | None = None  # when the first token is due (deadline admission only)
+    metadata: Any = None  # the request's RequestMetadata, handed back on its outputs
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -15,6 +15,10 @@ from typing import Callable
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.preemption import PreemptionCost, PreemptionMode, pick_victim
 from shoal.engine.request import Request, Status
+from shoal.engine.step_budget import StepTimeBudget
+
+
+ADMISSION_ORDERS = ("fcfs", "deadline")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,17 @@ class SchedulerConfig:
     of urgent requests."""
     watermark_blocks: int = 1
     """Blocks kept free when admitting new requests, so running decodes are not preempted at once."""
+    admission: str = "fcfs"
+    """``fcfs``: by priority, then arrival. ``deadline``: at equal priority, requests whose first
+    token is not yet overdue (``Request.deadline``, from the SLO) go before overdue ones: under
+    overload the requests that can still meet the SLO are served, not the ones that already missed."""
+    step_time_budget: StepTimeBudget | None = None
+    """If set, prefill chunks are also cut to keep a step with decodes within its time limit
+    (Sarathi-Serve's SLO-sized budget); ``max_num_batched_tokens`` still caps every step."""
+
+    def __post_init__(self) -> None:
+        if self.admission not in ADMISSION_ORDERS:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSION_ORDERS)}, got {self.admission!r}")
 
 
 @dataclass(frozen=True)
@@ -108,11 +123,13 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.swapped)
 
-    def _effective_priority(self, req: Request, now: float) -> tuple[float, float, str]:
+    def _effective_priority(self, req: Request, now: float) -> tuple[float, bool, float, str]:
         prio = float(req.priority)
         if self.config.priority_aging_s:
             prio -= (now - req.arrival_time) // self.config.priority_aging_s
-        return (prio, req.arrival_time, req.req_id)
+        late = self.config.admission == "deadline" and req.deadline is not None and now > req.deadline \
+            and not req.output_token_ids
+        return (prio, late, req.arrival_time, req.req_id)
 
     # ---- the step plan ------------------------------------------------------------------------
 
@@ -126,7 +143,9 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._chunk_tokens(plan, req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget))
+            if n == 0:
+                continue
             while self.bm.slots_needed(req.req_id, req.num_computed_tokens + n) > self.bm.num_free:
                 victim = pick_victim(self.running)
                 budget += self._preempt(victim, plan)
@@ -151,7 +170,9 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 return
             if req.status is Status.SWAPPED:
-                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                n = self._chunk_tokens(plan, req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget))
+                if n == 0:
+                    return
                 # Blocks the chunk needs beyond those swapped back in count like the watermark.
                 grow = max(0, self.bm.blocks_needed(req.num_computed_tokens + n) - len(self.bm.swapped[req.req_id]))
                 if not self._make_room(req, lambda: self.bm.can_swap_in(req.req_id, grow + self._watermark()), plan):
@@ -161,7 +182,9 @@ class Scheduler:
             else:
                 tokens = req.all_token_ids
                 cached = self._cached_tokens(tokens)
-                n = min(req.num_tokens - cached, budget)
+                n = self._chunk_tokens(plan, cached, min(req.num_tokens - cached, budget))
+                if n == 0:
+                    return
                 if not self._make_room(req, lambda: self.bm.can_allocate(tokens, cached + n, self._watermark()), plan):
                     return
                 req.num_computed_tokens = self.bm.allocate(req.req_id, tokens, cached + n)
@@ -173,6 +196,11 @@ class Scheduler:
             self.bm.ensure_slots(req.req_id, req.num_computed_tokens + n)
             plan.chunks.append(self._chunk(req, n, now))
             budget -= n
+
+    def _chunk_tokens(self, plan: StepPlan, start: int, want: int) -> int:
+        """``want`` tokens from ``start``, or fewer if the step's time budget says so."""
+        tb = self.config.step_time_budget
+        return want if tb is None or want <= 1 else tb.chunk_tokens(plan, start, want)
 
     def _watermark(self) -> int:
         """Blocks kept free when admitting; none while nothing runs, so that a request which

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 import shoal
+from shoal.engine.metadata import RequestMetadata
 from shoal.engine.outputs import RequestOutput
 from shoal.server.async_engine import AsyncEngine
 from shoal.server.lifecycle import Lifecycle
@@ -238,10 +239,10 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
 
-    async def start(prompt_ids: list[int], params, req_id: str, priority: int, session_id: str | None):
+    async def start(prompt_ids: list[int], params, req_id: str, metadata: RequestMetadata):
         """Submit, turning engine refusals into API errors before any byte is sent."""
         try:
-            return await engine.submit(prompt_ids, params, req_id, priority, session_id)
+            return await engine.submit(prompt_ids, params, req_id, metadata)
         except QueueFull as exc:
             raise APIError(429, f"Server busy: {exc}. Retry later.", "RateLimitError",
                            headers={"Retry-After": "1"}) from exc
@@ -253,15 +254,17 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def run_choices(prompts: list[list[int]], req: _SamplingRequest, max_tokens: list[int],
                           logprobs: int | None, base_id: str, request: Request):
         """Start every (prompt, n) choice; returns one output stream per choice, in index order.
-        The session is the body's ``session_id``, else the ``X-Session-Id`` header."""
-        session_id = req.session_id or request.headers.get("x-session-id")
+        The request's metadata: ``priority``; the tenant is ``user``; the session is the body's
+        ``session_id``, else the ``X-Session-Id`` header."""
+        metadata = RequestMetadata(priority=req.priority, tenant=req.user,
+                                   session_id=req.session_id or request.headers.get("x-session-id"))
         streams = []
         try:
             for p_i, ids in enumerate(prompts):
                 for j in range(req.n):
                     index = p_i * req.n + j
                     params = build_params(req, max_tokens[p_i], logprobs, j)
-                    streams.append(await start(ids, params, f"{base_id}-{index}", req.priority, session_id))
+                    streams.append(await start(ids, params, f"{base_id}-{index}", metadata))
         except BaseException:
             for s in streams:
                 await s.aclose()

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from shoal.engine.metadata import SLO, RequestMetadata, with_slo
 from shoal.engine.engine import Engine
 from shoal.engine.outputs import InstanceLoad, RequestOutput
 from shoal.engine.request import FinishReason
@@ -28,7 +29,7 @@ class _Add:
     req_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    priority: int
+    metadata: RequestMetadata | None
     sink: Callable[[RequestOutput], None]
     admitted: "asyncio.Future[None]"
     loop: asyncio.AbstractEventLoop
@@ -47,7 +48,8 @@ class _FailAll:
 class AsyncEngine:
     """Thread-backed asyncio front of one :class:`Engine`."""
 
-    def __init__(self, engine: Engine, max_waiting: int | None = None) -> None:
+    def __init__(self, engine: Engine, max_waiting: int | None = None, slo: SLO | None = None) -> None:
+        self.slo = slo  # given to requests that bring none
         self.engine = engine
         self.max_waiting = max_waiting
         self._inbox: queue.Queue[_Add | _Abort | _FailAll | None] = queue.Queue()
@@ -81,11 +83,12 @@ class AsyncEngine:
         return self._snapshot[0]
 
     async def submit(
-        self, prompt_token_ids: list[int], params: SamplingParams, req_id: str, priority: int = 0,
-        session_id: str | None = None,
+        self, prompt_token_ids: list[int], params: SamplingParams, req_id: str,
+        metadata: RequestMetadata | None = None,
     ) -> "RequestStream":
-        """Admit a request; returns the stream of its outputs (``session_id`` only matters to a
-        cluster's dispatch: one engine holds every session). Raises QueueFull when the waiting
+        """Admit a request; returns the stream of its outputs (of the ``metadata``, the session
+        only matters to a cluster's dispatch: one engine holds every session; a missing SLO is
+        the server's ``slo``). Raises QueueFull when the waiting
         queue is over its bound, ValueError for input the engine refuses, RuntimeError if the
         engine has stopped."""
         if self.dead:
@@ -103,7 +106,7 @@ class AsyncEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         self._num_submitted += 1
-        self._inbox.put(_Add(req_id, prompt_token_ids, params, priority, sink, admitted, loop))
+        self._inbox.put(_Add(req_id, prompt_token_ids, params, with_slo(metadata, self.slo), sink, admitted, loop))
         await admitted
         return RequestStream(self.abort, req_id, outputs)
 
@@ -143,7 +146,7 @@ class AsyncEngine:
             return
         self._num_handled += 1
         try:
-            self.engine.add(item.prompt_token_ids, item.params, req_id=item.req_id, priority=item.priority)
+            self.engine.add(item.prompt_token_ids, item.params, req_id=item.req_id, metadata=item.metadata)
         except Exception as exc:  # refused (ValueError / TypeError) or a bug: this request alone fails
             item.loop.call_soon_threadsafe(_set_exception, item.admitted, exc)
             return

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
+from shoal.engine.cost_model import FEATURES, plan_features
 from shoal.engine.scheduler import StepPlan
-from shoal.sim.cost_model import FEATURES, plan_features
 
 _F = {f: i for i, f in enumerate(FEATURES)}
 
@@ -79,7 +80,9 @@ class RooflineCostModel:
     step_overhead_s: float = 0.003  # scheduling, launches, sampling
 
     def step_time(self, plan: StepPlan) -> float:
-        f = plan_features(plan)
+        return self.time(plan_features(plan))
+
+    def time(self, f: Sequence[float]) -> float:
         m = self.model
         tokens, sampled = f[_F["tokens"]], f[_F["sampled"]]
         attended = f[_F["decode_context"]] + f[_F["prefill_attention"]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from shoal.engine.core import EngineCore
-from shoal.sim.cost_model import CostModel, FEATURES
+from shoal.engine.cost_model import CostModel, FEATURES
 
 _DECODES, _CTX, _TOKENS, _SAMPLED = (FEATURES.index(f) for f in ("decodes", "decode_context", "tokens", "sampled"))
 

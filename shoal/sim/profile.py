@@ -9,7 +9,7 @@ from rich.progress import Progress
 
 from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
-from shoal.sim.cost_model import LinearCostModel, plan_features
+from shoal.engine.cost_model import LinearCostModel, plan_features
 
 DECODES = (0, 1, 2, 4, 8, 16, 32)
 CONTEXTS = (64, 256, 768)

@@ -43,13 +43,17 @@ import torch
 from shoal.bench.report import RequestRecord
 from shoal.bench.workloads import Workload
 from shoal.control.global_scheduler import ENTRY_ROLES, GlobalScheduler
+from shoal.control.predictor import InstanceProfile
+from shoal.engine.metadata import SLO, RequestMetadata
 from shoal.control.policies import (
+    DEFAULT_DISPATCH,
     MIGRATION_ROLES,
     DispatchPolicy,
     DispatchRequest,
     MigrationPolicy,
     RunningRequest,
     check_roles,
+    make_dispatch_policy,
 )
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.core import EngineCore
@@ -57,7 +61,8 @@ from shoal.engine.outputs import RequestState
 from shoal.engine.sampler import SampleResult, SamplingState
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import SchedulerConfig, StepPlan
-from shoal.sim.cost_model import CostModel
+from shoal.engine.step_budget import StepTimeBudget
+from shoal.engine.cost_model import CostModel
 from shoal.sim.fast_forward import advance, steady_decode_steps, step_times
 from shoal.sim.transfer import Link, Transfer, kv_bytes
 
@@ -121,6 +126,17 @@ class InstanceSpec:
     num_kv_heads: int = 3
     head_dim: int = 64
     kv_dtype: torch.dtype = torch.bfloat16
+    step_time_limit_s: float | None = None  # SLO-sized steps (Sarathi-Serve); None: the token budget only
+    admission: str = "fcfs"  # or "deadline" (SchedulerConfig.admission)
+
+    @property
+    def step_time_budget(self) -> StepTimeBudget | None:
+        return None if self.step_time_limit_s is None else StepTimeBudget(self.cost_model, self.step_time_limit_s)
+
+    @property
+    def profile(self) -> InstanceProfile:
+        """What the global scheduler knows of how this instance computes."""
+        return InstanceProfile(self.cost_model, self.max_num_batched_tokens, self.step_time_budget)
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -138,7 +154,8 @@ class SimInstance:
         self.engine = EngineCore(
             self.executor,
             BlockManager(spec.num_blocks, spec.block_size, spec.num_swap_blocks),
-            SchedulerConfig(max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens),
+            SchedulerConfig(max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
+                            step_time_budget=spec.step_time_budget, admission=spec.admission),
             max_model_len=spec.max_model_len,
             vocab_size=spec.vocab_size,
             clock=self.clock,
@@ -165,9 +182,9 @@ class _Cluster:
     stages, KV landing; a heap) and instances finishing a step (a heap); at equal times in that
     order."""
 
-    def __init__(self, workload: Workload, specs: list[InstanceSpec], dispatch: DispatchPolicy, seed: int,
+    def __init__(self, workload: Workload, specs: list[InstanceSpec], dispatch: DispatchPolicy | str, seed: int,
                  fast_forward: bool, migration: MigrationPolicy | None, roles: list[str] | None, link: Link,
-                 control_interval_s: float, max_migration_stages: int) -> None:
+                 control_interval_s: float, max_migration_stages: int, slo: SLO | None) -> None:
         self.sims = [SimInstance(s, r) for s, r in zip(specs, check_roles(roles, len(specs)))]
         self.arrivals = workload.requests
         self.records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len, start_s=r.arrival_s) for r in self.arrivals]
@@ -175,9 +192,13 @@ class _Cluster:
         self.gen = torch.Generator().manual_seed(seed)
         self.vocab = specs[0].vocab_size
         # the cluster's own decision maker; instance ids are positions here (simulated ones never die)
-        self.scheduler = GlobalScheduler(dispatch, migration)
-        for i, sim in enumerate(self.sims):
-            self.scheduler.add_instance(i, sim.role, sim.engine.load())
+        profiles: dict[int, InstanceProfile] = {i: spec.profile for i, spec in enumerate(specs)}
+        if isinstance(dispatch, str):
+            dispatch = make_dispatch_policy(dispatch, profiles, slo)
+        self.scheduler = GlobalScheduler(dispatch, migration, profiles=profiles)
+        for i, (sim, spec) in enumerate(zip(self.sims, specs)):
+            self.scheduler.add_instance(i, sim.role, sim.engine.load(), spec.profile)
+        self.metadata = RequestMetadata(slo=slo)  # what every simulated request says of itself
         self.migration, self.link = migration, link
         self.fast_forward = fast_forward
         self.interval = control_interval_s
@@ -226,12 +247,12 @@ class _Cluster:
         prompt = torch.randint(1, self.vocab, (spec.prompt_len,), generator=self.gen).tolist()
         rid = f"r{idx}"
         self._observe(ENTRY_ROLES)
-        request = DispatchRequest(rid, prompt)
+        request = DispatchRequest(rid, prompt, self.metadata)
         target = self.scheduler.dispatch(request)
         self.by_id[rid] = rec
         params = SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
         try:
-            self.sims[target].engine.add(prompt, params, req_id=rid, arrival_time=now)
+            self.sims[target].engine.add(prompt, params, req_id=rid, arrival_time=now, metadata=self.metadata)
         except ValueError as exc:
             self.scheduler.undo_dispatch(target, request)
             rec.error = str(exc)
@@ -408,7 +429,7 @@ class _Cluster:
 def simulate(
     workload: Workload,
     instances: list[InstanceSpec],
-    dispatch: DispatchPolicy,
+    dispatch: DispatchPolicy | str = DEFAULT_DISPATCH,
     seed: int = 0,
     fast_forward: bool = True,
     *,
@@ -417,14 +438,17 @@ def simulate(
     link: Link | None = None,
     control_interval_s: float = 0.25,
     max_migration_stages: int = 4,
+    slo: SLO | None = None,
 ) -> tuple[list[RequestRecord], float, list[SimInstance]]:
     """Run the workload to completion. Returns per-request records, the simulated duration and
     the instances (for their statistics: ``transfers``, ``tokens``, ``executor.busy_s``).
     ``fast_forward`` applies runs of forced decode steps at once (same result, much faster).
     ``migration``, ``roles``, ``control_interval_s`` and ``max_migration_stages`` are as in
-    ``ClusterEngine``; ``link`` times the KV copies (default :class:`Link`)."""
+    ``ClusterEngine``; ``link`` times the KV copies (default :class:`Link`). A ``dispatch`` given
+    by name is built over the instances' profiles and ``slo``, which every request carries in its
+    metadata (engines with deadline admission order by it)."""
     run = _Cluster(workload, instances, dispatch, seed, fast_forward, migration, roles, link or Link(),
-                   control_interval_s, max_migration_stages)
+                   control_interval_s, max_migration_stages, slo)
     run.run()
     duration = max((r.end_s for r in run.records if r.end_s is not None), default=0.0)
     return run.records, duration, run.sims

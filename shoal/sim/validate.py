@@ -17,7 +17,7 @@ from shoal.bench.workloads import Workload
 from shoal.control.policies import LeastLoad
 from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
-from shoal.sim.cost_model import CostModel
+from shoal.engine.cost_model import CostModel
 from shoal.sim.simulator import InstanceSpec, simulate
 
 

@@ -1,0 +1,161 @@
+"""Step-time cost models: how long an engine step takes, from its plan alone.
+
+``LinearCostModel`` is fitted to measurements of the real engine (``shoal profile``), like the
+estimators of DistServe and Vidur: time is linear in a few features of the plan. The roofline
+model in ``shoal/sim/catalog.py`` derives one for hardware we do not have from its datasheet.
+
+A cost model is an instance's *profile*: the simulator runs steps on it, the engine scheduler
+sizes each step's prefill chunks from it (an SLO time budget), and the global scheduler predicts
+a request's latency on each instance from it. All of them call :meth:`CostModel.time` on
+:func:`step_features` or :func:`plan_features`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from shoal.engine.scheduler import StepPlan
+
+FEATURES = ("intercept", "small_step", "tokens", "decodes", "decode_context", "prefill_attention",
+            "sampled", "prefill_chunks", "swapped_blocks")
+
+
+def plan_features(plan: StepPlan, small_rows: int = 4) -> list[float]:
+    """The plan's features, in :data:`FEATURES` order."""
+    tokens = decodes = decode_ctx = attn = sampled = chunks = 0
+    for c in plan.chunks:
+        n = len(c.token_ids)
+        tokens += n
+        if c.sample:
+            sampled += 1
+        if n == 1 and c.sample:
+            decodes += 1
+            decode_ctx += c.start + 1
+        else:
+            chunks += 1
+            attn += n * (c.start + n)
+    return [1.0, float(tokens <= small_rows), float(tokens), float(decodes), float(decode_ctx),
+            float(attn), float(sampled), float(chunks), float(len(plan.swap_in) + len(plan.swap_out))]
+
+
+def step_features(tokens: float = 0, decodes: float = 0, decode_context: float = 0, prefill_attention: float = 0,
+                  sampled: float = 0, prefill_chunks: float = 0, swapped_blocks: float = 0,
+                  small_rows: int = 4) -> list[float]:
+    """The features of a step described by its totals, in :data:`FEATURES` order (what a
+    predictor uses for a step it has not planned)."""
+    return [1.0, float(tokens <= small_rows), float(tokens), float(decodes), float(decode_context),
+            float(prefill_attention), float(sampled), float(prefill_chunks), float(swapped_blocks)]
+
+
+def with_chunk(features: Sequence[float], start: int, n: int, small_rows: int = 4) -> list[float]:
+    """``features`` of a step plus one sampled prefill chunk of ``n`` tokens from position ``start``."""
+    f = list(features)
+    if n <= 0:
+        return f
+    i = {name: k for k, name in enumerate(FEATURES)}
+    f[i["tokens"]] += n
+    f[i["small_step"]] = float(f[i["tokens"]] <= small_rows)
+    f[i["prefill_chunks"]] += 1
+    f[i["prefill_attention"]] += n * (start + n)
+    f[i["sampled"]] += 1
+    return f
+
+
+class CostModel(Protocol):
+    def time(self, features: Sequence[float]) -> float:
+        """Seconds a step with these features (:data:`FEATURES` order) takes."""
+        ...
+
+    def step_time(self, plan: StepPlan) -> float:
+        """Seconds the step takes."""
+        ...
+
+
+@dataclass(frozen=True)
+class ScaledCostModel:
+    """Another instance's profile at ``speed`` times its pace (0.5: every step takes twice as
+    long), for heterogeneous fleets."""
+
+    base: CostModel
+    speed: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.speed > 0:
+            raise ValueError(f"speed must be positive, got {self.speed}")
+
+    def time(self, features: Sequence[float]) -> float:
+        return self.base.time(features) / self.speed
+
+    def step_time(self, plan: StepPlan) -> float:
+        return self.time(plan_features(plan))
+
+
+@dataclass
+class LinearCostModel:
+    """Seconds = coefficients . features(plan)."""
+
+    coefficients: list[float]
+    device: str = "unknown"
+    model: str = "unknown"
+    dtype: str = "unknown"
+    fit: dict = field(default_factory=dict)  # error statistics of the fit
+
+    def time(self, features: Sequence[float]) -> float:
+        return max(1e-6, float(np.dot(self.coefficients, features)))
+
+    def step_time(self, plan: StepPlan) -> float:
+        return self.time(plan_features(plan))
+
+    @classmethod
+    def fit_samples(cls, features: np.ndarray, seconds: np.ndarray, **meta) -> "LinearCostModel":
+        """Non-negative least squares on relative error (each sample weighted by 1/time), so short
+        decode steps are fitted as well as long prefills."""
+        from scipy.optimize import nnls
+
+        w = 1.0 / seconds
+        coef, _ = nnls(features * w[:, None], seconds * w)
+        pred = features @ coef
+        rel = np.abs(pred - seconds) / seconds
+        fit = {"samples": int(len(seconds)), "mape": float(rel.mean()), "p90_rel_error": float(np.percentile(rel, 90)),
+               "max_rel_error": float(rel.max())}
+        return cls(coefficients=coef.tolist(), fit=fit, **meta)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"kind": "linear", "features": list(FEATURES), **asdict(self)}, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LinearCostModel":
+        data = json.loads(Path(path).read_text())
+        if data.get("kind") != "linear" or data.get("features") != list(FEATURES):
+            raise ValueError(f"{path}: not a linear cost model with features {FEATURES}")
+        return cls(coefficients=data["coefficients"], device=data["device"], model=data["model"],
+                   dtype=data["dtype"], fit=data.get("fit", {}))
+
+
+def fitted_threads(cost_model: CostModel) -> int | None:
+    """The CPU threads a fitted profile was measured with (from its device string), if known."""
+    import re
+
+    m = re.search(r" x(\d+) threads", getattr(cost_model, "device", ""))
+    return int(m.group(1)) if m else None
+
+
+def instance_cost_model(path: str | Path | None = None, threads: int | None = None) -> CostModel:
+    """An instance's profile: the fitted one at ``path`` (default: the committed one), scaled to
+    ``threads`` CPU threads against those it was fitted with (CPU steps scale about linearly)."""
+    cm = LinearCostModel.load(path or default_profile_path())
+    fitted = fitted_threads(cm)
+    return cm if threads is None or fitted is None or fitted == threads else ScaledCostModel(cm, threads / fitted)
+
+
+def default_profile_path() -> Path:
+    """The committed profile of SmolLM2-135M on a 2-core CPU."""
+    from importlib import resources
+
+    return Path(str(resources.files("shoal.engine").joinpath("profile_smollm2_cpu.json")))

@@ -1,0 +1,49 @@
+"""What a request says about itself, beyond its tokens: one typed object from HTTP to the engine.
+
+The gateway builds it from the OpenAI body and headers (see the README's table); the global
+scheduler decides from it; the engine orders admission by it and hands it back on every output;
+``shoal sim`` workloads carry it too. Nothing on the way rebuilds it from loose fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Latency objectives: time to first token and mean time per output token, in seconds."""
+
+    ttft_s: float
+    tpot_s: float
+
+    def __post_init__(self) -> None:
+        if not (self.ttft_s > 0 and self.tpot_s > 0):
+            raise ValueError(f"SLO times must be positive, got TTFT {self.ttft_s} s / TPOT {self.tpot_s} s")
+
+
+@dataclass(frozen=True)
+class RequestMetadata:
+    """``priority``: lower runs first. ``tenant``: who the request is for (OpenAI's ``user``).
+    ``session_id``: the conversation or agent program it belongs to (affinity, KV reuse).
+    ``slo``: its latency objectives; with deadline admission its first token is due
+    ``slo.ttft_s`` after arrival."""
+
+    priority: int = 0
+    tenant: str | None = None
+    session_id: str | None = None
+    slo: SLO | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise TypeError(f"priority must be an integer, got {self.priority!r}")
+        if not PRIORITY_MIN <= self.priority <= PRIORITY_MAX:
+            raise ValueError(f"priority must be in [{PRIORITY_MIN}, {PRIORITY_MAX}], got {self.priority}")
+
+
+def with_slo(metadata: RequestMetadata | None, slo: SLO | None) -> RequestMetadata:
+    """``metadata`` (default: none given) with ``slo`` filled in unless it has its own."""
+    metadata = metadata or RequestMetadata()
+    return metadata if metadata.slo is not None or slo is None else replace(metadata, slo=slo)

@@ -1,0 +1,89 @@
+"""One simulated cluster set-up, run on any workload into the result JSON of ``shoal bench serve``.
+
+``shoal sim`` and its capacity search (and the benchmarks) describe a cluster once, as a
+:class:`SimSetup`, and run it at as many time scales as they like; each run gets fresh policy
+objects, so no state leaks from one run into the next.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from shoal.bench import report
+from shoal.bench.report import RequestRecord
+from shoal.bench.workloads import Workload
+from shoal.control.policies import make_dispatch_policy, make_migration_policy
+from shoal.engine.metadata import SLO
+from shoal.engine.cost_model import CostModel, ScaledCostModel
+from shoal.sim.simulator import InstanceSpec, simulate
+from shoal.sim.transfer import Link, summarize_transfers
+
+
+def parse_speeds(text: str | None, instances: int) -> list[float]:
+    """``"8x1,8x0.5"`` or ``"1,1,0.5"`` -> one speed per instance (``None``: all 1.0)."""
+    if not text:
+        return [1.0] * instances
+    speeds: list[float] = []
+    for part in text.split(","):
+        count, _, speed = part.strip().rpartition("x")
+        try:
+            n, v = int(count) if count else 1, float(speed)
+        except ValueError:
+            raise ValueError(f"bad speed {part!r}: write N x SPEED like 8x0.5, or SPEED") from None
+        if n < 1 or not v > 0:
+            raise ValueError(f"bad speed {part!r}: counts and speeds must be positive")
+        speeds += [v] * n
+    if len(speeds) != instances:
+        raise ValueError(f"--speeds names {len(speeds)} instances but --instances is {instances}")
+    return speeds
+
+
+@dataclass(frozen=True)
+class SimSetup:
+    cost_model: CostModel
+    speeds: list[float]
+    dispatch: str
+    migration: str = "none"
+    roles: list[str] | None = None
+    slo: SLO = SLO(1.0, 0.1)
+    slo_steps: bool = False  # size each step from the TPOT SLO (Sarathi-Serve) instead of a fixed budget only
+    deadlines: bool = False  # admit requests within the TTFT SLO before late ones
+    num_blocks: int = 2800
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    link_gbps: float = 10.0
+    link_latency_ms: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise ValueError for names no policy has."""
+        make_dispatch_policy(self.dispatch, {0: self.specs()[0].profile}, self.slo)
+        make_migration_policy(self.migration)
+
+    def specs(self) -> list[InstanceSpec]:
+        base = InstanceSpec(self.cost_model, num_blocks=self.num_blocks, max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens,
+                            step_time_limit_s=self.slo.tpot_s if self.slo_steps else None,
+                            admission="deadline" if self.deadlines else "fcfs")
+        return [base if v == 1.0 else replace(base, cost_model=ScaledCostModel(self.cost_model, v)) for v in self.speeds]
+
+    def run(self, workload: Workload) -> tuple[dict, list[RequestRecord]]:
+        specs = self.specs()
+        link = Link(self.link_gbps, self.link_latency_ms / 1e3)
+        t = time.perf_counter()
+        records, duration, sims = simulate(workload, specs, self.dispatch, self.seed, roles=self.roles, link=link,
+                                           migration=make_migration_policy(self.migration), slo=self.slo)
+        wall = time.perf_counter() - t
+        model = getattr(self.cost_model, "model", "unknown")
+        result = report.summarize(records, workload.description, self.slo.ttft_s * 1e3, self.slo.tpot_s * 1e3,
+                                  duration_s=duration, extra={
+            "simulated": True, "instances": len(specs), "policy": self.dispatch, "migration": self.migration,
+            "roles": self.roles, "speeds": self.speeds, "token_budget": "slo" if self.slo_steps else "fixed",
+            "admission": "deadline" if self.deadlines else "fcfs",
+            "link": {"gbps": self.link_gbps, "latency_ms": self.link_latency_ms,
+                     "kv_bytes_per_block": specs[0].kv_bytes_per_block},
+            **summarize_transfers([tr for s in sims for tr in s.transfers]),
+            "cost_model": {"device": getattr(self.cost_model, "device", "unknown"), "model": model},
+            "sim_wall_s": wall})
+        return result, records
