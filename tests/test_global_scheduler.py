@@ -4,6 +4,7 @@ decision for the Ray cluster and the simulator alike."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -104,13 +105,14 @@ def test_pd_destination_and_drain_target():
 def test_migration_plan_is_keyed_by_id():
     gs = cluster("both", "both", "both", migration=policies.LlumnixMigration())
     gs.remove_instance(0)  # ids 1 and 2 remain
-    gs.observe(1, load(free=1, running=3))
-    gs.observe(2, load(free=100, running=1))
-    running = {1: [policies.RunningRequest(x, 0, 100 + n) for n, x in enumerate("abc")],
-               2: [policies.RunningRequest("d", 0, 50)]}
-    plan = gs.migration_plan(running)
+    running = {1: tuple(policies.RunningRequest(x, 0, 100 + n) for n, x in enumerate("abc")),
+               2: (policies.RunningRequest("d", 0, 50),)}
+    gs.observe(1, dataclasses.replace(load(free=1, running=3), running=running[1]))  # the batch rides on the snapshot
+    gs.observe(2, dataclasses.replace(load(free=100, running=1), running=running[2]))
+    plan = gs.migration_plan()
     assert [(m.req_id, m.src, m.dst, m.reason) for m in plan] == [("a", 1, 2, "relieve")]
-    assert GlobalScheduler(policies.LeastLoad()).migration_plan(running) == []  # no migration policy
+    assert [m.req_id for m in gs.migration_plan(exclude={"a"})] == ["b"]  # already moving: not planned again
+    assert GlobalScheduler(policies.LeastLoad()).migration_plan() == []  # no migration policy
 
 
 def test_scale_down_picks_a_removable_idle_victim():

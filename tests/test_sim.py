@@ -192,7 +192,7 @@ def test_migration_timeline_by_hand(ff):
                                        migration=policy, link=BLOCK_A_SECOND, control_interval_s=2.5)
     (r,) = records
     assert r.token_times_s == pytest.approx([1, 2, 3, 4, 5, 7.25, 8.25, 9.25, 10.25, 11.25])
-    assert policy.calls[0][1] == {0: [policies.RunningRequest("r0", 0, 35)], 1: []}  # as Instance.running() builds them
+    assert policy.calls[0][1] == {0: [policies.RunningRequest("r0", 0, 35)], 1: []}  # from the engine's load snapshot
     (t,) = transfers(sims)
     assert (t.kind, t.reason, t.src, t.dst, t.outcome) == ("migration", "test", 0, 1, "done")
     assert (t.staged_bytes, t.tail_bytes) == (2 * 2048, 2048)

@@ -28,10 +28,11 @@ from shoal.control.policies import (
     DispatchPolicy,
     DispatchRequest,
     MigrationPolicy,
-    RunningRequest,
     check_roles,
     make_dispatch_policy,
 )
+from shoal.control.moves import SRC, RequestGone, live_migration, pd_handoff
+from shoal.control.moves import Protocol as MoveProtocol
 from shoal.control.predictor import InstanceProfile
 from shoal.engine.config import EngineConfig
 from shoal.engine.cost_model import instance_cost_model
@@ -317,9 +318,9 @@ class ClusterEngine:
     # ---- migration ----------------------------------------------------------------------------
 
     async def migrate(self, req_id: str, dst_id: int, reason: str = "manual", staged: bool = True) -> bool:
-        """Move a running request to instance ``dst_id`` while it keeps decoding: copy its full
-        blocks in stages, then stop-and-copy the tail, import on the destination and free the
-        source. Any failure rolls back: the request continues on the source. True if moved."""
+        """Move a running request to instance ``dst_id`` while it keeps decoding (the protocol of
+        ``control/moves.py``: staged full blocks, then stop-and-copy of the tail, import there,
+        free here; any failure rolls back and the request continues on the source). True if moved."""
         tracked = self.requests.get(req_id)
         dst = self.members.get(dst_id)
         if tracked is None or dst is None or tracked.migrating or tracked.member == dst_id:
@@ -327,97 +328,79 @@ class ClusterEngine:
         src = self.members[tracked.member]
         if src.role not in MIGRATION_ROLES or dst.role not in MIGRATION_ROLES:  # prefill ones hand off by P/D
             return False
-        tracked.migrating = True
-        outcome = "rolled_back"
-        nbytes = 0
-        try:
-            next_block = 0
-            try:
-                for _ in range(self.max_migration_stages if staged else 0):
-                    kv, end = await src.handle.read_blocks.remote(req_id, next_block)
-                    if kv is None:
-                        break
-                    await dst.handle.stage_kv.remote(req_id, kv, next_block)
-                    nbytes += kv.numel() * kv.element_size()
-                    next_block = end
-            except Exception as exc:  # no room on the destination, or the request ended
-                log.info("staging %s on %d stopped, rolling back: %s", req_id, dst_id, exc)
-                await dst.handle.unstage.remote(req_id)
-                return False
-            try:
-                state, pending = await src.handle.export.remote(req_id, next_block, False)
-            except Exception:  # finished meanwhile, or lost its KV to a recompute preemption
-                await dst.handle.unstage.remote(req_id)
-                if req_id not in self.requests:
-                    outcome = "finished_first"
-                    return False
-                next_block = 0
-                state, pending = await src.handle.export.remote(req_id, 0, False)
-            # downtime: from the source letting go (its step in flight, which still served this
-            # request, is over) to the destination's commit
-            t_stop = time.perf_counter()
-            for out in pending:
-                self._deliver(out, src)
-            try:
-                await dst.handle.import_.remote(state)
-            except Exception as exc:
-                log.warning("migration of %s to %d failed, rolling back: %s", req_id, dst_id, exc)
-                await dst.handle.unstage.remote(req_id)
-                await src.handle.restore.remote(req_id)
-                return False
-            downtime = time.perf_counter() - t_stop
-            await src.handle.release.remote(req_id)
-            if state.kv is not None:
-                nbytes += state.kv.numel() * state.kv.element_size()
-            tracked.member = dst_id
-            outcome = "done"
-            self.stats.downtimes_s.append(downtime)
-            if self.metrics:
-                self.metrics.migration_bytes.inc(nbytes)
-                self.metrics.downtime.observe(downtime)
-            if tracked.aborted:
-                dst.handle.abort.remote(req_id)
-            return True
-        finally:
-            tracked.migrating = False
-            self.stats.migrations[outcome] = self.stats.migrations.get(outcome, 0) + 1
-            if self.metrics:
-                self.metrics.migrations.labels(reason=reason, outcome=outcome).inc()
+        protocol = live_migration(req_id, self.max_migration_stages if staged else 0)
+        return await self._move(tracked, src, dst, protocol, reason)
 
     async def _pd_transfer(self, tracked: Tracked, src: Member) -> None:
         """Move a request parked on a prefill instance (after its first token) to the freest
         decode instance; if that fails it continues on the prefill instance."""
         tracked.migrating = True
-        outcome = "rolled_back"
         try:
             state = await src.handle.take_handoff.remote(tracked.req_id)
             dst_id = self.scheduler.pd_destination()
-            if dst_id is None:
-                await src.handle.restore.remote(tracked.req_id)
-                return
-            dst = self.members[dst_id]
-            t = time.perf_counter()
-            try:
-                await dst.handle.import_.remote(state)
-            except Exception as exc:
-                log.warning("P/D transfer of %s failed, continuing on the prefill instance: %s", tracked.req_id, exc)
-                await src.handle.restore.remote(tracked.req_id)
-                return
-            await src.handle.release.remote(tracked.req_id)
-            tracked.member = dst.id
-            outcome = "done"
-            self.stats.downtimes_s.append(time.perf_counter() - t)
-            if self.metrics:
-                self.metrics.pd_transfers.inc()
-                if state.kv is not None:
-                    self.metrics.migration_bytes.inc(state.kv.numel() * state.kv.element_size())
-            if tracked.aborted:
-                dst.handle.abort.remote(tracked.req_id)
         finally:
             tracked.migrating = False
-            self.stats.migrations[outcome] = self.stats.migrations.get(outcome, 0) + 1
-            if self.metrics:
-                self.metrics.migrations.labels(reason="pd", outcome=outcome).inc()
+        if dst_id is None:
+            await src.handle.restore.remote(tracked.req_id)
+            self._count_move("pd", "rolled_back")
+            return
+        await self._move(tracked, src, self.members[dst_id], pd_handoff(tracked.req_id, state), "pd")
+
+    async def _move(self, tracked: Tracked, src: Member, dst: Member, protocol: MoveProtocol, reason: str) -> bool:
+        """Carry a move's protocol out with actor calls. Downtime runs from the source letting the
+        request go (its step in flight is over) to the destination's commit."""
+        tracked.migrating = True
+        outcome, nbytes, value, error = "rolled_back", 0, None, None
+        t_stop = t_done = None
+        t_started = time.perf_counter()
+        try:
+            while True:
+                try:
+                    op = protocol.throw(error) if error is not None else protocol.send(value)
+                except StopIteration as done:
+                    outcome = done.value
+                    break
+                value, error = None, None
+                side = src if op.side == SRC else dst
+                if op.side == SRC and op.call in ("read_blocks", "export") and tracked.req_id not in self.requests:
+                    error = RequestGone()
+                    continue
+                try:
+                    value = await getattr(side.handle, op.call).remote(*op.args)
+                except Exception as exc:  # refused (no room, request gone) or the call failed
+                    log.info("%s of %s: %s failed, the protocol rolls back: %s", reason, tracked.req_id, op.call, exc)
+                    error = ValueError(str(exc))
+                    continue
+                if op.call == "stage_kv":
+                    nbytes += op.args[1].numel() * op.args[1].element_size()
+                elif op.call == "export":  # the Instance hands back outputs its last step made too
+                    value, pending = value
+                    t_stop = time.perf_counter()
+                    for out in pending:
+                        self._deliver(out, src)
+                elif op.call == "import_":
+                    t_done = time.perf_counter()
+                    if op.args[0].kv is not None:
+                        nbytes += op.args[0].kv.numel() * op.args[0].kv.element_size()
+            if outcome == "done":
+                tracked.member = dst.id
+                self.stats.downtimes_s.append(t_done - (t_stop or t_started))
+                if self.metrics:
+                    self.metrics.migration_bytes.inc(nbytes)
+                    self.metrics.downtime.observe(self.stats.downtimes_s[-1])
+                    if reason == "pd":
+                        self.metrics.pd_transfers.inc()
+                if tracked.aborted:
+                    dst.handle.abort.remote(tracked.req_id)
+            return outcome == "done"
+        finally:
+            tracked.migrating = False
+            self._count_move(reason, outcome)
+
+    def _count_move(self, reason: str, outcome: str) -> None:
+        self.stats.migrations[outcome] = self.stats.migrations.get(outcome, 0) + 1
+        if self.metrics:
+            self.metrics.migrations.labels(reason=reason, outcome=outcome).inc()
 
     async def drain(self, member_id: int) -> None:
         """Stop sending work to an instance, migrate its requests away, then remove it. A prefill
@@ -465,15 +448,10 @@ class ClusterEngine:
                 self.metrics.instance_kv.labels(instance=str(m.id)).set(load.kv_usage)
         decoders = [m for m in members if m.role in MIGRATION_ROLES]  # prefill instances hand off instead
         if self.scheduler.migration_policy is not None and len(decoders) > 1:
-            # bounded: a wedged instance must not stall the control loop (its pump notices death)
-            running = await asyncio.wait_for(
-                asyncio.gather(*(m.handle.running.remote() for m in decoders), return_exceptions=True),
-                timeout=max(5.0, 20 * self.control_interval_s))
-            if any(isinstance(r, BaseException) for r in running):
-                return  # an instance died: its pump takes it out; plan again next tick
-            mine = {m.id: [RunningRequest(*r) for r in rs if r[0] in self.requests and not self.requests[r[0]].migrating]
-                    for m, rs in zip(decoders, running)}
-            for mig in self.scheduler.migration_plan(mine):
+            # the running requests come with each instance's snapshot: no call that a wedged instance could stall
+            moving = {rid for m in decoders for rid in (r.req_id for r in self.scheduler.instances[m.id].load.running)
+                      if rid not in self.requests or self.requests[rid].migrating}
+            for mig in self.scheduler.migration_plan(exclude=moving):
                 self._tasks.append(asyncio.create_task(self.migrate(mig.req_id, mig.dst, mig.reason)))
         if ticks % 4 == 0:
             direction, victim = self.scheduler.scale()

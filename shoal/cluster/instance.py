@@ -166,10 +166,6 @@ class Instance:
         with self._cv:
             return self._load
 
-    def running(self) -> list[tuple[str, int, int]]:
-        """(request id, priority, tokens) of the running requests, for migration policies."""
-        return self._call(lambda: [(r.req_id, r.priority, r.num_tokens) for r in self.engine.scheduler.running])
-
     # ---- migration (see ClusterEngine.migrate) ------------------------------------------------
 
     def read_blocks(self, req_id: str, start_block: int):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Container, Sequence
 
 from shoal.control.predictor import InstanceProfile
 from shoal.control.policies import (
@@ -22,7 +22,6 @@ from shoal.control.policies import (
     DispatchRequest,
     Migration,
     MigrationPolicy,
-    RunningRequest,
     can_remove,
     decode_room,
 )
@@ -115,14 +114,15 @@ class GlobalScheduler:
         loads = {i: l for i, l in self.loads(MIGRATION_ROLES).items() if i != source}
         return max(loads, key=lambda i: (loads[i].num_free_blocks, -i)) if loads else None
 
-    def migration_plan(self, running: Mapping[int, Sequence[RunningRequest]]) -> list[Migration]:
-        """Live migrations to start, among decode-capable instances (prefill ones hand off);
-        ``running`` holds each one's running requests that are not already moving."""
+    def migration_plan(self, exclude: Container[str] = ()) -> list[Migration]:
+        """Live migrations to start, among decode-capable instances (prefill ones hand off), of
+        the running requests their snapshots list, less ``exclude`` (already moving, or ended)."""
         if self.migration_policy is None:
             return []
-        loads = {i: l for i, l in self.loads(MIGRATION_ROLES, include_draining=True).items() if i in running}
+        loads = self.loads(MIGRATION_ROLES, include_draining=True)
         if len(loads) < 2:
             return []
+        running = {i: [r for r in load.running if r.req_id not in exclude] for i, load in loads.items()}
         draining = frozenset(i for i in loads if self.instances[i].draining)
         return self.migration_policy.plan(loads, running, draining)
 
@@ -147,6 +147,7 @@ class GlobalScheduler:
         loads = [v.load for v in self.instances.values()]
         if not loads:
             return InstanceLoad(0, 0, 0, 1, 0, 0, 0, 0, 16, 0, 0, 0)
-        total = {f.name: sum(getattr(l, f.name) for l in loads) for f in dataclasses.fields(InstanceLoad)}
+        total = {f.name: sum(getattr(l, f.name) for l in loads) for f in dataclasses.fields(InstanceLoad)
+                 if f.name != "running"}
         total["block_size"] = loads[0].block_size
         return InstanceLoad(**total)

@@ -14,7 +14,7 @@ from typing import Mapping, Protocol, Sequence
 from shoal.control.predictor import InstanceProfile, LatencyPredictor, Prediction
 from shoal.engine.metadata import SLO, RequestMetadata
 from shoal.engine.block_manager import prefix_hashes
-from shoal.engine.outputs import InstanceLoad
+from shoal.engine.outputs import InstanceLoad, RunningRequest
 
 
 @dataclass(frozen=True)
@@ -166,10 +166,12 @@ class SessionAffinity:
 
 class PredictedLatency:
     """Predict the request's TTFT and TPOT on every instance from that instance's profile
-    (:class:`LatencyPredictor`; prefix-cache hits from :class:`PrefixMemory` shorten its
-    prefill) and send it where both meet the SLO with the lowest predicted TTFT; if no instance
-    can meet it, where it misses least. Without an SLO: the lowest predicted TTFT. An instance
-    without a profile is predicted with the first profile given."""
+    (:class:`LatencyPredictor`; a prefix cached where :class:`PrefixMemory` says shortens its
+    prefill there) and keep the instances predicted to meet both SLOs. Among those, the one that
+    holds the prompt's prefix, else the one with the most KV headroom (Llumnix's freeness: packing
+    the fastest instance until its prediction crosses the SLO preempts there); if none meets
+    it, the one that misses least. Without an SLO every instance qualifies. An instance without
+    a profile is predicted with the first profile given."""
 
     name = "predicted_latency"
 
@@ -180,23 +182,27 @@ class PredictedLatency:
         self.predictor = predictor or LatencyPredictor()
         self.memory = PrefixMemory(block_size)
 
-    def predictions(self, loads: Loads, request: DispatchRequest) -> dict[int, Prediction]:
-        hashes = self.memory.hashes(request.prompt_token_ids)
-        home, cached = self.memory.longest(hashes, loads)
+    def predictions(self, loads: Loads, request: DispatchRequest, home: int | None = None,
+                    cached: int = 0) -> dict[int, Prediction]:
+        """Each instance's prediction; ``home`` holds ``cached`` tokens of the prompt's prefix."""
         fallback = next(iter(self.profiles.values()))
         n = len(request.prompt_token_ids)
         return {i: self.predictor.predict(self.profiles.get(i, fallback), load, n, cached if i == home else 0)
                 for i, load in loads.items()}
 
     def choose(self, loads: Loads, request: DispatchRequest) -> int:
-        preds = self.predictions(loads, request)
+        hashes = self.memory.hashes(request.prompt_token_ids)
+        home, cached = self.memory.longest(hashes, loads)
+        preds = self.predictions(loads, request, home, cached)
         slo = request.slo or self.slo
         ok = [i for i, p in preds.items() if p.meets(slo)]
-        if ok:  # among those predicted to meet it, the most KV headroom (Llumnix's freeness)
+        if home is not None and home in ok:  # its prefix is cached there and it still meets the SLO
+            best = home
+        elif ok:  # among those predicted to meet it, the most KV headroom (Llumnix's freeness)
             best = max(ok, key=lambda i: (freeness(loads[i]), -preds[i].ttft_s, -i))
         else:
             best = min(preds, key=lambda i: (preds[i].violation(slo), i))
-        self.memory.record(self.memory.hashes(request.prompt_token_ids), best)
+        self.memory.record(hashes, best)
         return best
 
 
@@ -218,15 +224,6 @@ def make_dispatch_policy(name: str, profiles: Mapping[int, InstanceProfile] | No
 
 
 # ---- migration ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunningRequest:
-    """What a migration policy may know about a running request."""
-
-    req_id: str
-    priority: int
-    num_tokens: int
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.detokenizer import IncrementalDetokenizer
 from shoal.engine.executor import Executor
-from shoal.engine.outputs import InstanceLoad, RequestOutput, RequestState
+from shoal.engine.outputs import InstanceLoad, RequestOutput, RequestState, RunningRequest
 from shoal.engine.metadata import RequestMetadata
 from shoal.engine.request import FinishReason, Request, Status
 from shoal.engine.sampler import SamplingState, make_generator
@@ -305,6 +305,7 @@ class EngineCore:
             prefix_cache_hits=bm.prefix_hits,
             max_num_seqs=s.config.max_num_seqs,
             num_restarts=self.num_restarts,
+            running=tuple(RunningRequest(r.req_id, r.priority, r.num_tokens) for r in s.running),
         )
 
     def read_blocks(self, req_id: str, start_block: int) -> tuple[torch.Tensor | None, int]:

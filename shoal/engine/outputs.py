@@ -35,6 +35,15 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class RunningRequest:
+    """What a migration policy may know about a running request."""
+
+    req_id: str
+    priority: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
 class InstanceLoad:
     """A snapshot of one engine's load, for dispatch and migration policies."""
 
@@ -54,6 +63,7 @@ class InstanceLoad:
     prefix_cache_hits: int = 0  # of which found cached
     max_num_seqs: int = 0  # the running batch's bound (summed over a cluster's instances)
     num_restarts: int = 0  # times the engine started over after a step itself failed
+    running: tuple[RunningRequest, ...] = ()  # the running batch (migration policies choose from it)
 
     @property
     def kv_usage(self) -> float:

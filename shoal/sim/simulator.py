@@ -43,6 +43,8 @@ import torch
 from shoal.bench.report import RequestRecord
 from shoal.bench.workloads import Workload
 from shoal.control.global_scheduler import ENTRY_ROLES, GlobalScheduler
+from shoal.control.moves import SRC, RequestGone, live_migration, pd_handoff
+from shoal.control.moves import Protocol as MoveProtocol
 from shoal.control.predictor import InstanceProfile
 from shoal.engine.metadata import SLO, RequestMetadata
 from shoal.control.policies import (
@@ -51,13 +53,11 @@ from shoal.control.policies import (
     DispatchPolicy,
     DispatchRequest,
     MigrationPolicy,
-    RunningRequest,
     check_roles,
     make_dispatch_policy,
 )
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.core import EngineCore
-from shoal.engine.outputs import RequestState
 from shoal.engine.sampler import SampleResult, SamplingState
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import SchedulerConfig, StepPlan
@@ -170,11 +170,10 @@ class SimInstance:
 
 @dataclass
 class _Move:
-    """A request on its way between instances."""
+    """A request on its way between instances: the record, and the protocol carrying it out."""
 
     rec: Transfer
-    next_block: int = 0  # blocks staged on the destination so far
-    stages: int = 0
+    protocol: MoveProtocol
 
 
 class _Cluster:
@@ -347,49 +346,53 @@ class _Cluster:
         self.tick_pending = False
         assert self.migration is not None
         self._observe(MIGRATION_ROLES)
-        running = {i: [RunningRequest(r.req_id, r.priority, r.num_tokens) for r in s.engine.scheduler.running
-                       if r.req_id not in self.moving] for i, s in enumerate(self.sims) if s.role in MIGRATION_ROLES}
-        for m in self.scheduler.migration_plan(running):
+        for m in self.scheduler.migration_plan(exclude=self.moving):
             if m.req_id not in self.moving and m.src != m.dst:
-                mv = _Move(Transfer(m.req_id, "migration", m.reason, m.src, m.dst, now))
+                mv = _Move(Transfer(m.req_id, "migration", m.reason, m.src, m.dst, now),
+                           live_migration(m.req_id, self.max_stages))
                 self.sims[mv.rec.src].transfers.append(mv.rec)
                 self.moving[m.req_id] = mv
-                self._stage(now, mv)
+                self._drive(now, (mv, None, None))
         self._maybe_tick(now)
 
-    def _stage(self, now: float, mv: _Move) -> None:
-        """One staged round: copy the full blocks not yet copied, or go to stop-and-copy."""
-        rid, src, dst = mv.rec.req_id, self.sims[mv.rec.src].engine, self.sims[mv.rec.dst].engine
-        kv, end = src.read_blocks(rid, mv.next_block) if mv.stages < self.max_stages else (None, 0)
-        if kv is None:
-            self._stop(now, mv)
-            return
-        try:
-            dst.stage_kv(rid, kv, mv.next_block)
-        except ValueError:  # no room on the destination
-            dst.unstage(rid)
-            self._end(mv, now, "rolled_back")
-            return
-        mv.next_block, mv.stages = end, mv.stages + 1
-        mv.rec.staged_bytes += kv_bytes(kv)
-        self._at(now + self.link.seconds(kv_bytes(kv)), self._stage, mv)
-
-    def _stop(self, now: float, mv: _Move) -> None:
-        """Stop-and-copy: suspend the request on the source and send the tail of its KV."""
-        rid, src = mv.rec.req_id, self.sims[mv.rec.src]
-        dst = self.sims[mv.rec.dst].engine
-        if rid not in src.engine.requests:  # finished on the source meanwhile
-            dst.unstage(rid)
-            self._end(mv, now, "finished_first")
-            return
-        try:
-            state = src.engine.export(rid, mv.next_block, release=False)
-        except ValueError:  # lost its KV to a recompute preemption: move it without
-            dst.unstage(rid)
-            state = src.engine.export(rid, 0, release=False)
-        mv.rec.tail_bytes = kv_bytes(state.kv)
-        mv.rec.downtime_s = self.link.seconds(mv.rec.tail_bytes)  # + the destination's step in flight, on landing
-        self._at(max(now, src.busy_until) + mv.rec.downtime_s, self._land, (mv, state))
+    def _drive(self, now: float, arg: tuple[_Move, Any, BaseException | None]) -> None:
+        """Run the move's protocol (``control/moves.py``) on the engines from virtual time ``now``
+        until it waits on the link: staged blocks and the stopped tail take ``Link.seconds``
+        of their bytes, the tail from the end of the source's step in flight."""
+        mv, value, error = arg
+        src, dst = self.sims[mv.rec.src], self.sims[mv.rec.dst]
+        while True:
+            try:
+                op = mv.protocol.throw(error) if error is not None else mv.protocol.send(value)
+            except StopIteration as done:
+                self._end(mv, now, done.value)
+                return
+            value, error = None, None
+            side = src if op.side == SRC else dst
+            if op.side == SRC and op.call in ("read_blocks", "export") and mv.rec.req_id not in src.engine.requests:
+                error = RequestGone()
+                continue
+            try:
+                value = getattr(side.engine, op.call)(*op.args)
+            except ValueError as exc:
+                error = exc
+                continue
+            wait = 0.0
+            if op.call == "stage_kv":
+                n = kv_bytes(op.args[1])
+                mv.rec.staged_bytes += n
+                wait = self.link.seconds(n)
+            elif op.call == "export":
+                mv.rec.tail_bytes = kv_bytes(value.kv)
+                mv.rec.downtime_s = self.link.seconds(mv.rec.tail_bytes)  # + dst's step in flight, on landing
+                wait = max(now, src.busy_until) - now + mv.rec.downtime_s
+            elif op.call == "import_":
+                mv.rec.downtime_s += max(0.0, dst.busy_until - now)  # it joins dst's next step
+            elif op.call == "release":
+                src.hold.discard(mv.rec.req_id)
+            if wait > 0:
+                self._at(now + wait, self._drive, (mv, value, None))
+                return
 
     def _handoff(self, i: int, rid: str, now: float) -> None:
         """P/D: send a request that just got its first token on prefill instance ``i`` onward."""
@@ -397,26 +400,11 @@ class _Cluster:
         self._observe(("decode", "both"))
         dst = self.scheduler.pd_destination()
         n = kv_bytes(state.kv)
-        mv = _Move(Transfer(rid, "pd", "pd", i, dst, now, tail_bytes=n, downtime_s=self.link.seconds(n)))
+        mv = _Move(Transfer(rid, "pd", "pd", i, dst, now, tail_bytes=n, downtime_s=self.link.seconds(n)),
+                   pd_handoff(rid, state))
         self.sims[i].transfers.append(mv.rec)
         self.moving[rid] = mv
-        self._at(now + mv.rec.downtime_s, self._land, (mv, state))
-
-    def _land(self, now: float, arg: tuple[_Move, RequestState]) -> None:
-        """The KV has arrived: import on the destination and free the source, or roll back."""
-        mv, state = arg
-        rid, src, dst = mv.rec.req_id, self.sims[mv.rec.src], self.sims[mv.rec.dst]
-        try:
-            dst.engine.import_(state)
-        except ValueError:  # no room: continue on the source
-            dst.engine.unstage(rid)
-            src.engine.restore(rid)
-            self._end(mv, now, "rolled_back")
-            return
-        src.engine.release(rid)
-        src.hold.discard(rid)
-        mv.rec.downtime_s += max(0.0, dst.busy_until - now)  # it joins dst's next step
-        self._end(mv, now, "done")
+        self._at(now + mv.rec.downtime_s, self._drive, (mv, None, None))  # its first step: the import
 
     def _end(self, mv: _Move, now: float, outcome: str) -> None:
         """Record the outcome; both sides may run again (blocks were freed, or a request arrived)."""

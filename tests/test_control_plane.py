@@ -1,0 +1,269 @@
+"""The control plane's new decisions: the latency predictor (against hand-computed cost-model
+values), predicted-latency dispatch, SLO-sized steps, deadline admission, the capacity search,
+heterogeneous fleets, and request metadata through the engine, a migration and the simulator."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from shoal.bench.workloads import RequestSpec, Workload
+from shoal.control import policies
+from shoal.control.global_scheduler import GlobalScheduler
+from shoal.control.predictor import InstanceProfile, LatencyPredictor
+from shoal.engine.block_manager import BlockManager
+from shoal.engine.core import EngineCore
+from shoal.engine.cost_model import FEATURES, LinearCostModel, ScaledCostModel, plan_features
+from shoal.engine.metadata import SLO, RequestMetadata
+from shoal.engine.outputs import InstanceLoad
+from shoal.engine.request import Request
+from shoal.engine.sampling_params import SamplingParams
+from shoal.engine.scheduler import Scheduler, SchedulerConfig, ScheduledChunk, StepPlan
+from shoal.engine.step_budget import StepTimeBudget
+from shoal.sim.capacity import find_capacity
+from shoal.sim.experiment import SimSetup, parse_speeds
+from shoal.sim.simulator import CostModelExecutor, InstanceSpec, VirtualClock, simulate
+
+
+def linear(intercept=0.0, tokens=0.0, decodes=0.0, ctx=0.0, attn=0.0, chunks=0.0) -> LinearCostModel:
+    coef = dict.fromkeys(FEATURES, 0.0)
+    coef.update(intercept=intercept, tokens=tokens, decodes=decodes, decode_context=ctx, prefill_attention=attn,
+                prefill_chunks=chunks)
+    return LinearCostModel([coef[f] for f in FEATURES])
+
+
+def load(free=100, running=0, waiting=0, waiting_tokens=0, in_flight=0, total=128) -> InstanceLoad:
+    return InstanceLoad(num_running=running, num_waiting=waiting, num_swapped=0, num_total_blocks=total,
+                        num_free_blocks=free, num_used_blocks=total - free, num_cached_blocks=0,
+                        num_pinned_blocks=0, block_size=16, tokens_in_flight=in_flight,
+                        waiting_prompt_tokens=waiting_tokens, num_preemptions=0, max_num_seqs=16)
+
+
+# ---- the predictor ------------------------------------------------------------------------------
+
+
+def test_ttft_and_tpot_by_hand():
+    """10 ms a step + 1 ms a token; 4 decoding at context 400 in total; 300 tokens queued ahead;
+    a 200-token prompt; budget 104 tokens a step -> chunks of 100 prefill tokens."""
+    cm = linear(intercept=0.010, tokens=0.001)
+    profile = InstanceProfile(cm, max_num_batched_tokens=104)
+    pred = LatencyPredictor(expected_output_tokens=100).predict(
+        profile, load(running=4, waiting_tokens=300, in_flight=400), prompt_len=200)
+    step = 0.010 + 0.001 * (4 + 100)  # decodes + one full chunk
+    assert pred.ttft_s == pytest.approx(math.ceil(500 / 100) * step)  # 5 steps for 300 + 200 tokens
+    decode_only = 0.010 + 0.001 * 4
+    joined = 0.010 + 0.001 * 5
+    assert pred.tpot_s == pytest.approx(joined + 5 * (step - decode_only) / 100)
+
+
+def test_prefix_hits_and_speed_shorten_and_lengthen_the_prediction():
+    cm = linear(intercept=0.010, tokens=0.001)
+    p = LatencyPredictor()
+    fast, slow = InstanceProfile(cm), InstanceProfile(ScaledCostModel(cm, 0.5))
+    idle = load()
+    cold = p.predict(fast, idle, 480)
+    assert p.predict(fast, idle, 480, cached=320).ttft_s < cold.ttft_s
+    assert p.predict(slow, idle, 480).ttft_s == pytest.approx(2 * cold.ttft_s)
+
+
+def test_a_kv_shortfall_adds_a_wait():
+    cm = linear(intercept=0.010, tokens=0.001)
+    p, profile = LatencyPredictor(), InstanceProfile(cm)
+    roomy = p.predict(profile, load(free=100, running=4, in_flight=1024), 160)
+    full = p.predict(profile, load(free=2, running=4, in_flight=1024), 160)
+    assert full.ttft_s > roomy.ttft_s and full.tpot_s == pytest.approx(roomy.tpot_s)
+
+
+def test_predicted_dispatch_prefers_the_faster_instance_and_never_a_gone_one():
+    cm = linear(intercept=0.010, tokens=0.001)
+    profiles = {0: InstanceProfile(ScaledCostModel(cm, 0.25)), 1: InstanceProfile(cm)}
+    policy = policies.make_dispatch_policy("predicted_latency", profiles, SLO(0.5, 0.05))
+    gs = GlobalScheduler(policy, profiles=profiles)
+    for i in (0, 1):
+        gs.add_instance(i, "both", load())
+    prompt = list(range(300))  # 0.31 s on instance 1, 1.24 s (past the SLO) on instance 0
+    assert gs.dispatch(policies.DispatchRequest("a", prompt)) == 1
+    gs.remove_instance(1)
+    assert 1 not in profiles  # the policy reads the scheduler's own mapping
+    assert gs.dispatch(policies.DispatchRequest("b", prompt)) == 0  # misses the SLO, but is all there is
+
+
+def test_predicted_dispatch_keeps_a_prefix_where_it_is_cached_until_that_instance_goes():
+    cm = linear(intercept=0.010, tokens=0.001)
+    profiles = {i: InstanceProfile(cm) for i in range(3)}
+    policy = policies.make_dispatch_policy("predicted_latency", profiles)
+    loads = {i: load() for i in range(3)}
+    prefix = list(range(256))
+    home = policy.choose(loads, policies.DispatchRequest("a", prefix + [1]))
+    loads[home] = load(free=90)  # a little busier now, but holds the prefix
+    assert policy.choose(loads, policies.DispatchRequest("b", prefix + [2])) == home
+    del loads[home]  # it died or drains: the next pick is another live instance
+    assert policy.choose(loads, policies.DispatchRequest("c", prefix + [3])) in loads
+
+
+def test_predicted_latency_needs_profiles():
+    with pytest.raises(ValueError, match="profiles"):
+        policies.make_dispatch_policy("predicted_latency")
+
+
+# ---- SLO-sized steps ----------------------------------------------------------------------------
+
+
+def chunk(rid, start, n, sample=True):
+    return ScheduledChunk(rid, start, [0] * n, [], sample)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_time_budget_never_lets_a_step_with_decodes_exceed_the_limit(seed):
+    rng = random.Random(seed)
+    cm = linear(intercept=0.015, tokens=0.000675, decodes=0.00047, ctx=3.4e-6, attn=4.8e-7, chunks=0.0048)
+    budget = StepTimeBudget(cm, limit_s=0.2)
+    plan = StepPlan([chunk(f"d{i}", rng.randrange(1, 2000), 1) for i in range(rng.randrange(1, 20))])
+    for j in range(rng.randrange(1, 4)):
+        start, want = rng.randrange(0, 3000), rng.randrange(2, 1024)
+        n = budget.chunk_tokens(plan, start, want)
+        assert 0 <= n <= want
+        if n:
+            plan.chunks.append(chunk(f"p{j}", start, n))
+    first_chunk_alone = StepPlan([c for c in plan.chunks if c.num_tokens == 1] + plan.chunks[-1:])
+    if cm.step_time(first_chunk_alone) > 0.2:  # only the progress guarantee may overrun
+        assert sum(c.num_tokens > 1 for c in plan.chunks) == 1 and plan.chunks[-1].num_tokens <= budget.min_chunk
+    else:
+        assert cm.step_time(plan) <= 0.2 + 1e-9
+
+
+def test_steps_without_decodes_are_not_limited_and_a_step_always_progresses():
+    cm = linear(intercept=0.015, tokens=0.001)
+    budget = StepTimeBudget(cm, limit_s=0.05, min_chunk=8)
+    assert budget.chunk_tokens(StepPlan(), 0, 512) == 512  # nobody waits for a token
+    heavy = StepPlan([chunk(f"d{i}", 10, 1) for i in range(40)])  # 55 ms of decodes alone
+    assert budget.chunk_tokens(heavy, 0, 512) == 8
+    light = StepPlan([chunk("d", 10, 1)])
+    n = budget.chunk_tokens(light, 0, 512)
+    assert cm.step_time(StepPlan(light.chunks + [chunk("p", 0, n)])) <= 0.05 < cm.step_time(
+        StepPlan(light.chunks + [chunk("p", 0, n + 1)]))
+
+
+def test_the_scheduler_cuts_prefill_chunks_to_the_time_budget():
+    cm = linear(intercept=0.010, tokens=0.001)
+    cfg = SchedulerConfig(max_num_batched_tokens=512, step_time_budget=StepTimeBudget(cm, 0.1))
+    s = Scheduler(cfg, BlockManager(256, 16, 0))
+    running = Request("run", list(range(1, 33)), SamplingParams(max_tokens=50), 0.0)
+    s.add(running)
+    plan = s.schedule(0.0)
+    s.commit(plan, {"run": running})
+    running.output_token_ids.append(1)
+    long = Request("long", list(range(1, 1001)), SamplingParams(max_tokens=5), 1.0)
+    s.add(long)
+    plan = s.schedule(1.0)
+    assert [c.num_tokens for c in plan.chunks] == [1, 89]  # 10 ms + 90 tokens x 1 ms = the limit
+    assert cm.step_time(plan) <= 0.1 + 1e-9
+
+
+# ---- deadline admission -------------------------------------------------------------------------
+
+
+def test_deadline_admission_serves_requests_still_on_time_first():
+    def admitted(admission: str) -> str:
+        s = Scheduler(SchedulerConfig(max_num_seqs=1, admission=admission), BlockManager(64, 16, 0))
+        late = Request("late", [1] * 20, SamplingParams(max_tokens=4), 0.0, deadline=1.0)
+        fresh = Request("fresh", [2] * 20, SamplingParams(max_tokens=4), 4.0, deadline=9.0)
+        s.add(late)
+        s.add(fresh)
+        return s.schedule(5.0).chunks[0].req_id
+
+    assert admitted("fcfs") == "late"
+    assert admitted("deadline") == "fresh"
+    with pytest.raises(ValueError, match="admission"):
+        SchedulerConfig(admission="edf")
+
+
+# ---- metadata -----------------------------------------------------------------------------------
+
+
+def sim_engine(admission="fcfs") -> EngineCore:
+    clock = VirtualClock()
+    return EngineCore(CostModelExecutor(linear(intercept=0.01), clock), BlockManager(64, 16, 16),
+                      SchedulerConfig(admission=admission), max_model_len=512, vocab_size=100, clock=clock)
+
+
+def test_metadata_rides_on_the_request_its_outputs_and_a_migration():
+    meta = RequestMetadata(priority=-2, tenant="acme", session_id="s1", slo=SLO(2.0, 0.1))
+    src, dst = sim_engine(), sim_engine()
+    src.add([1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True), req_id="r", arrival_time=0.0, metadata=meta)
+    req = src.requests["r"]
+    assert (req.priority, req.deadline) == (-2, 2.0)
+    outs = src.step()
+    assert outs[0].metadata == meta
+    dst.import_(src.export("r"))
+    assert dst.requests["r"].metadata == meta and dst.requests["r"].deadline == 2.0
+    while dst.has_unfinished():
+        for out in dst.step():
+            assert out.metadata == meta
+    with pytest.raises(ValueError, match="twice"):
+        src.add([1], req_id="x", priority=3, metadata=meta)
+    with pytest.raises(ValueError, match="priority"):
+        RequestMetadata(priority=2**40)
+    with pytest.raises(ValueError, match="positive"):
+        SLO(0.0, 0.1)
+
+
+def test_simulated_requests_carry_the_runs_slo():
+    spec = InstanceSpec(linear(intercept=0.01, tokens=0.0001), num_blocks=64, admission="deadline")
+    wl = Workload("t", [RequestSpec(0.0, 20, 3), RequestSpec(0.01, 20, 3)], {"kind": "test"})
+    records, _, sims = simulate(wl, [spec], "predicted_latency", slo=SLO(1.0, 0.1))
+    assert all(r.ok for r in records)
+    assert sims[0].engine.scheduler.config.admission == "deadline"
+
+
+# ---- fleets and capacity ------------------------------------------------------------------------
+
+
+def test_speeds_parse_into_one_speed_per_instance():
+    assert parse_speeds("2x1,1x0.5", 3) == [1.0, 1.0, 0.5]
+    assert parse_speeds(None, 2) == [1.0, 1.0]
+    for bad in ("2x1", "0x1,3x1", "x", "3x-1"):
+        with pytest.raises(ValueError):
+            parse_speeds(bad, 3)
+
+
+def test_a_half_speed_instance_steps_twice_as_long():
+    cm = linear(intercept=0.01, tokens=0.001)
+    plan = StepPlan([chunk("a", 0, 10)])
+    assert ScaledCostModel(cm, 0.5).step_time(plan) == pytest.approx(2 * cm.step_time(plan))
+    assert plan_features(plan)[FEATURES.index("tokens")] == 10
+    setup = SimSetup(cm, [1.0, 0.5], "round_robin")
+    assert [s.cost_model.step_time(plan) for s in setup.specs()] == pytest.approx([0.02, 0.04])
+
+
+def test_capacity_search_finds_the_knee_of_a_monotone_attainment():
+    knee = 0.8  # attainment is 1 at time scales above the knee, 0.5 below
+
+    def run(ts):
+        return {"slo_attainment": 1.0 if ts >= knee else 0.5, "workload": {"rate": 10 / ts}}
+
+    found = find_capacity(run, 0.9, lo=0.25, hi=4.0, rel_tol=0.01)
+    assert knee <= found.time_scale <= knee * 1.01
+    assert found.rate_rps == pytest.approx(10 / found.time_scale)
+    assert find_capacity(lambda ts: {"slo_attainment": 0.1, "workload": {}}, 0.9) is None
+    with pytest.raises(ValueError):
+        find_capacity(run, 1.5)
+
+
+def test_capacity_search_on_the_simulator_ranks_a_faster_fleet_higher():
+    wl = [RequestSpec(i * 0.5, 64, 8) for i in range(40)]
+
+    def capacity(speed: float) -> float:
+        setup = SimSetup(linear(intercept=0.02, tokens=0.001), [speed, speed], "predicted_latency",
+                         slo=SLO(1.0, 0.1), num_blocks=200)
+
+        def run(ts):
+            w = Workload("t", [RequestSpec(r.arrival_s * ts, r.prompt_len, r.output_len) for r in wl],
+                         {"kind": "test", "rate": len(wl) / (wl[-1].arrival_s * ts)})
+            return setup.run(w)[0]
+
+        return find_capacity(run, 0.9, lo=0.01, hi=4.0, rel_tol=0.05).rate_rps
+
+    assert capacity(2.0) > 1.5 * capacity(1.0)
