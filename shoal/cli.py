@@ -206,6 +206,8 @@ def bench_serve(
     prompt_len: int = typer.Option(128, "--prompt-len"),
     output_len: int = typer.Option(128, "--output-len"),
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Clip trace requests to this many tokens (default: the server's max_model_len if it says, else 2048)"),
+    prefix_groups: int = typer.Option(0, "--prefix-groups", help="Put requests in this many groups sharing a prompt prefix (system prompts, conversations); 0: none"),
+    prefix_len: int = typer.Option(256, "--prefix-len", help="Tokens each prefix group shares"),
     slo_ttft_ms: float = typer.Option(1000.0, "--slo-ttft-ms"),
     slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms"),
     model: Optional[str] = typer.Option(None, "--model", help="Model name to send (default: the server's first)"),
@@ -231,7 +233,7 @@ def bench_serve(
         except (httpx.HTTPError, KeyError, IndexError, ValueError):
             max_context = 2048
     wl = _build_workload(workload, rate, burstiness, concurrency, time_scale, trace_start, num_requests,
-                         prompt_len, output_len, max_context, seed)
+                         prompt_len, output_len, max_context, seed, prefix_groups, prefix_len)
     tok = load_tokenizer(tokenizer or default_model_path())
     records, queue, duration = asyncio.run(run_workload(
         url, wl, tok, model=model, concurrency=concurrency, max_duration_s=max_duration, api_key=api_key))
@@ -244,16 +246,18 @@ def bench_serve(
 
 def _build_workload(workload: str, rate: float, burstiness: float, concurrency: Optional[int], time_scale: float,
                     trace_start: float, num_requests: int, prompt_len: int, output_len: int,
-                    max_context: Optional[int], seed: int):
+                    max_context: Optional[int], seed: int, prefix_groups: int = 0, prefix_len: int = 0):
     from shoal.bench import workloads
 
     try:
         if workload.startswith("trace:"):
-            return workloads.load_trace(workload[6:], time_scale=time_scale, max_context=max_context,
-                                        num_requests=num_requests, start_s=trace_start)
-        if concurrency is not None:
-            return workloads.closed_loop(num_requests, concurrency, prompt_len, output_len)
-        return workloads.synthetic(workload, num_requests, rate, prompt_len, output_len, burstiness, seed)
+            wl = workloads.load_trace(workload[6:], time_scale=time_scale, max_context=max_context,
+                                      num_requests=num_requests, start_s=trace_start)
+        elif concurrency is not None:
+            wl = workloads.closed_loop(num_requests, concurrency, prompt_len, output_len)
+        else:
+            wl = workloads.synthetic(workload, num_requests, rate, prompt_len, output_len, burstiness, seed)
+        return workloads.with_prefix_groups(wl, prefix_groups, prefix_len, seed) if prefix_groups else wl
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 
@@ -289,6 +293,8 @@ def sim(
     prompt_len: int = typer.Option(128, "--prompt-len"),
     output_len: int = typer.Option(128, "--output-len"),
     max_context: int = typer.Option(2048, "--max-context", help="Clip trace requests to this many tokens"),
+    prefix_groups: int = typer.Option(0, "--prefix-groups", help="Put requests in this many groups sharing a prompt prefix (system prompts, conversations); 0: none"),
+    prefix_len: int = typer.Option(256, "--prefix-len", help="Tokens each prefix group shares"),
     instances: int = typer.Option(1, "--instances"),
     cost_model: Optional[Path] = typer.Option(None, "--cost-model", help="Fitted profile JSON (default: the committed SmolLM2-on-CPU one)"),
     dispatch: str = typer.Option("predicted_latency", "--dispatch", "--policy", help="predicted_latency | round_robin | least_load | prefix_aware | session_affinity (as in serve; --policy is the old name)"),
@@ -323,7 +329,7 @@ def sim(
         from shoal.sim.validate import compare
 
         wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
-                             output_len, max_context, seed)
+                             output_len, max_context, seed, prefix_groups, prefix_len)
         engine = Engine(EngineConfig(num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens))
         fidelity = compare(wl, engine, cm, (slo_ttft_ms, slo_tpot_ms))
@@ -346,7 +352,7 @@ def sim(
 
     def build(ts: float):
         return _build_workload(workload, rate, burstiness, None, ts, trace_start, num_requests, prompt_len,
-                               output_len, max_context, seed)
+                               output_len, max_context, seed, prefix_groups, prefix_len)
 
     if capacity is not None:
         from shoal.sim.capacity import find_capacity

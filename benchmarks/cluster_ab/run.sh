@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Reproduce one A/B run on the 2-instance Ray cluster.
-#   usage: benchmarks/cluster_ab/run.sh rr|ll|co|pd RUN_NAME
+#   usage: benchmarks/cluster_ab/run.sh rr|ll|co|pd|pl RUN_NAME
 #   rr = --dispatch round_robin --migration none
 #   ll = --dispatch least_load  --migration llumnix
 #   co = --dispatch least_load  --migration none   (co-located, the P/D baseline)
 #   pd = --dispatch least_load  --migration none --roles prefill,decode
+#   pl = --dispatch predicted_latency --migration llumnix (the defaults), SLO given to the server
 # Run from the repo root. Starts the server, waits for /health, replays the Azure slice,
 # scrapes /metrics, stops the server and Ray.
 set -u
-CFG=${1:?rr|ll|co|pd}; NAME=${2:?run name}
+CFG=${1:?rr|ll|co|pd|pl}; NAME=${2:?run name}
 TRACE=/work/shared/data/traces/azure_conv_2023.csv
 PORT=${PORT:-8000}
 KV_GB=${KV_GB:-0.08}          # 0.08 GiB = 233 blocks of 16 tokens (360 KiB each) per instance
@@ -20,11 +21,12 @@ case $CFG in
   ll) POL="--dispatch least_load --migration llumnix" ;;
   co) POL="--dispatch least_load --migration none" ;;
   pd) POL="--dispatch least_load --migration none --roles prefill,decode" ;;
+  pl) POL="--dispatch predicted_latency --migration llumnix --slo-ttft-ms $SLO_TTFT --slo-tpot-ms $SLO_TPOT" ;;
   *) echo "bad config $CFG"; exit 2 ;;
 esac
 OUT=benchmarks/cluster_ab/$NAME
 mkdir -p "$OUT"
-shoal serve --instances 2 $POL --kv-cache-gb $KV_GB --max-model-len $MAX_LEN --port $PORT \
+shoal serve --instances 2 --instance-threads 1,1 $POL --kv-cache-gb $KV_GB --max-model-len $MAX_LEN --port $PORT \
   > "$OUT/server.log" 2>&1 &
 SPID=$!
 echo "server pid $SPID"

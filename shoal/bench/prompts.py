@@ -31,3 +31,11 @@ class PromptMaker:
 
     def text(self, length: int, index: int) -> str:
         return self.tokenizer.decode(self.token_ids(length, index))
+
+    def for_request(self, spec, index: int, group_prefixes: dict[int, list[int]]) -> list[int]:
+        """``spec``'s prompt: its group's shared prefix (made once, kept in ``group_prefixes``),
+        then tokens of its own."""
+        if spec.prefix_group is None or spec.prefix_len == 0:
+            return self.token_ids(spec.prompt_len, index)
+        prefix = group_prefixes.setdefault(spec.prefix_group, self.token_ids(spec.prefix_len, -1 - spec.prefix_group))
+        return prefix[: spec.prefix_len] + self.token_ids(spec.prompt_len - spec.prefix_len, index)

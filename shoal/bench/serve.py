@@ -101,7 +101,8 @@ async def run_workload(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     maker = PromptMaker(tokenizer)
-    prompts = [maker.text(r.prompt_len, i) for i, r in enumerate(workload.requests)]
+    groups: dict[int, list[int]] = {}
+    prompts = [tokenizer.decode(maker.for_request(r, i, groups)) for i, r in enumerate(workload.requests)]
     records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len) for r in workload.requests]
     queue_samples: list[tuple[float, float]] = []
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits, headers=headers) as client:

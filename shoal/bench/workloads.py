@@ -17,6 +17,8 @@ class RequestSpec:
     arrival_s: float  # seconds after the start of the run
     prompt_len: int
     output_len: int
+    prefix_group: int | None = None  # requests of one group share their first ``prefix_len`` tokens
+    prefix_len: int = 0
 
 
 @dataclass
@@ -62,6 +64,22 @@ def synthetic(
     if kind == "gamma":
         desc["burstiness"] = burstiness
     return Workload(kind, reqs, desc)
+
+
+def with_prefix_groups(workload: Workload, groups: int, prefix_len: int, seed: int = 0) -> Workload:
+    """The same requests, each in one of ``groups`` prefix groups (drawn Zipf-like: a few system
+    prompts / conversations are much more common than the rest) whose members share their first
+    ``prefix_len`` prompt tokens (fewer for prompts that short: at least one token stays their
+    own). What prefix-aware dispatch and the prefix cache can exploit, as multi-turn chat and
+    shared system prompts do."""
+    if groups < 1 or prefix_len < 1:
+        raise ValueError("prefix groups and prefix length must be positive")
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, groups + 1)
+    picks = rng.choice(groups, size=len(workload.requests), p=weights / weights.sum())
+    reqs = [RequestSpec(r.arrival_s, r.prompt_len, r.output_len, int(g), min(prefix_len, r.prompt_len - 1))
+            for r, g in zip(workload.requests, picks)]
+    return Workload(workload.kind, reqs, {**workload.description, "prefix_groups": groups, "prefix_len": prefix_len})
 
 
 def closed_loop(num_requests: int, concurrency: int, prompt_len: int, output_len: int) -> Workload:

@@ -37,8 +37,7 @@ from shoal.control.predictor import InstanceProfile
 from shoal.engine.config import EngineConfig
 from shoal.engine.cost_model import instance_cost_model
 from shoal.engine.metadata import SLO, RequestMetadata, with_slo
-from shoal.engine.outputs import InstanceLoad, RequestOutput
-from shoal.engine.request import FinishReason
+from shoal.engine.outputs import InstanceLoad, RequestOutput, failed_output
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.step_budget import StepTimeBudget
 from shoal.streams import QueueFull, RequestStream
@@ -247,10 +246,8 @@ class ClusterEngine:
 
     def _fail(self, tracked: Tracked, error: str) -> None:
         self.requests.pop(tracked.req_id, None)
-        tracked.queue.put_nowait(RequestOutput(
-            req_id=tracked.req_id, new_token_ids=[], new_text="", finished=True,
-            num_prompt_tokens=len(tracked.prompt_token_ids), num_output_tokens=tracked.streamed_tokens,
-            finish_reason=FinishReason.ERROR, error=error))
+        tracked.queue.put_nowait(failed_output(tracked.req_id, error, len(tracked.prompt_token_ids),
+                                               tracked.streamed_tokens, tracked.metadata))
 
     def abort(self, req_id: str) -> None:
         tracked = self.requests.get(req_id)

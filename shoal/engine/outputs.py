@@ -34,6 +34,15 @@ class RequestOutput:
     metadata: Any = None  # the request's RequestMetadata, as it came in
 
 
+def failed_output(req_id: str, error: str, num_prompt_tokens: int = 0, num_output_tokens: int = 0,
+                  metadata: Any = None) -> RequestOutput:
+    """The final output of a request that ends in ``error`` outside an engine step (its engine
+    stopped, its instance died)."""
+    return RequestOutput(req_id=req_id, new_token_ids=[], new_text="", finished=True,
+                         num_prompt_tokens=num_prompt_tokens, num_output_tokens=num_output_tokens,
+                         finish_reason=FinishReason.ERROR, error=error, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class RunningRequest:
     """What a migration policy may know about a running request."""

@@ -16,8 +16,7 @@ from typing import Callable
 
 from shoal.engine.metadata import SLO, RequestMetadata, with_slo
 from shoal.engine.engine import Engine
-from shoal.engine.outputs import InstanceLoad, RequestOutput
-from shoal.engine.request import FinishReason
+from shoal.engine.outputs import InstanceLoad, RequestOutput, failed_output
 from shoal.engine.sampling_params import SamplingParams
 from shoal.streams import QueueFull, RequestStream
 
@@ -189,7 +188,7 @@ class AsyncEngine:
             log.critical("engine restart failed: %r", fatal)
             self.dead = repr(fatal)
             for req_id, sink in self._sinks.items():
-                sink(_failed_output(req_id, self.dead))
+                sink(failed_output(req_id, f"engine stopped: {self.dead}"))
             self._sinks.clear()
             return False
         log.warning("engine restarted (restart %d)", self.engine.num_restarts)
@@ -206,8 +205,4 @@ def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
-def _failed_output(req_id: str, reason: str) -> RequestOutput:
-    return RequestOutput(
-        req_id=req_id, new_token_ids=[], new_text="", finished=True, num_prompt_tokens=0,
-        num_output_tokens=0, finish_reason=FinishReason.ERROR, error=f"engine stopped: {reason}",
-    )
+

@@ -65,9 +65,44 @@ def fit_profile(engine: Engine, repeats: int = 3) -> LinearCostModel:
     while engine.has_unfinished():
         engine.step()
     feats, secs = profile_engine(engine, repeats)
-    return LinearCostModel.fit_samples(
+    cost = LinearCostModel.fit_samples(
         feats, secs, device=_device_name(engine), model=engine.model_config.name, dtype=str(engine.dtype).removeprefix("torch.")
     )
+    cost.fit["against"] = fitted_against(engine)
+    return cost
+
+
+def fitted_against(engine: Engine) -> dict:
+    """What the profile was measured on, so a stale one can be told apart: the code's commit (if
+    a git checkout), torch, the threads and the engine's settings that shape a step."""
+    import datetime
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    cfg = engine.config
+    return {"shoal_commit": commit, "torch": torch.__version__, "cpu": _cpu_model(), "threads": torch.get_num_threads(),
+            "date": datetime.date.today().isoformat(), "max_num_batched_tokens": cfg.max_num_batched_tokens,
+            "int4_small_batch": cfg.int4_small_batch, "block_size": cfg.block_size}
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name and its widest vector / matrix extensions (Linux), e.g. "AMD EPYC
+    (avx512_bf16)": profiles from different CPUs differ by up to 2x."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    ext = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags][:1]
+    return f"{name} ({ext[0]})" if ext else name
 
 
 def _device_name(engine: Engine) -> str:

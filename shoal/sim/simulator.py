@@ -189,6 +189,7 @@ class _Cluster:
         self.records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len, start_s=r.arrival_s) for r in self.arrivals]
         self.by_id: dict[str, RequestRecord] = {}
         self.gen = torch.Generator().manual_seed(seed)
+        self.group_prefixes: dict[int, list[int]] = {}  # prefix group -> its shared leading tokens
         self.vocab = specs[0].vocab_size
         # the cluster's own decision maker; instance ids are positions here (simulated ones never die)
         profiles: dict[int, InstanceProfile] = {i: spec.profile for i, spec in enumerate(specs)}
@@ -244,6 +245,10 @@ class _Cluster:
         self.ai += 1
         spec, rec = self.arrivals[idx], self.records[idx]
         prompt = torch.randint(1, self.vocab, (spec.prompt_len,), generator=self.gen).tolist()
+        if spec.prefix_group is not None and spec.prefix_len:
+            shared = self.group_prefixes.setdefault(
+                spec.prefix_group, torch.randint(1, self.vocab, (spec.prefix_len,), generator=self.gen).tolist())
+            prompt[: spec.prefix_len] = shared[: spec.prefix_len]
         rid = f"r{idx}"
         self._observe(ENTRY_ROLES)
         request = DispatchRequest(rid, prompt, self.metadata)

@@ -25,7 +25,8 @@ def real_run(engine: Engine, workload: Workload) -> tuple[list[RequestRecord], f
     """Replay ``workload`` on the engine in real time; returns the records and the duration."""
     maker = PromptMaker(engine.tokenizer) if engine.tokenizer is not None else None
     rng = np.random.default_rng(0)
-    prompts = [maker.token_ids(r.prompt_len, i) if maker else rng.integers(1, engine.vocab_size, r.prompt_len).tolist()
+    groups: dict[int, list[int]] = {}
+    prompts = [maker.for_request(r, i, groups) if maker else rng.integers(1, engine.vocab_size, r.prompt_len).tolist()
                for i, r in enumerate(workload.requests)]
     records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len) for r in workload.requests]
     by_id: dict[str, RequestRecord] = {}
