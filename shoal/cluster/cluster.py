@@ -55,7 +55,6 @@ class Member:
     handle: ray.actor.ActorHandle
     role: str
     alive: bool = True
-    draining: bool = False
     pump: asyncio.Task | None = None
 
 
@@ -203,7 +202,12 @@ class ClusterEngine:
 
     def live(self, roles: tuple[str, ...] = ROLES, include_draining: bool = False) -> list[Member]:
         return [m for m in self.members.values()
-                if m.alive and m.role in roles and (include_draining or not m.draining)]
+                if m.alive and m.role in roles and (include_draining or not self._draining(m))]
+
+    def _draining(self, member: Member) -> bool:
+        """Whether the global scheduler has this instance draining (it alone keeps that)."""
+        view = self.scheduler.instances.get(member.id)
+        return view is not None and view.draining
 
     def load(self) -> InstanceLoad:
         """The cluster's load: every live instance's snapshot summed."""
@@ -403,7 +407,6 @@ class ClusterEngine:
         """Stop sending work to an instance, migrate its requests away, then remove it. A prefill
         instance is not migrated from: its requests finish prefilling and hand off as usual."""
         member = self.members[member_id]
-        member.draining = True
         self.scheduler.set_draining(member_id)
         while any(t.member == member_id for t in self.requests.values()):
             for t in [t for t in self.requests.values() if t.member == member_id and not t.migrating]:
@@ -435,7 +438,7 @@ class ClusterEngine:
     async def _control_once(self, ticks: int) -> None:
         members = self.live(include_draining=True)
         if self.metrics:
-            states = [("dead" if not m.alive else "draining" if m.draining else "alive") for m in self.members.values()]
+            states = [("dead" if not m.alive else "draining" if self._draining(m) else "alive") for m in self.members.values()]
             for state in ("alive", "draining", "dead"):
                 self.metrics.instances.labels(state=state).set(states.count(state))
             for m in members:
