@@ -363,7 +363,7 @@ class ClusterEngine:
                     break
                 value, error = None, None
                 side = src if op.side == SRC else dst
-                if op.side == SRC and op.call in ("read_blocks", "export") and tracked.req_id not in self.requests:
+                if op.needs_live_request and tracked.req_id not in self.requests:
                     error = RequestGone()
                     continue
                 try:

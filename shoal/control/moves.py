@@ -27,6 +27,12 @@ class Op:
     call: str  # an EngineCore method: read_blocks, stage_kv, export, import_, release, restore, unstage
     args: tuple = ()
 
+    @property
+    def needs_live_request(self) -> bool:
+        """Whether the request must still be running on the source: if it ended meanwhile the
+        driver throws :class:`RequestGone` in instead of making the call."""
+        return self.side == SRC and self.call in ("read_blocks", "export")
+
 
 class RequestGone(Exception):
     """Thrown into a protocol when the request ended on the source meanwhile."""

@@ -99,7 +99,7 @@ class EngineCore:
             params=params,
             arrival_time=arrival,
             priority=metadata.priority,
-            deadline=None if metadata.slo is None else arrival + metadata.slo.ttft_s,
+            deadline=_deadline(arrival, metadata),
             metadata=metadata,
         )
         self._track(req, make_generator(params))
@@ -357,7 +357,6 @@ class EngineCore:
             kv=kv,
             kv_start_block=from_block,
             metadata=req.metadata,
-            deadline=req.deadline,
         )
         self.scheduler.detach(req)
         del self.requests[req_id]
@@ -419,7 +418,7 @@ class EngineCore:
             num_preemptions=state.num_preemptions,
             first_token_time=state.first_token_time,
             metadata=state.metadata,
-            deadline=state.deadline,
+            deadline=_deadline(state.arrival_time, state.metadata),
         )
         if req.num_tokens >= self.max_model_len:
             raise ValueError(f"request has {req.num_tokens} tokens; this engine holds {self.max_model_len}")
@@ -456,3 +455,8 @@ class EngineCore:
         detok = self._detok.get(req.req_id)
         if detok is not None:
             detok.replay(req.output_token_ids, state.emitted_text_len)
+
+
+def _deadline(arrival: float, metadata: RequestMetadata | None) -> float | None:
+    """When a request's first token is due: ``slo.ttft_s`` after it arrived (None without an SLO)."""
+    return None if metadata is None or metadata.slo is None else arrival + metadata.slo.ttft_s

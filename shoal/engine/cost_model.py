@@ -139,9 +139,13 @@ class LinearCostModel:
 
 
 def fitted_threads(cost_model: CostModel) -> int | None:
-    """The CPU threads a fitted profile was measured with (from its device string), if known."""
+    """The CPU threads a fitted profile was measured with (its ``fit.against`` record, else its
+    device string), if known."""
     import re
 
+    against = getattr(cost_model, "fit", {}).get("against", {})
+    if against.get("threads"):
+        return int(against["threads"])
     m = re.search(r" x(\d+) threads", getattr(cost_model, "device", ""))
     return int(m.group(1)) if m else None
 

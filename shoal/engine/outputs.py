@@ -108,6 +108,5 @@ class RequestState:
     first_token_time: float | None = None
     kv: torch.Tensor | None = None
     kv_start_block: int = 0  # blocks before this one were staged on the destination already
-    metadata: Any = None  # RequestMetadata
-    deadline: float | None = None  # its first token's due time on the source's clock
+    metadata: Any = None  # RequestMetadata (its SLO and arrival_time give the deadline)
     extra: dict = field(default_factory=dict)

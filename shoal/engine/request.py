@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shoal.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from shoal.engine.metadata import RequestMetadata
 
 
 PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
@@ -44,7 +47,7 @@ class Request:
     error: str | None = None
     num_preemptions: int = 0
     deadline: float | None = None  # when the first token is due (deadline admission only)
-    metadata: Any = None  # the request's RequestMetadata, handed back on its outputs
+    metadata: RequestMetadata | None = None  # handed back on its outputs
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

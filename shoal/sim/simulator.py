@@ -374,7 +374,7 @@ class _Cluster:
                 return
             value, error = None, None
             side = src if op.side == SRC else dst
-            if op.side == SRC and op.call in ("read_blocks", "export") and mv.rec.req_id not in src.engine.requests:
+            if op.needs_live_request and mv.rec.req_id not in src.engine.requests:
                 error = RequestGone()
                 continue
             try:
