@@ -107,7 +107,9 @@ def test_can_remove_keeps_a_serving_cluster():
 
 @pytest.fixture(scope="module")
 def ray_runtime():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from shoal.cluster.cluster import start_local_ray
+
+    start_local_ray(4)
     yield
     ray.shutdown()
 
@@ -475,3 +477,11 @@ def test_session_affinity_gets_the_session_id(ray_runtime, cluster_config):
             c.shutdown()
 
     run(scenario())
+
+
+def test_workers_run_at_normal_priority(ray_runtime):
+    """Ray's default worker niceness (15) starved instances on a busy CPU: even their start-up
+    stalled past the test timeout beside two busy loops."""
+    import os
+
+    assert ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote()) == 0

@@ -46,6 +46,14 @@ log = logging.getLogger(__name__)
 
 
 
+def start_local_ray(num_cpus: int) -> None:
+    """Start Ray on this machine for the instances. Ray runs its workers at nice 15 by default,
+    so on a busy CPU (the gateway, a client, a neighbour) an instance's steps and even its
+    start-up starve; Shoal's instances run at the gateway's priority instead."""
+    ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False,
+             _system_config={"worker_niceness": 0})
+
+
 @dataclass
 class Member:
     """One instance's actor as the gateway holds it (what the scheduler knows of it is in
@@ -151,8 +159,7 @@ class ClusterEngine:
             if self._ray_address:
                 ray.init(address=self._ray_address, log_to_driver=False)
             else:
-                ray.init(num_cpus=max(os.cpu_count() or 1, len(self._initial_roles)), log_to_driver=False,
-                         include_dashboard=False)
+                start_local_ray(max(os.cpu_count() or 1, len(self._initial_roles)))
         for role, threads in zip(self._initial_roles, self._threads):
             await self._add_member(role, threads)
         self._tasks.append(asyncio.create_task(self._control_loop()))
@@ -339,6 +346,12 @@ class ClusterEngine:
         try:
             state = await src.handle.take_handoff.remote(tracked.req_id)
             dst_id = self.scheduler.pd_destination()
+        except Exception as exc:  # not parked after all (the instance restarted, or died): never leave it hanging
+            log.warning("P/D hand-off of %s failed: %s", tracked.req_id, exc)
+            if self.requests.get(tracked.req_id) is tracked:  # not already ended by _member_died
+                src.handle.abort.remote(tracked.req_id)
+                self._fail(tracked, f"instance {src.id} could not hand the request off")
+            return
         finally:
             tracked.migrating = False
         if dst_id is None:

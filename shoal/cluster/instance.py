@@ -9,6 +9,7 @@ after each step with :meth:`Instance.poll`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -29,6 +30,7 @@ class Instance:
     """An :class:`Engine` owned by its own stepping thread; methods are queued to it."""
 
     def __init__(self, config: EngineConfig, name: str, num_threads: int | None = None) -> None:
+        _normal_priority(name)
         if num_threads:
             torch.set_num_threads(num_threads)
         self.name = name
@@ -227,3 +229,15 @@ class Instance:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
+
+
+def _normal_priority(name: str) -> None:
+    """Run this instance's threads (the stepping thread and torch's, started after this) at nice 0:
+    Ray starts workers at nice 15, where any busy neighbour starves the engine's steps."""
+    nice = os.nice(0)
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except PermissionError:
+        log.warning("%s runs at nice %d: a busy CPU will starve it; start Ray with RAY_worker_niceness=0", name, nice)
