@@ -101,6 +101,8 @@ class LLM:
         # Validate every prompt before queueing any, so bad input changes nothing.
         for tokens in token_lists:
             self.engine._validate_prompt(tokens)
+        for p in params:
+            self.engine._matcher(p, [])  # a grammar that does not compile is refused here, not mid-batch
         results: list[GenerationOutput] = []
         owners: dict[str, tuple[GenerationOutput, Completion]] = {}  # engine request -> what it fills
         for i, tokens in enumerate(token_lists):

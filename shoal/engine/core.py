@@ -17,6 +17,7 @@ import torch
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.detokenizer import IncrementalDetokenizer
 from shoal.engine.executor import Executor
+from shoal.engine.guided import GrammarCompiler, replay
 from shoal.engine.outputs import InstanceLoad, RequestOutput, RequestState, RunningRequest
 from shoal.engine.metadata import RequestMetadata
 from shoal.engine.request import FinishReason, Request, Status
@@ -60,6 +61,7 @@ class EngineCore:
         self._next_id = 0
         self._suspended: dict[str, Request] = {}  # exported, KV kept until release / restore
         self.num_restarts = 0  # times recover() started over
+        self._grammar: GrammarCompiler | None = None
 
     # ---- requests in ----------------------------------------------------------------------------
 
@@ -88,6 +90,7 @@ class EngineCore:
         if req_id in self.requests:
             raise ValueError(f"request id {req_id!r} is already in use")
         self._validate_prompt(prompt_token_ids)
+        matcher = self._matcher(params, [])
         if metadata is None:
             metadata = RequestMetadata(priority=0 if priority is None else priority)
         elif priority is not None and priority != metadata.priority:
@@ -102,9 +105,29 @@ class EngineCore:
             deadline=_deadline(arrival, metadata),
             metadata=metadata,
         )
-        self._track(req, make_generator(params))
+        self._track(req, make_generator(params), matcher)
         self.scheduler.add(req)
         return req_id
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """This engine's grammar compiler (built on first use: it converts the tokenizer)."""
+        if self._grammar is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need the model's tokenizer, which this engine was started without")
+            self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size)
+        return self._grammar
+
+    def _matcher(self, params: SamplingParams, output_token_ids: list[int]):
+        """The grammar matcher of a guided request, advanced over ``output_token_ids`` (None when
+        unconstrained). Also checks ``logit_bias`` ids. Raises ValueError before any change."""
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ValueError(f"logit_bias token ids must be below the vocabulary size {self.vocab_size}")
+        if params.structured_outputs is None:
+            return None
+        matcher = self.grammar_compiler.matcher(params.structured_outputs)
+        replay(matcher, output_token_ids)
+        return matcher
 
     def _validate_prompt(self, ids: list[int]) -> None:
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
@@ -123,13 +146,14 @@ class EngineCore:
         if bad:
             raise ValueError(f"token ids out of the vocabulary [0, {vocab}): {bad[:5]}")
 
-    def _track(self, req: Request, generator: torch.Generator | None) -> None:
+    def _track(self, req: Request, generator: torch.Generator | None, matcher=None) -> None:
         self.requests[req.req_id] = req
         self._sampling[req.req_id] = SamplingState(
             params=req.params,
             prompt_token_ids=req.prompt_token_ids,
             output_token_ids=req.output_token_ids,
             generator=generator,
+            matcher=matcher,
         )
         if self.tokenizer is not None:
             self._detok[req.req_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params)
@@ -223,12 +247,19 @@ class EngineCore:
         reason, stop = None, None
         detok = self._detok.get(req.req_id)
         stop_str = detok.update(token) if detok is not None else None
+        matcher = self._sampling[req.req_id].matcher
+        if matcher is not None and not matcher.consume_token(token):  # the mask allowed it: a bug, not the client's
+            out = self._finish(req, FinishReason.ERROR, error=f"guided decoding failed: {matcher.get_error()}", now=now)
+            out.new_token_ids = [token]
+            return out
         if token in params.stop_token_ids:
             reason, stop = FinishReason.STOP, token
         elif token in self._eos and not params.ignore_eos:
             reason = FinishReason.STOP
         elif stop_str is not None:
             reason, stop = FinishReason.STOP, stop_str
+        elif matcher is not None and matcher.is_stopped():  # the grammar is complete
+            reason = FinishReason.STOP
         elif len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
@@ -407,6 +438,7 @@ class EngineCore:
         """Resume an exported request here. Raises ValueError (changing nothing) if it does not fit."""
         if state.req_id in self.requests:
             raise ValueError(f"request id {state.req_id!r} is already in use")
+        matcher = self._matcher(state.params, state.output_token_ids)
         req = Request(
             req_id=state.req_id,
             prompt_token_ids=list(state.prompt_token_ids),
@@ -451,7 +483,7 @@ class EngineCore:
         if state.generator_state is not None:
             gen = make_generator(state.params)
             gen.set_state(state.generator_state)
-        self._track(req, gen)
+        self._track(req, gen, matcher)
         detok = self._detok.get(req.req_id)
         if detok is not None:
             detok.replay(req.output_token_ids, state.emitted_text_len)

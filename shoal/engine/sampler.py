@@ -12,9 +12,11 @@ RNG of the logits' device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from shoal.engine.guided import mask_logits
 from shoal.engine.sampling_params import SamplingParams
 
 
@@ -30,6 +32,7 @@ class SamplingState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None
+    matcher: Any = None  # the llguidance matcher of a guided request (the engine advances it)
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -98,6 +101,30 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.
             - torch.tensor(freq, device=dev).unsqueeze(1) * counts
             - torch.tensor(pres, device=dev).unsqueeze(1) * (counts > 0)
         )
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Add each row's ``logit_bias``; a new tensor when any row has one (the raw logits stay for logprobs)."""
+    biased = [i for i, s in enumerate(states) if s.params.logit_bias]
+    if not biased:
+        return logits
+    logits = logits.clone()
+    for i in biased:
+        bias = states[i].params.logit_bias
+        ids = torch.tensor(list(bias), device=logits.device)
+        logits[i, ids] += torch.tensor(list(bias.values()), device=logits.device, dtype=logits.dtype)
+    return logits
+
+
+def apply_grammar(logits: torch.Tensor, raw: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Mask guided rows to the tokens their grammar allows. Applied after the penalties and before
+    temperature, min-p and top-k/top-p, so every later stage keeps at least one allowed token."""
+    if all(s.matcher is None for s in states):
+        return logits
+    if logits is raw:
+        logits = logits.clone()
+    mask_logits(logits, [s.matcher for s in states])
     return logits
 
 
@@ -176,7 +203,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SampleResult:
         """Sample from ``logits`` [N, V] (any float dtype/device; computed in float32)."""
         raw = logits.float()
-        logits = apply_penalties(raw, states)
+        logits = apply_penalties(apply_logit_bias(raw, states), states)
+        logits = apply_grammar(logits, raw, states)
         random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
         if len(random_rows) == len(states):
             token_ids = self._sample_random(logits, states)

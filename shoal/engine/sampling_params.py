@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from shoal.engine.guided import StructuredOutputs
+
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit seed, as vLLM takes (choice i adds i)
@@ -20,7 +22,9 @@ class SamplingParams:
     ``seed + i``. ``top_k`` of 0 or -1 disables top-k; ``logprobs`` is the number of top
     alternatives to return per token (0 = only the sampled token's logprob,
     None = no logprobs). ``stop`` accepts a single string; ``stop`` and
-    ``stop_token_ids`` accept None for none, as in vLLM.
+    ``stop_token_ids`` accept None for none, as in vLLM. ``structured_outputs`` holds the output
+    to a schema, regex, choice or grammar (guided decoding); ``logit_bias`` adds a bias in
+    [-100, 100] to a token's logit before sampling, as OpenAI's does.
     """
 
     max_tokens: int = 16
@@ -39,6 +43,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     n: int = 1  # completions per prompt (LLM and the server fan out; one engine request each)
+    structured_outputs: StructuredOutputs | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -86,6 +92,13 @@ class SamplingParams:
             fail("stop", "a list of non-empty strings")
         if not all(is_int(t) and 0 <= t <= MAX_INT32 for t in self.stop_token_ids):
             fail("stop_token_ids", f"a list of integers in [0, {MAX_INT32}]")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            fail("structured_outputs", "None or a StructuredOutputs")
+        if self.logit_bias is not None and not (
+                isinstance(self.logit_bias, dict)
+                and all(is_int(t) and 0 <= t <= MAX_INT32 for t in self.logit_bias)
+                and all(is_num(b) and -100 <= b <= 100 for b in self.logit_bias.values())):
+            fail("logit_bias", "None or a dict of token ids to biases in [-100, 100]")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             fail("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
 

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 import shoal
+from shoal.engine.guided import GrammarCompiler, StructuredOutputs
 from shoal.engine.metadata import RequestMetadata
 from shoal.engine.outputs import RequestOutput
 from shoal.server.async_engine import AsyncEngine
@@ -32,6 +33,7 @@ from shoal.server.middleware import (
     error_response,
     too_large_response,
 )
+from shoal.server import tools as tool_calls
 from shoal.server.prompts import PromptBuilder
 from shoal.server.protocol import (
     ChatCompletionRequest,
@@ -103,6 +105,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     metrics = ServerMetrics(model_name)
     tokenizer = engine.tokenizer
     prompts = PromptBuilder(tokenizer, lambda: engine.max_model_len)  # a cluster knows it once started
+    renders_tools = tool_calls.template_knows_tools(tokenizer)
+    grammars: list[GrammarCompiler] = []  # the in-process engine's own (shared cache), else one here
     last_token: dict[str, float] = {}
 
     def on_step(outputs: list[RequestOutput]) -> None:  # runs on the engine thread
@@ -166,12 +170,18 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "shoal",
+                "max_model_len": engine.max_model_len}
+
     @app.get("/v1/models", responses={401: ERROR_RESPONSES[401]})
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": int(time.time()), "owned_by": "shoal",
-            "max_model_len": engine.max_model_len,
-        }]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", responses={401: ERROR_RESPONSES[401], 404: ERROR_RESPONSES[404]})
+    async def model(model_id: str) -> dict:
+        check_model(model_id)
+        return model_card()
 
     @app.post("/tokenize", responses=ERROR_RESPONSES)
     async def tokenize(req: TokenizeRequest) -> dict:
@@ -196,12 +206,40 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if name is not None and name != model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
 
-    async def chat_token_ids(messages, add_generation_prompt: bool, fit: bool = True) -> list[int]:
+    async def chat_token_ids(messages, add_generation_prompt: bool, fit: bool = True,
+                             tools: list[dict] | None = None, tool_choice: str | dict = "none") -> list[int]:
+        """The prompt of a conversation: its tool calls and results rendered, and ``tools`` given
+        to a template that renders them or described in the system message otherwise."""
         try:
-            conv = [{"role": m.role, "content": m.text()} for m in messages]
-            return await prompts.chat(conv, add_generation_prompt, fit)
+            conv = [{"role": m.role, "content": m.text(),
+                     "tool_calls": [c.model_dump() for c in m.tool_calls or []],
+                     "tool_call_id": m.tool_call_id} for m in messages]
+            conv = tool_calls.conversation(conv, tools, tool_choice, renders_tools)
+            offered = tools if renders_tools and tools and tool_choice != "none" else None
+            return await prompts.chat(conv, add_generation_prompt, fit, offered)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
+
+    async def output_constraint(req: _SamplingRequest, tool_grammar: StructuredOutputs | None = None):
+        """The request's output constraint, compiled once here (in a worker thread) so that a bad
+        one is a 400 naming the problem and the engine's compile is a cache hit."""
+        try:
+            spec, field = req.structured()
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+        if spec is not None and tool_grammar is not None:
+            raise APIError(400, f"{field} cannot be combined with tool calls (tool_choice other than none)",
+                           param=field)
+        spec, field = (tool_grammar, "tools") if tool_grammar is not None else (spec, field)
+        if spec is None:
+            return None
+        if not grammars:
+            grammars.append(getattr(engine, "grammar_compiler", None) or GrammarCompiler(tokenizer, engine.vocab_size))
+        try:
+            await asyncio.to_thread(grammars[0].matcher, spec)
+        except ValueError as exc:
+            raise APIError(400, f"{field}: {exc}", param=field) from exc
+        return spec
 
     async def encode(text: str, add_special_tokens: bool, what: str, fit: bool = True) -> list[int]:
         try:
@@ -233,9 +271,10 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             )
         return max_tokens if max_tokens is not None else max_model_len - prompt_len
 
-    def build_params(req: _SamplingRequest, max_tokens: int, logprobs: int | None, index: int):
+    def build_params(req: _SamplingRequest, max_tokens: int, logprobs: int | None, index: int,
+                     structured: StructuredOutputs | None):
         try:
-            return req.sampling_params(max_tokens, logprobs, index)
+            return req.sampling_params(max_tokens, logprobs, index, structured)
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
 
@@ -252,7 +291,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise APIError(503, str(exc), "ServiceUnavailableError") from exc
 
     async def run_choices(prompts: list[list[int]], req: _SamplingRequest, max_tokens: list[int],
-                          logprobs: int | None, base_id: str, request: Request):
+                          logprobs: int | None, base_id: str, request: Request,
+                          structured: StructuredOutputs | None = None):
         """Start every (prompt, n) choice; returns one output stream per choice, in index order.
         The request's metadata: ``priority``; the tenant is ``user``; the session is the body's
         ``session_id``, else the ``X-Session-Id`` header."""
@@ -263,7 +303,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             for p_i, ids in enumerate(prompts):
                 for j in range(req.n):
                     index = p_i * req.n + j
-                    params = build_params(req, max_tokens[p_i], logprobs, j)
+                    params = build_params(req, max_tokens[p_i], logprobs, j, structured)
                     streams.append(await start(ids, params, f"{base_id}-{index}", metadata))
         except BaseException:
             for s in streams:
@@ -336,6 +376,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         check_max_tokens(req, "max_tokens")
+        if req.suffix is not None:
+            raise APIError(400, "suffix is not supported: Shoal does not insert text", param="suffix")
+        structured = await output_constraint(req)
         prompts: list[list[int]]
         p = req.prompt
         if isinstance(p, str):
@@ -351,8 +394,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         max_tokens = [check_length(len(ids), req.max_tokens, "prompt") for ids in prompts]
         base = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        streams = await run_choices(prompts, req, max_tokens, req.logprobs, base, request)
+        streams = await run_choices(prompts, req, max_tokens, req.logprobs, base, request, structured)
         n_choices = len(streams)
+        live_usage = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         prompt_tokens = sum(len(x) for x in prompts)
 
         def lp_block(outs: list[RequestOutput], offset0: int):
@@ -395,7 +439,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                               "finish_reason": reason(out)}
                     offsets[i] += len(text)
                     yield sse_event({"id": base, "object": "text_completion", "created": created,
-                                     "model": model_name, "choices": [choice]})
+                                     "model": model_name, "choices": [choice],
+                                     **({"usage": usage(prompt_tokens, completion_tokens)} if live_usage else {})})
                 else:
                     if req.stream_options and req.stream_options.include_usage:
                         yield sse_event({"id": base, "object": "text_completion", "created": created, "model": model_name,
@@ -415,13 +460,22 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         check_max_tokens(req, "max_tokens", "max_completion_tokens")
-        ids = await chat_token_ids(req.messages, req.add_generation_prompt)
+        try:
+            tool_choice = req.effective_tool_choice()
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tool_choice") from exc
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+        calling = bool(tools) and tool_choice != "none"
+        structured = await output_constraint(
+            req, tool_calls.call_grammar(tools, tool_choice, req.parallel_tool_calls) if calling else None)
+        ids = await chat_token_ids(req.messages, req.add_generation_prompt, tools=tools, tool_choice=tool_choice)
         max_tokens = check_length(len(ids), req.effective_max_tokens(), "messages")
         req.max_tokens = max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         base = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        streams = await run_choices([ids], req, [max_tokens], logprobs, base, request)
+        streams = await run_choices([ids], req, [max_tokens], logprobs, base, request, structured)
+        live_usage = bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
         def lp_content(outs: list[RequestOutput]):
             if logprobs is None:
@@ -439,9 +493,14 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             return sse_event({"id": base, "object": "chat.completion.chunk", "created": created,
                               "model": model_name, "choices": choices, **extra})
 
+        def finish(out: RequestOutput, called: bool) -> str | None:
+            r = reason(out)
+            return "tool_calls" if r == "stop" and called else r
+
         if req.stream:
             async def sse():
                 completion_tokens = 0
+                calls = [tool_calls.CallStream() for _ in streams]
                 for i in range(len(streams)):
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
@@ -450,9 +509,16 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                         yield error
                         break
                     completion_tokens += len(out.new_token_ids)
-                    delta = {"content": out.new_text} if out.new_text or not out.finished else {}
+                    text, new_calls = calls[i].feed(out.new_text, out.finished) if calling else (out.new_text, [])
+                    delta: dict = {"content": text} if text or not (out.finished or calling) else {}
+                    if new_calls:
+                        first = len(calls[i].calls) - len(new_calls)
+                        delta["tool_calls"] = [c.to_openai(first + k) for k, c in enumerate(new_calls)]
+                    if not delta and not out.finished and logprobs is None:
+                        continue  # text held back while it may still become a tool call
                     yield chunk([{"index": i, "delta": delta, "logprobs": lp_content([out]),
-                                  "finish_reason": reason(out)}])
+                                  "finish_reason": finish(out, bool(calls[i].calls))}],
+                                **({"usage": usage(len(ids), completion_tokens)} if live_usage else {}))
                 else:
                     if req.stream_options and req.stream_options.include_usage:
                         yield chunk([], usage=usage(len(ids), completion_tokens))
@@ -460,9 +526,18 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
+        def message(outs: list[RequestOutput]) -> dict:
+            text = "".join(o.new_text for o in outs)
+            if not calling:
+                return {"role": "assistant", "content": text}
+            content, calls = tool_calls.parse_calls(text)
+            return {"role": "assistant", "content": content, **({"tool_calls": [c.to_openai() for c in calls]} if calls else {})}
+
         choices, completion_tokens = await complete(request, streams, lambda i, outs: {
-            "message": {"role": "assistant", "content": "".join(o.new_text for o in outs)},
-            "logprobs": lp_content(outs)})
+            "message": message(outs), "logprobs": lp_content(outs)})
+        for c in choices:
+            if c["finish_reason"] == "stop" and c["message"].get("tool_calls"):
+                c["finish_reason"] = "tool_calls"
         return {"id": base, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": choices, "usage": usage(len(ids), completion_tokens)}
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 from shoal.engine.metadata import SLO, RequestMetadata, with_slo
 from shoal.engine.engine import Engine
+from shoal.engine.guided import GrammarCompiler
 from shoal.engine.outputs import InstanceLoad, RequestOutput, failed_output
 from shoal.engine.sampling_params import SamplingParams
 from shoal.streams import QueueFull, RequestStream
@@ -68,6 +69,12 @@ class AsyncEngine:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The engine's grammar compiler: the API compiles a new grammar into its cache off the
+        engine thread, so the engine's own compile of it is a hit."""
+        return self.engine.grammar_compiler
 
     @property
     def max_model_len(self) -> int:

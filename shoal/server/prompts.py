@@ -40,16 +40,17 @@ class PromptBuilder:
             self._check_size(nbytes)
         return await self._run(nbytes, lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    async def chat(self, conversation: list[dict], add_generation_prompt: bool, fit: bool = True) -> list[int]:
-        """Token ids of a conversation through the chat template; with ``fit``, ValueError if it
-        cannot fit the context."""
+    async def chat(self, conversation: list[dict], add_generation_prompt: bool, fit: bool = True,
+                   tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation through the chat template (given ``tools`` if it renders
+        them); with ``fit``, ValueError if it cannot fit the context."""
         nbytes = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in conversation)
         if fit:
             self._check_size(nbytes)
 
         def build() -> list[int]:
             try:
-                text = self.tokenizer.apply_chat_template(conversation, tokenize=False,
+                text = self.tokenizer.apply_chat_template(conversation, tokenize=False, tools=tools,
                                                           add_generation_prompt=add_generation_prompt)
             except Exception as exc:  # the template refused this conversation (raise_exception)
                 raise ValueError(f"the chat template cannot render these messages: {exc}") from exc

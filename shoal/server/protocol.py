@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from shoal.engine.guided import StructuredOutputs
 from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN
 from shoal.engine.sampling_params import MAX_INT32, MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
 
@@ -94,13 +96,51 @@ class _Body(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # usage so far on every chunk (vLLM)
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = None  # guided decoding is always strict
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: StrictBool | None = None
+
+
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
+"""Accepted fields that change nothing in the output (``user`` names the tenant). Any other field
+Shoal does not implement is refused with a 400 naming it."""
 
 
 class _SamplingRequest(_Body):
     """Fields shared by completions and chat completions (OpenAI names, plus vLLM extensions)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: Count | None = None
@@ -114,6 +154,11 @@ class _SamplingRequest(_Body):
     presence_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] = 0.0
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: StrictBool | None = None
+    service_tier: str | None = None
+    logit_bias: Annotated[dict[str, Annotated[Float, Field(ge=-100, le=100)]], Field(max_length=1024)] | None = None
+    response_format: ResponseFormat | None = None
     # extensions, as vLLM names them
     top_k: Int(-1, MAX_INT32) | None = None
     min_p: Annotated[Float, Field(ge=0, le=1)] = 0.0
@@ -125,9 +170,50 @@ class _SamplingRequest(_Body):
     priority: Int(PRIORITY_MIN, PRIORITY_MAX, description="Lower runs first.") = 0
     session_id: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
         None, description="Keeps a conversation on the instance holding its KV (or the X-Session-Id header).")
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
 
-    def sampling_params(self, default_max_tokens: int, logprobs: int | None, index: int = 0) -> SamplingParams:
-        """Engine sampling parameters for choice ``index`` (seeds differ per choice)."""
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is not None and not all(re.fullmatch(r"\d{1,10}", k) for k in bias):
+            raise ValueError("logit_bias keys must be token ids")
+        return bias
+
+    def structured(self) -> tuple[StructuredOutputs | None, str | None]:
+        """The output constraint this request asks for, and the field that asked (ValueError if
+        more than one field asks)."""
+        asked: list[tuple[str, dict]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise ValueError("response_format of type json_schema needs a json_schema")
+            asked.append(("response_format", {"json": rf.json_schema.schema_}))
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            asked.append(("structured_outputs", {k: v for k, v in {
+                "json": so.json_, "regex": so.regex, "choice": so.choice, "grammar": so.grammar,
+                "json_object": so.json_object or False}.items() if v}))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                asked.append((name, {key: getattr(self, name)}))
+        if not asked:
+            return None, None
+        if len(asked) > 1:
+            raise ValueError(f"give one output constraint, not {len(asked)}: {', '.join(n for n, _ in asked)}")
+        name, spec = asked[0]
+        return StructuredOutputs(**spec), name
+
+    def sampling_params(self, default_max_tokens: int, logprobs: int | None, index: int = 0,
+                        structured: StructuredOutputs | None = None) -> SamplingParams:
+        """Engine sampling parameters for choice ``index`` (seeds differ per choice), held to
+        ``structured`` if given."""
         return SamplingParams(
             n=self.n,
             max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
@@ -145,6 +231,8 @@ class _SamplingRequest(_Body):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            structured_outputs=structured,
         ).for_choice(index)
 
 
@@ -153,6 +241,7 @@ class CompletionRequest(_SamplingRequest):
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
     logprobs: Int(0, MAX_LOGPROBS) | None = None
     echo: StrictBool = False
+    suffix: str | None = None  # refused when given: Shoal does not insert
     add_special_tokens: StrictBool = True  # text prompts get the tokenizer's BOS etc., as in vLLM
 
 
@@ -173,11 +262,27 @@ class ContentPart(BaseModel):
         return data
 
 
+class FunctionCall(BaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    arguments: str | dict[str, Any]
+
+
+class ToolCallMessage(BaseModel):
+    """A call in an assistant turn of the history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The message's text."""
@@ -186,8 +291,38 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None  # calls are always held to the schema
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
     max_completion_tokens: Count | None = None
     logprobs: StrictBool = False
     top_logprobs: Int(0, MAX_LOGPROBS) | None = None
@@ -195,6 +330,18 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def effective_tool_choice(self) -> str | dict:
+        """``tool_choice`` as given, defaulting as OpenAI does (``auto`` with tools, else ``none``);
+        ValueError if it names a tool not offered."""
+        choice = self.tool_choice or ("auto" if self.tools else "none")
+        if choice != "none" and not self.tools:
+            raise ValueError(f"tool_choice {choice if isinstance(choice, str) else 'of a function'} needs tools")
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in {t.function.name for t in self.tools}:
+                raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+            return choice.model_dump()
+        return choice
 
 
 class TokenizeCompletionRequest(_Body):
