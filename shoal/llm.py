@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from shoal.engine.config import EngineConfig
 from shoal.engine.engine import Engine
@@ -11,8 +12,9 @@ from shoal.engine.outputs import RequestOutput
 from shoal.engine.request import FinishReason
 from shoal.engine.sampler import Logprob
 from shoal.engine.sampling_params import SamplingParams
+from shoal.server import tools as tool_calls
 
-Message = dict[str, str]
+Message = dict[str, Any]
 
 
 @dataclass
@@ -25,6 +27,7 @@ class Completion:
     stop_reason: str | int | None = None
     logprobs: list[tuple[Logprob, list[Logprob]]] | None = None
     index: int = 0  # which of the prompt's n completions
+    tool_calls: list[tool_calls.ToolCall] = field(default_factory=list)  # parsed out of text (chat with tools)
 
 
 @dataclass
@@ -75,16 +78,38 @@ class LLM:
         self,
         messages: Sequence[Message] | Sequence[Sequence[Message]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
     ) -> list[GenerationOutput]:
-        """Apply the model's chat template to each conversation and generate the assistant turn."""
+        """Apply the model's chat template to each conversation and generate the assistant turn.
+        With ``tools`` (OpenAI's format, and its ``tool_choice``), calls are held to the tools'
+        schemas as the server does, and come back parsed as each completion's ``tool_calls``."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        choice = tool_choice or ("auto" if tools else "none")
+        renders = tool_calls.template_knows_tools(self.tokenizer)
+        calling = bool(tools) and choice != "none"
         texts: list[str | None] = []
         token_lists: list[list[int]] = []
         for conv in conversations:
-            text = self.tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True)
+            conv = tool_calls.conversation([dict(m) for m in conv], tools, choice, renders)
+            text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True,
+                                                      tools=tools if renders and calling else None)
             texts.append(text)
             token_lists.append(self.tokenizer.encode(text, add_special_tokens=False))
-        return self._run(texts, token_lists, params, None)
+        if calling:
+            grammar = tool_calls.call_grammar(tools, choice, parallel_tool_calls)
+            listed = [params] * len(token_lists) if params is None or isinstance(params, SamplingParams) else params
+            if any(p is not None and p.structured_outputs is not None for p in listed):
+                raise ValueError("structured_outputs cannot be combined with tool calls (tool_choice other than none)")
+            params = [dataclasses.replace(p or SamplingParams(), structured_outputs=grammar) for p in listed]
+        results = self._run(texts, token_lists, params, None)
+        if calling:
+            for c in (c for r in results for c in r.outputs):
+                content, c.tool_calls = tool_calls.parse_calls(c.text)
+                c.text = content or ""
+        return results
 
     def _run(
         self,

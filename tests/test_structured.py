@@ -326,3 +326,16 @@ def test_get_one_model(srv):
     assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
     r = http.get("/v1/models/nope")
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_llm_generate_and_chat_take_structured_outputs_and_tools():
+    from shoal.llm import LLM
+
+    llm = LLM(dtype="bfloat16", max_model_len=1024, kv_cache_gb=0.1)
+    out = llm.generate("Is the sky blue? Answer:", guided(choice=["yes", "no"]))
+    assert out[0].text in ("yes", "no")
+    out = llm.chat(WEATHER, SamplingParams(temperature=0.0, max_tokens=120), tools=TOOLS, tool_choice="required")
+    call = out[0].outputs[0].tool_calls[0]
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] == "Paris"
+    with pytest.raises(ValueError, match="cannot be combined"):
+        llm.chat(WEATHER, guided(choice=["a"]), tools=TOOLS, tool_choice="required")
