@@ -339,3 +339,16 @@ def test_llm_generate_and_chat_take_structured_outputs_and_tools():
     assert call.name == "get_weather" and json.loads(call.arguments)["city"] == "Paris"
     with pytest.raises(ValueError, match="cannot be combined"):
         llm.chat(WEATHER, guided(choice=["a"]), tools=TOOLS, tool_choice="required")
+
+
+def test_langchain_bind_tools_and_with_structured_output(srv):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    client, _ = srv
+    chat = langchain_openai.ChatOpenAI(base_url=str(client.base_url), api_key="x", model=MODEL_NAME,
+                                       temperature=0, max_tokens=120, max_retries=0)
+    msg = chat.bind_tools(TOOLS, tool_choice="required").invoke("What's the weather in Paris?")
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather"
+    assert msg.tool_calls[0]["args"]["city"] == "Paris"
+    for method in ("json_schema", "function_calling"):
+        person = chat.with_structured_output(Person, method=method).invoke(EXTRACT[0]["content"])
+        assert isinstance(person, Person) and person.name == "Alice", method
