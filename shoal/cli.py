@@ -96,6 +96,8 @@ def serve(
     device: str = DeviceOpt,
     max_body_bytes: int = typer.Option(16 << 20, "--max-body-bytes", min=1, help="Answer 413 to a request body larger than this"),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0.0, help="On SIGTERM, seconds to let requests in flight finish before ending them with an error"),
+    tool_call_parser: Optional[str] = typer.Option(None, "--tool-call-parser", help="hermes | llama3_json: the format of the model's tool calls (default: from its chat template)"),
+    tool_prompt: str = typer.Option("auto", "--tool-prompt", help="auto | template | system: give tools to the chat template, or describe them in a system message (auto: template if it renders tools)"),
 ) -> None:
     """Serve the OpenAI API (completions, chat, models, tokenize, metrics)."""
     import uvicorn
@@ -109,8 +111,14 @@ def serve(
     log.setLevel(logging.INFO)
     from shoal.engine.metadata import SLO
 
+    from shoal.server.tools import FORMATS, PROMPTS
+
     if token_budget not in ("fixed", "slo"):
         raise typer.BadParameter("--token-budget is fixed or slo")
+    if tool_call_parser is not None and tool_call_parser not in FORMATS:
+        raise typer.BadParameter(f"--tool-call-parser is one of {', '.join(FORMATS)}")
+    if tool_prompt not in PROMPTS:
+        raise typer.BadParameter(f"--tool-prompt is one of {', '.join(PROMPTS)}")
     with user_errors():
         slo = SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3)
         config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
@@ -142,7 +150,8 @@ def serve(
             engine = Engine(config)
         backend = AsyncEngine(engine, max_waiting=max_waiting, slo=slo)
     lifecycle = Lifecycle(drain_timeout)
-    app = create_app(backend, name, api_key, max_body_bytes=max_body_bytes, lifecycle=lifecycle)
+    app = create_app(backend, name, api_key, max_body_bytes=max_body_bytes, lifecycle=lifecycle,
+                     tool_parser=tool_call_parser, tool_prompt=tool_prompt)
 
     @app.on_event("startup")
     async def _ready() -> None:

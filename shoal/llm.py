@@ -12,7 +12,7 @@ from shoal.engine.outputs import RequestOutput
 from shoal.engine.request import FinishReason
 from shoal.engine.sampler import Logprob
 from shoal.engine.sampling_params import SamplingParams
-from shoal.server import tools as tool_calls
+from shoal.server.tools import ToolCall, ToolCalling
 
 Message = dict[str, Any]
 
@@ -27,7 +27,7 @@ class Completion:
     stop_reason: str | int | None = None
     logprobs: list[tuple[Logprob, list[Logprob]]] | None = None
     index: int = 0  # which of the prompt's n completions
-    tool_calls: list[tool_calls.ToolCall] = field(default_factory=list)  # parsed out of text (chat with tools)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # parsed out of text (chat with tools)
 
 
 @dataclass
@@ -49,9 +49,12 @@ class GenerationOutput:
 class LLM:
     """Runs prompts to completion on one in-process engine."""
 
-    def __init__(self, model: str | None = None, **engine_options) -> None:
+    def __init__(self, model: str | None = None, *, tool_parser: str | None = None, tool_prompt: str = "auto",
+                 **engine_options) -> None:
+        """``tool_parser`` / ``tool_prompt`` override the model's tool-call format (see :class:`ToolCalling`)."""
         self.engine = Engine(EngineConfig(model=model, **engine_options))
         self.tokenizer = self.engine.tokenizer
+        self.tool_calling = ToolCalling(self.tokenizer, tool_parser, tool_prompt)
 
     def generate(
         self,
@@ -88,18 +91,17 @@ class LLM:
         schemas as the server does, and come back parsed as each completion's ``tool_calls``."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         choice = tool_choice or ("auto" if tools else "none")
-        renders = tool_calls.template_knows_tools(self.tokenizer)
         calling = bool(tools) and choice != "none"
         texts: list[str | None] = []
         token_lists: list[list[int]] = []
         for conv in conversations:
-            conv = tool_calls.conversation([dict(m) for m in conv], tools, choice, renders)
+            conv = self.tool_calling.conversation([dict(m) for m in conv], tools, choice)
             text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True,
-                                                      tools=tools if renders and calling else None)
+                                                      tools=self.tool_calling.template_tools(tools, choice))
             texts.append(text)
             token_lists.append(self.tokenizer.encode(text, add_special_tokens=False))
         if calling:
-            grammar = tool_calls.call_grammar(tools, choice, parallel_tool_calls)
+            grammar = self.tool_calling.grammar(tools, choice, parallel_tool_calls)
             listed = [params] * len(token_lists) if params is None or isinstance(params, SamplingParams) else params
             if any(p is not None and p.structured_outputs is not None for p in listed):
                 raise ValueError("structured_outputs cannot be combined with tool calls (tool_choice other than none)")
@@ -107,7 +109,7 @@ class LLM:
         results = self._run(texts, token_lists, params, None)
         if calling:
             for c in (c for r in results for c in r.outputs):
-                content, c.tool_calls = tool_calls.parse_calls(c.text)
+                content, c.tool_calls = self.tool_calling.parse(c.text)
                 c.text = content or ""
         return results
 

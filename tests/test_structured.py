@@ -352,3 +352,61 @@ def test_langchain_bind_tools_and_with_structured_output(srv):
     for method in ("json_schema", "function_calling"):
         person = chat.with_structured_output(Person, method=method).invoke(EXTRACT[0]["content"])
         assert isinstance(person, Person) and person.name == "Alice", method
+
+
+# ---- tool-call formats ---------------------------------------------------------------------------
+
+
+class _Template:
+    def __init__(self, chat_template: str) -> None:
+        self.chat_template = chat_template
+
+
+def _follows(engine, spec: StructuredOutputs, text: str) -> bool:
+    matcher = engine.grammar_compiler.matcher(spec)
+    return all(matcher.consume_token(t) for t in engine.tokenizer.encode(text, add_special_tokens=False)) \
+        and matcher.is_accepting()
+
+
+@pytest.mark.parametrize("parser", ["hermes", "llama3_json"])
+def test_each_tool_format_round_trips_through_its_grammar_parser_and_stream(engine, parser):
+    from shoal.server.tools import ToolCalling
+
+    calling = ToolCalling(_Template(""), parser)
+    written = calling.format.separator.join(
+        calling.format.write(n, a) for n, a in (("get_weather", {"city": "Paris"}), ("send_email", {"to": "a", "body": "b"})))
+    grammar = calling.grammar(TOOLS, "required", parallel=True)
+    assert _follows(engine, grammar, written)
+    assert not _follows(engine, grammar, calling.format.write("get_weather", {"town": "Paris"}))  # not its schema
+    assert not _follows(engine, calling.grammar(TOOLS, "required", parallel=False), written)  # one call only
+    assert _follows(engine, calling.grammar(TOOLS, "auto", parallel=True), "It is sunny.")
+    content, calls = calling.parse(written)
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == \
+        [("get_weather", {"city": "Paris"}), ("send_email", {"to": "a", "body": "b"})]
+    stream, got = calling.stream(), []
+    for i in range(0, len(written), 3):  # three characters at a time
+        text, new = stream.feed(written[i:i + 3])
+        assert text == ""
+        got += new
+    assert [c.name for c in got] == ["get_weather", "send_email"]
+    assert calling.parse("Just text.") == ("Just text.", [])
+
+
+def test_the_tool_prompt_follows_the_template_unless_overridden():
+    from shoal.server.tools import ToolCalling
+
+    history = [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    knows = ToolCalling(_Template("{% for tool in tools %}...{% endfor %}"))
+    assert knows.template_renders and knows.template_tools(TOOLS, "auto") == TOOLS
+    conv = knows.conversation(history, TOOLS, "auto")
+    assert conv[0]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"} and conv[1]["tool_call_id"] == "c1"
+    plain = ToolCalling(_Template("{% for tool in tools %}...{% endfor %}"), prompt="system")
+    conv = plain.conversation(history, TOOLS, "auto")
+    assert conv[0]["role"] == "system" and "get_weather" in conv[0]["content"]
+    assert conv[1]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert plain.template_tools(TOOLS, "auto") is None
+    assert ToolCalling(_Template("<|python_tag|>")).format.name == "llama3_json"
+    with pytest.raises(ValueError, match="parser"):
+        ToolCalling(_Template(""), "mistral")

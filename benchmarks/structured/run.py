@@ -29,7 +29,7 @@ from benchmarks.structured.cases import SCHEMAS, TOOL_CASES, TOOLS  # noqa: E402
 from shoal.engine.guided import StructuredOutputs  # noqa: E402
 from shoal.engine.sampling_params import SamplingParams  # noqa: E402
 from shoal.llm import LLM  # noqa: E402
-from shoal.server import tools as tool_calls  # noqa: E402
+from shoal.server.tools import ToolCall  # noqa: E402
 
 MAX_TOKENS = 400
 TOOL_MAX_TOKENS = 160  # a call fits; a plain answer is cut (it scores the same)
@@ -66,7 +66,7 @@ def _norm(value):
     return value
 
 
-def score_calls(case: dict, calls: list[tool_calls.ToolCall]) -> tuple[bool, bool]:
+def score_calls(case: dict, calls: list[ToolCall]) -> tuple[bool, bool]:
     """(every call valid, the exact expected call or the expected absence of one)."""
     offered = {name: TOOLS[name]["function"]["parameters"] for name in case["tools"]}
     valid = True
@@ -99,9 +99,9 @@ def tool_eval(llm: LLM) -> dict:
                         for c in cases]
                 calls = [o.tool_calls for o in outs]
             else:  # the same prompt, generated freely, parsed the same way
-                convs = [tool_calls.conversation([{"role": "user", "content": c["prompt"]}],
-                                                 [TOOLS[n] for n in c["tools"]], choice, False) for c in cases]
-                calls = [tool_calls.parse_calls(o.outputs[0].text)[1] for o in llm.chat(convs, greedy)]
+                convs = [llm.tool_calling.conversation([{"role": "user", "content": c["prompt"]}],
+                                                       [TOOLS[n] for n in c["tools"]], choice) for c in cases]
+                calls = [llm.tool_calling.parse(o.outputs[0].text)[1] for o in llm.chat(convs, greedy)]
             wall = time.perf_counter() - t0
             rows = []
             for case, made in zip(cases, calls):

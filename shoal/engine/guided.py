@@ -27,7 +27,7 @@ import torch
 from llguidance.torch import apply_token_bitmask_inplace, fill_next_token_bitmask
 
 CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped)
-COMPACT = {"whitespace_flexible": False}
+COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """JSON on one line with ``", "`` and ``": "``: free whitespace lets a small model wander into
 newlines and indentation until it runs out of tokens."""
 

@@ -33,7 +33,7 @@ from shoal.server.middleware import (
     error_response,
     too_large_response,
 )
-from shoal.server import tools as tool_calls
+from shoal.server.tools import ToolCalling
 from shoal.server.prompts import PromptBuilder
 from shoal.server.protocol import (
     ChatCompletionRequest,
@@ -79,9 +79,11 @@ class APIError(Exception):
 
 
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, *,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lifecycle: Lifecycle | None = None) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lifecycle: Lifecycle | None = None,
+               tool_parser: str | None = None, tool_prompt: str = "auto") -> FastAPI:
     """Build the app. ``engine`` must already be running; the app shuts it down on exit.
-    ``lifecycle`` (kept as ``app.state.lifecycle``) drives the graceful shutdown."""
+    ``lifecycle`` (kept as ``app.state.lifecycle``) drives the graceful shutdown. ``tool_parser``
+    and ``tool_prompt`` override the model's tool-call format and prompt (see :class:`ToolCalling`)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -105,7 +107,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     metrics = ServerMetrics(model_name)
     tokenizer = engine.tokenizer
     prompts = PromptBuilder(tokenizer, lambda: engine.max_model_len)  # a cluster knows it once started
-    renders_tools = tool_calls.template_knows_tools(tokenizer)
+    tool_calling = ToolCalling(tokenizer, tool_parser, tool_prompt)
     grammars: list[GrammarCompiler] = []  # the in-process engine's own (shared cache), else one here
     last_token: dict[str, float] = {}
 
@@ -214,9 +216,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             conv = [{"role": m.role, "content": m.text(),
                      "tool_calls": [c.model_dump() for c in m.tool_calls or []],
                      "tool_call_id": m.tool_call_id} for m in messages]
-            conv = tool_calls.conversation(conv, tools, tool_choice, renders_tools)
-            offered = tools if renders_tools and tools and tool_choice != "none" else None
-            return await prompts.chat(conv, add_generation_prompt, fit, offered)
+            conv = tool_calling.conversation(conv, tools, tool_choice)
+            return await prompts.chat(conv, add_generation_prompt, fit, tool_calling.template_tools(tools, tool_choice))
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
 
@@ -470,7 +471,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
         calling = bool(tools) and tool_choice != "none"
         structured = await output_constraint(
-            req, tool_calls.call_grammar(tools, tool_choice, req.parallel_tool_calls) if calling else None)
+            req, tool_calling.grammar(tools, tool_choice, req.parallel_tool_calls) if calling else None)
         ids = await chat_token_ids(req.messages, req.add_generation_prompt, tools=tools, tool_choice=tool_choice)
         max_tokens = check_length(len(ids), req.effective_max_tokens(), "messages")
         req.max_tokens = max_tokens
@@ -503,7 +504,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if req.stream:
             async def sse():
                 completion_tokens = 0
-                calls = [tool_calls.CallStream() for _ in streams]
+                calls = [tool_calling.stream() for _ in streams]
                 for i in range(len(streams)):
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
@@ -533,7 +534,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             text = "".join(o.new_text for o in outs)
             if not calling:
                 return {"role": "assistant", "content": text}
-            content, calls = tool_calls.parse_calls(text)
+            content, calls = tool_calling.parse(text)
             return {"role": "assistant", "content": content, **({"tool_calls": [c.to_openai() for c in calls]} if calls else {})}
 
         choices, completion_tokens = await complete(request, streams, lambda i, outs: {
