@@ -59,3 +59,12 @@ def test_bad_input_is_one_line_not_a_traceback(args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output and result.output.count("\n") <= 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (("serve", "--tool-call-parser", "mistral"), "hermes, llama3_json"),
+    (("serve", "--tool-prompt", "never"), "auto, template, system"),
+])
+def test_serve_refuses_unknown_tool_options_before_loading(args, message):
+    result = shoal(*args)
+    assert result.exit_code == 2 and message in result.output, result.output

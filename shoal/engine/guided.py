@@ -23,6 +23,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+from llguidance.gbnf_to_lark import any_to_lark
 import torch
 from llguidance.torch import apply_token_bitmask_inplace, fill_next_token_bitmask
 
@@ -36,7 +37,8 @@ newlines and indentation until it runs out of tokens."""
 class StructuredOutputs:
     """Exactly one constraint: ``json`` (a JSON schema, as a dict or its text), ``json_object``
     (any JSON object), ``regex``, ``choice`` (one of these strings) or ``grammar`` (a Lark
-    grammar in llguidance's dialect, which embeds JSON schemas with ``%json {...}``)."""
+    grammar in llguidance's dialect, which embeds JSON schemas with ``%json {...}``, or a GBNF /
+    EBNF one with ``root ::= ...`` rules, as vLLM's xgrammar backend takes)."""
 
     json: dict | str | None = None
     json_object: bool = False
@@ -71,7 +73,7 @@ class StructuredOutputs:
             return llguidance.LLMatcher.grammar_from_regex(self.regex)
         if self.choice is not None:
             return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choice))
-        return llguidance.LLMatcher.grammar_from_lark(self.grammar)
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(self.grammar))  # GBNF becomes Lark
 
 
 class GrammarCompiler:
