@@ -665,8 +665,9 @@ def test_urgent_arrival_preempts_running_request(make_tiny_engine, mode):
 
 
 def test_priority_orders_admission_when_one_fits(make_tiny_engine):
-    # Room for one request at a time (max_num_seqs=1): the -1 request, though it arrives last, goes
-    # first among the queued ones; equal priorities go first come first served.
+    # Room for one request at a time (max_num_seqs=1): the -1 request, though it arrives last,
+    # takes the running 0 request's slot (preempted, it then goes first among its equals); equal
+    # priorities go first come first served.
     engine = make_tiny_engine(num_blocks=12, max_num_seqs=1)
     params = greedy(6)
     first = engine.add(prompt(10, 30), params, priority=0)
@@ -677,7 +678,8 @@ def test_priority_orders_admission_when_one_fits(make_tiny_engine):
     order = []
     while engine.has_unfinished():
         order += [o.req_id for o in engine.step() if o.finished]
-    assert order == [first, c, a, b]
+    assert order == [c, first, a, b]
+    assert engine.scheduler.num_preemptions == 1
 
 
 # ---- load -------------------------------------------------------------------------------------

@@ -610,3 +610,31 @@ def test_scheduler_preempts_by_the_cheaper_mode(cost, mode):
     assert plan.preempted == [("low", mode)]
     assert low.status is (Status.SWAPPED if mode is PreemptionMode.SWAP else Status.WAITING)
     s.bm.check()
+
+
+def test_better_priority_preempts_when_max_num_seqs_are_running():
+    """KV to spare, but every sequence slot taken by low-priority decodes: the urgent request
+    takes the slot of the lowest-priority, latest one, which is re-admitted first afterwards."""
+    s = _sched(num_blocks=64, block_size=4, max_num_seqs=2, max_num_batched_tokens=64)
+    reqs = {r.req_id: r for r in (_req("low1", 5, 0.0, priority=2), _req("low2", 5, 0.1, priority=1))}
+    for r in reqs.values():
+        s.add(r)
+    _run_step(s, reqs, 0.0)
+    reqs["urgent"] = _req("urgent", 5, 1.0, priority=0)
+    reqs["later"] = _req("later", 5, 1.1, priority=2)
+    s.add(reqs["urgent"])
+    s.add(reqs["later"])
+    plan = _run_step(s, reqs, 1.0)
+    assert [rid for rid, _ in plan.preempted] == ["low1"]  # the lowest priority, not the latest
+    assert "urgent" in [c.req_id for c in plan.chunks] and len(s.running) == 2
+    reqs["equal"] = _req("equal", 5, 2.0, priority=0)
+    s.add(reqs["equal"])
+    assert [rid for rid, _ in _run_step(s, reqs, 2.0).preempted] == ["low2"]
+    reqs["equal2"] = _req("equal2", 5, 3.0, priority=0)
+    s.add(reqs["equal2"])
+    assert not _run_step(s, reqs, 3.0).preempted  # equal priority never preempts
+    # the preempted keep their priority and arrival: re-admitted by (priority, arrival) as before
+    order = sorted(s.waiting + s.swapped, key=lambda r: s._effective_priority(r, 3.0))
+    assert [r.req_id for r in order] == ["equal2", "low2", "low1", "later"]
+    assert reqs["low1"].priority == 2 and reqs["low1"].num_preemptions == 1
+    s.bm.check()

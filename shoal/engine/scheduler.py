@@ -4,7 +4,9 @@ It returns a :class:`StepPlan` (plain data); the model runner, or the simulator'
 executes it. One token budget per step is spent on running decodes first, then on prefill chunks
 (chunked prefill: a long prompt never stalls the decodes). When KV blocks run out, the
 lowest-priority, latest-arrived running request is preempted, by swap or by recompute as the cost
-model says. Nothing here reads a clock: ``now`` is handed in.
+model says; a request of strictly better priority also preempts one when ``max_num_seqs`` are
+running. A preempted request keeps its priority and arrival time, so it is re-admitted in the same
+order as before. Nothing here reads a clock: ``now`` is handed in.
 """
 
 from __future__ import annotations
@@ -167,8 +169,15 @@ class Scheduler:
     def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
         candidates = sorted(self.swapped + self.waiting, key=lambda r: self._effective_priority(r, now))
         for req in candidates:
-            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+            if budget == 0:
                 return
+            if len(self.running) >= self.config.max_num_seqs:
+                # Full of sequences: an urgent request takes the slot of the lowest-priority running
+                # one (vLLM #40004: otherwise it waits behind low-priority decodes for as long as they run).
+                lower = [r for r in self.running if r.priority > req.priority]
+                if not lower:
+                    return
+                budget += self._preempt(pick_victim(lower), plan)
             if req.status is Status.SWAPPED:
                 n = self._chunk_tokens(plan, req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget))
                 if n == 0:
