@@ -18,7 +18,7 @@ from shoal.engine.block_manager import BlockManager
 from shoal.engine.detokenizer import IncrementalDetokenizer
 from shoal.engine.executor import Executor
 from shoal.engine.guided import GrammarCompiler, replay
-from shoal.engine.outputs import InstanceLoad, RequestOutput, RequestState, RunningRequest
+from shoal.engine.outputs import SHED_ERROR, InstanceLoad, RequestOutput, RequestState, RunningRequest
 from shoal.engine.metadata import RequestMetadata
 from shoal.engine.request import FinishReason, Request, Status
 from shoal.engine.sampler import SamplingState, make_generator
@@ -337,7 +337,19 @@ class EngineCore:
             max_num_seqs=s.config.max_num_seqs,
             num_restarts=self.num_restarts,
             running=tuple(RunningRequest(r.req_id, r.priority, r.num_tokens) for r in s.running),
+            lowest_waiting_priority=max((r.priority for r in s.waiting if not r.output_token_ids), default=None),
         )
+
+    def shed(self, priority: int) -> str | None:
+        """Under overload, end the queued request of the worst priority (worse than ``priority``;
+        the latest among equals) that has produced nothing yet, with :data:`SHED_ERROR`; its final
+        output comes with the next ``step``. Returns its id, or None if there is none."""
+        queued = [r for r in self.scheduler.waiting if not r.output_token_ids and r.priority > priority]
+        if not queued:
+            return None
+        victim = max(queued, key=lambda r: (r.priority, r.arrival_time))
+        self._finish(victim, FinishReason.ERROR, error=SHED_ERROR, pending=True)
+        return victim.req_id
 
     def read_blocks(self, req_id: str, start_block: int) -> tuple[torch.Tensor | None, int]:
         """KV of a running request's full, computed blocks from ``start_block`` on, copied while it

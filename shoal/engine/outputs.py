@@ -73,6 +73,7 @@ class InstanceLoad:
     max_num_seqs: int = 0  # the running batch's bound (summed over a cluster's instances)
     num_restarts: int = 0  # times the engine started over after a step itself failed
     running: tuple[RunningRequest, ...] = ()  # the running batch (migration policies choose from it)
+    lowest_waiting_priority: int | None = None  # the worst priority among queued requests that produced nothing yet
 
     @property
     def kv_usage(self) -> float:
@@ -83,6 +84,10 @@ class InstanceLoad:
         ``unseen`` submitted since this snapshot. A burst that fits in free slots counts zero."""
         free_slots = max(0, self.max_num_seqs - self.num_running)
         return max(0, self.num_waiting + self.num_swapped + unseen - free_slots)
+
+
+SHED_ERROR = "shed under overload: a request of better priority took its place in the queue; retry later"
+"""The error of a queued request ended by :meth:`EngineCore.shed` (the API answers it with a 429)."""
 
 
 @dataclass

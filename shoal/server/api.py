@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 import shoal
 from shoal.engine.guided import GrammarCompiler, StructuredOutputs
 from shoal.engine.metadata import RequestMetadata
-from shoal.engine.outputs import RequestOutput
+from shoal.engine.outputs import SHED_ERROR, RequestOutput
 from shoal.server.async_engine import AsyncEngine
 from shoal.server.lifecycle import Lifecycle
 from shoal.server.metrics import ServerMetrics
@@ -353,6 +353,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     def failed(out: RequestOutput) -> None:
         if out.finish_reason is not None and out.finish_reason.value == "error":
+            if out.error == SHED_ERROR:  # a request of better priority took its place in the full queue
+                raise APIError(429, f"Server busy: {SHED_ERROR}.", "RateLimitError", headers={"Retry-After": "1"})
             if not lifecycle.accepting:  # cut by a shutdown whose drain timed out
                 raise APIError(503, out.error or "shutting down", "ServiceUnavailableError",
                                headers={"Retry-After": "5"})
@@ -584,6 +586,8 @@ def stream_error(out: RequestOutput, accepting: bool = True) -> str | None:
     if out.finish_reason is None or out.finish_reason.value != "error":
         return None
     code, kind = (500, "InternalServerError") if accepting else (503, "ServiceUnavailableError")
+    if out.error == SHED_ERROR:
+        code, kind = 429, "RateLimitError"
     return sse_event({"error": {"message": out.error or "generation failed", "type": kind, "param": None, "code": code}})
 
 

@@ -33,6 +33,7 @@ class _Add:
     sink: Callable[[RequestOutput], None]
     admitted: "asyncio.Future[None]"
     loop: asyncio.AbstractEventLoop
+    shed: bool = False  # the queue is full: end the worst-priority queued request to make room
 
 
 @dataclass
@@ -94,16 +95,22 @@ class AsyncEngine:
     ) -> "RequestStream":
         """Admit a request; returns the stream of its outputs (of the ``metadata``, the session
         only matters to a cluster's dispatch: one engine holds every session; a missing SLO is
-        the server's ``slo``). Raises QueueFull when the waiting
-        queue is over its bound, ValueError for input the engine refuses, RuntimeError if the
-        engine has stopped."""
+        the server's ``slo``). When the waiting queue is at its bound, a request of better
+        priority than the worst queued one takes that one's place (it ends with ``SHED_ERROR``);
+        otherwise QueueFull. ValueError for input the engine refuses, RuntimeError if the engine
+        has stopped."""
         if self.dead:
             raise RuntimeError(f"engine stopped: {self.dead}")
+        shed = False
         if self.max_waiting is not None:
             load, seen = self._snapshot
             waiting = load.waiting_for_room(self._num_submitted - seen)
+            priority = metadata.priority if metadata is not None else 0
             if waiting >= self.max_waiting:
-                raise QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
+                worst = load.lowest_waiting_priority
+                if worst is None or priority >= worst:
+                    raise QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
+                shed = True
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         admitted: asyncio.Future[None] = loop.create_future()
@@ -112,7 +119,7 @@ class AsyncEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         self._num_submitted += 1
-        self._inbox.put(_Add(req_id, prompt_token_ids, params, with_slo(metadata, self.slo), sink, admitted, loop))
+        self._inbox.put(_Add(req_id, prompt_token_ids, params, with_slo(metadata, self.slo), sink, admitted, loop, shed))
         await admitted
         return RequestStream(self.abort, req_id, outputs)
 
@@ -151,6 +158,8 @@ class AsyncEngine:
             self._deliver(self.engine.fail_all(item.error))
             return
         self._num_handled += 1
+        if item.shed:
+            self.engine.shed(item.metadata.priority)
         try:
             self.engine.add(item.prompt_token_ids, item.params, req_id=item.req_id, metadata=item.metadata)
         except Exception as exc:  # refused (ValueError / TypeError) or a bug: this request alone fails
