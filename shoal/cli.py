@@ -72,7 +72,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Name clients use (default: the model file's name)"),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SHOAL_API_KEY", help="Require this bearer token on /v1"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SHOAL_API_KEY", help="Require this bearer token on /v1, /tokenize, /detokenize, /metrics"),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="YAML / JSON keys file: API keys, each naming a tenant (weight, priority_ceiling)"),
+    open_metrics: bool = typer.Option(False, "--open-metrics", help="Serve /metrics without a key (a scraper on a private network)"),
     max_waiting: int = typer.Option(256, "--max-waiting", help="Answer 429 when this many requests wait"),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
     max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens"),
@@ -119,6 +121,15 @@ def serve(
         raise typer.BadParameter(f"--tool-call-parser is one of {', '.join(FORMATS)}")
     if tool_prompt not in PROMPTS:
         raise typer.BadParameter(f"--tool-prompt is one of {', '.join(PROMPTS)}")
+    if keys and api_key:
+        raise typer.BadParameter("give --api-key or --keys, not both")
+    if keys:
+        from shoal.server.tenants import KeyRing
+
+        try:
+            api_key = KeyRing.load(keys)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
     with user_errors():
         slo = SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3)
         config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
@@ -151,7 +162,7 @@ def serve(
         backend = AsyncEngine(engine, max_waiting=max_waiting, slo=slo)
     lifecycle = Lifecycle(drain_timeout)
     app = create_app(backend, name, api_key, max_body_bytes=max_body_bytes, lifecycle=lifecycle,
-                     tool_parser=tool_call_parser, tool_prompt=tool_prompt)
+                     tool_parser=tool_call_parser, tool_prompt=tool_prompt, open_metrics=open_metrics)
 
     @app.on_event("startup")
     async def _ready() -> None:

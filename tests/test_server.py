@@ -598,9 +598,10 @@ def test_api_key(aux):
         aux.client.models.list()  # aux.client carries the key "x"
     with openai.OpenAI(base_url=f"{aux.url}/v1", api_key=API_KEY, max_retries=0) as good:
         assert [m.id for m in good.models.list().data] == [MODEL_NAME]
-    # outside /v1 no key is needed
+    # /health needs no key; the operator's endpoints do (a tenant could read others' traffic there)
     assert httpx.get(f"{aux.url}/health").status_code == 200
-    assert httpx.get(f"{aux.url}/metrics").status_code == 200
+    assert httpx.get(f"{aux.url}/metrics").status_code == 401
+    assert httpx.get(f"{aux.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
 
 
 def test_queue_bound_429(aux):

@@ -35,6 +35,7 @@ from shoal.server.middleware import (
 )
 from shoal.server.tools import ToolCalling
 from shoal.server.prompts import PromptBuilder
+from shoal.server.tenants import KeyRing
 from shoal.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -78,12 +79,14 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
 
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, *,
+def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lifecycle: Lifecycle | None = None,
-               tool_parser: str | None = None, tool_prompt: str = "auto") -> FastAPI:
+               tool_parser: str | None = None, tool_prompt: str = "auto", open_metrics: bool = False) -> FastAPI:
     """Build the app. ``engine`` must already be running; the app shuts it down on exit.
     ``lifecycle`` (kept as ``app.state.lifecycle``) drives the graceful shutdown. ``tool_parser``
-    and ``tool_prompt`` override the model's tool-call format and prompt (see :class:`ToolCalling`)."""
+    and ``tool_prompt`` override the model's tool-call format and prompt (see :class:`ToolCalling`).
+    ``api_key`` is one key or a :class:`KeyRing` (keys naming tenants); with either, ``/metrics``
+    also needs a key unless ``open_metrics``."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -147,7 +150,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     # outermost first: bugs, the body limit, the gate (its 503 needs no key), then the key
     if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key)
+        keys = api_key if isinstance(api_key, KeyRing) else KeyRing.single(api_key)
+        app.add_middleware(BearerAuth, keys=keys, open_metrics=open_metrics)
     app.add_middleware(AdmissionGate, lifecycle=lifecycle)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(InternalErrors)
@@ -298,10 +302,14 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                           logprobs: int | None, base_id: str, request: Request,
                           structured: StructuredOutputs | None = None):
         """Start every (prompt, n) choice; returns one output stream per choice, in index order.
-        The request's metadata: ``priority``; the tenant is ``user``; the session is the body's
-        ``session_id``, else the ``X-Session-Id`` header."""
-        metadata = RequestMetadata(priority=req.priority, tenant=req.user,
-                                   session_id=req.session_id or request.headers.get("x-session-id"))
+        The request's metadata: ``priority`` (capped by the key's tenant); the tenant is the API
+        key's, else ``user``; the session is the body's ``session_id``, else the ``X-Session-Id``
+        header."""
+        tenant = getattr(request.state, "tenant", None)  # the API key's, if the server has a keys file
+        metadata = RequestMetadata(
+            priority=tenant.cap(req.priority) if tenant else req.priority,
+            tenant=tenant.name if tenant and tenant.name else req.user,
+            session_id=req.session_id or request.headers.get("x-session-id"))
         streams = []
         try:
             for p_i, ids in enumerate(prompts):

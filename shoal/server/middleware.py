@@ -6,12 +6,12 @@ hide client disconnects from ``request.is_disconnected()``.
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 from fastapi.responses import JSONResponse
 
 from shoal.server.lifecycle import Lifecycle
+from shoal.server.tenants import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +24,27 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 
 
 class BearerAuth:
-    """Require ``Authorization: Bearer <api_key>`` on every ``/v1`` path (compared in constant time)."""
+    """Require exactly one ``Authorization: Bearer <key>`` header (scheme case-insensitive, keys
+    compared in constant time) on ``/v1/*``, ``/tokenize``, ``/detokenize`` and, unless
+    ``open_metrics``, ``/metrics``; a 401 says ``WWW-Authenticate: Bearer``. The key's tenant
+    rides on the request as ``request.state.tenant``."""
 
-    def __init__(self, app, api_key: str) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+    PROTECTED = ("/v1", "/tokenize", "/detokenize")
+
+    def __init__(self, app, keys: KeyRing, open_metrics: bool = False) -> None:
+        self.app, self.keys = app, keys
+        self.protected = self.PROTECTED + (() if open_metrics else ("/metrics",))
 
     async def __call__(self, scope, receive, send) -> None:
-        if (scope["type"] == "http" and scope["path"].startswith("/v1")
-                and not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), self.expected)):
-            response = error_response(401, "Invalid or missing API key.", "AuthenticationError")
-            await response(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["path"].startswith(self.protected):
+            given = [v for k, v in scope["headers"] if k == b"authorization"]
+            tenant = self.keys.lookup(given[0]) if len(given) == 1 else None
+            if tenant is None:
+                message = "Invalid or missing API key." if len(given) < 2 else "More than one Authorization header."
+                response = error_response(401, message, "AuthenticationError", headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+            scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)
 
 

@@ -1,0 +1,102 @@
+"""API keys and the tenants they name: ``shoal serve --keys PATH`` (YAML or JSON)::
+
+    keys:
+      - key: sk-team-a-...        # or key_env: TEAM_A_KEY (read from the environment)
+        tenant: team-a
+        weight: 1                 # its share under fair scheduling (kept for the scheduler)
+        priority_ceiling: 0       # the best (lowest) priority its requests may ask for
+
+A request's key names its tenant (the ``user`` field then does not) and caps its ``priority``.
+Keys are compared in constant time against every key, and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN
+
+_FIELDS = {"key", "key_env", "tenant", "weight", "priority_ceiling"}
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str | None  # None: the single --api-key, whose requests name their tenant with `user`
+    weight: float = 1.0
+    priority_ceiling: int = PRIORITY_MIN
+
+    def cap(self, priority: int) -> int:
+        """``priority``, no better than this tenant may ask for."""
+        return max(priority, self.priority_ceiling)
+
+
+class KeyRing:
+    """The keys a server accepts, each naming its tenant."""
+
+    def __init__(self, entries: list[tuple[str, Tenant]]) -> None:
+        if not entries:
+            raise ValueError("the keys file lists no keys")
+        self._entries = [(f"Bearer {key}".encode(), tenant) for key, tenant in entries]
+
+    @classmethod
+    def single(cls, api_key: str) -> "KeyRing":
+        return cls([(api_key, Tenant(None))])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "KeyRing":
+        """Read a keys file; ValueError naming the problem (never a key's value)."""
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ValueError(f"{p}: {exc.strerror}") from None
+        try:
+            if p.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as exc:
+            raise ValueError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {type(exc).__name__}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+            raise ValueError(f"{p}: expected a mapping with a list under 'keys'")
+        entries = []
+        for i, item in enumerate(data["keys"]):
+            where = f"{p}: keys[{i}]"
+            if not isinstance(item, dict):
+                raise ValueError(f"{where} is not a mapping")
+            unknown = set(item) - _FIELDS
+            if unknown:
+                raise ValueError(f"{where}: unknown fields {sorted(unknown)} (known: {sorted(_FIELDS)})")
+            key = os.environ.get(item["key_env"]) if "key_env" in item else item.get("key")
+            if not isinstance(key, str) or len(key) < 8:
+                raise ValueError(f"{where}: needs a key (or key_env naming a set variable) of at least 8 characters")
+            name = item.get("tenant")
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"{where}: needs a tenant name")
+            weight = item.get("weight", 1)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                raise ValueError(f"{where}: weight must be a number > 0")
+            ceiling = item.get("priority_ceiling", PRIORITY_MIN)
+            if isinstance(ceiling, bool) or not isinstance(ceiling, int) or not PRIORITY_MIN <= ceiling <= PRIORITY_MAX:
+                raise ValueError(f"{where}: priority_ceiling must be an integer in [{PRIORITY_MIN}, {PRIORITY_MAX}]")
+            entries.append((key, Tenant(name, float(weight), ceiling)))
+        if len({k for k, _ in entries}) != len(entries):
+            raise ValueError(f"{p}: the same key is listed twice")
+        return cls(entries)
+
+    def lookup(self, authorization: bytes) -> Tenant | None:
+        """The tenant of an ``Authorization`` header value (scheme case-insensitive); None if no
+        key matches. Every key is compared, in constant time."""
+        scheme, _, token = authorization.partition(b" ")
+        candidate = b"Bearer " + token.strip() if scheme.lower() == b"bearer" else b""
+        found = None
+        for expected, tenant in self._entries:
+            if hmac.compare_digest(candidate, expected) and found is None:
+                found = tenant
+        return found

@@ -1,0 +1,85 @@
+"""API keys naming tenants (``--keys``): the key's tenant and priority ceiling reach the engine,
+auth is strict (one header, case-insensitive scheme, ``WWW-Authenticate``), the operator's
+endpoints need a key, and no key appears in an error or a log line."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import pytest
+
+from shoal.server.tenants import KeyRing
+from tests._server_util import fast_engine, serve
+
+KEYS = """
+keys:
+  - key: sk-team-a-0123456789
+    tenant: team-a
+    priority_ceiling: 0
+  - key_env: SHOAL_TEST_KEY_B
+    tenant: team-b
+    weight: 3
+"""
+
+
+@pytest.fixture
+def keys_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHOAL_TEST_KEY_B", "sk-team-b-9876543210")
+    path = tmp_path / "keys.yaml"
+    path.write_text(KEYS)
+    return path
+
+
+@pytest.mark.parametrize("text, words", [
+    ("keys:\n  - {key: sk-0123456789, tenant: a, rate: 5}\n", "unknown fields ['rate']"),
+    ("keys:\n  - {key: short, tenant: a}\n", "at least 8 characters"),
+    ("keys:\n  - {key: sk-0123456789}\n", "needs a tenant"),
+    ("keys:\n  - {key: sk-0123456789, tenant: a}\n  - {key: sk-0123456789, tenant: b}\n", "listed twice"),
+    ("keys:\n  - {key: sk-0123456789, tenant: a, weight: 0}\n", "weight"),
+    ("keys: [\n", "not valid YAML"),
+])
+def test_a_bad_keys_file_is_refused_naming_the_problem_not_the_key(tmp_path, text, words):
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as exc:
+        KeyRing.load(path)
+    assert words in str(exc.value) and "0123456789" not in str(exc.value)
+
+
+def test_keys_name_tenants_and_cap_priorities(keys_file, caplog):
+    engine = fast_engine()
+    seen = []
+    server, backend = serve(engine, api_key=KeyRing.load(keys_file))
+    backend.step_listeners.append(lambda outs: seen.extend(o.metadata for o in outs if o.finished))
+    url = f"{server.url}/v1/completions"
+    body = {"prompt": "hi", "max_tokens": 2, "priority": -50, "user": "someone-else"}
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for key in ("sk-team-a-0123456789", "sk-team-b-9876543210"):
+                r = httpx.post(url, json=body, headers={"Authorization": f"bearer {key}"}, timeout=60)  # any case
+                assert r.status_code == 200, r.text
+            by_tenant = {m.tenant: m.priority for m in seen}
+            assert by_tenant == {"team-a": 0, "team-b": -50}  # team-a's ceiling caps it; the key beats `user`
+            for headers in ({}, {"Authorization": "Bearer sk-wrong-000000"}, {"Authorization": "sk-team-a-0123456789"}):
+                r = httpx.post(url, json=body, headers=headers, timeout=60)
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            two = httpx.post(url, json=body, timeout=60, headers=[("Authorization", "Bearer sk-team-a-0123456789"),
+                                                                  ("Authorization", "Bearer sk-wrong-000000")])
+            assert two.status_code == 401 and "More than one" in two.json()["error"]["message"]
+            for path in ("/metrics", "/tokenize", "/detokenize", "/v1/models"):
+                assert httpx.get(f"{server.url}{path}").status_code == 401, path
+            assert httpx.get(f"{server.url}/health").status_code == 200
+        assert not any("0123456789" in r.getMessage() or "9876543210" in r.getMessage() for r in caplog.records)
+    finally:
+        server.stop()
+
+
+def test_open_metrics_leaves_only_metrics_open():
+    engine = fast_engine()
+    server, _ = serve(engine, api_key="sk-single-key-123", open_metrics=True)
+    try:
+        assert httpx.get(f"{server.url}/metrics").status_code == 200
+        assert httpx.post(f"{server.url}/tokenize", json={"prompt": "hi"}).status_code == 401
+    finally:
+        server.stop()
