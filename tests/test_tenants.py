@@ -83,3 +83,55 @@ def test_open_metrics_leaves_only_metrics_open():
         assert httpx.post(f"{server.url}/tokenize", json={"prompt": "hi"}).status_code == 401
     finally:
         server.stop()
+
+
+def test_the_prefix_cache_is_shared_only_under_one_salt():
+    from shoal.engine.metadata import RequestMetadata
+    from shoal.engine.sampling_params import SamplingParams
+
+    engine = fast_engine(block_size=4)
+    ids = engine.tokenizer.encode("my account number is 4242 4242 4242 4242, keep it safe")
+    params = SamplingParams(max_tokens=1)
+
+    def cached(rid: str, salt: str | None) -> int:
+        engine.add(ids, params, req_id=rid, metadata=RequestMetadata(cache_salt=salt))
+        while engine.has_unfinished():
+            outs = [o for o in engine.step() if o.req_id == rid and o.finished]
+            if outs:
+                return outs[0].num_cached_tokens
+        raise AssertionError("no final output")
+
+    assert cached("a1", "tenant:a") == 0
+    assert cached("a2", "tenant:a") > 0  # the same tenant reuses its prompt
+    assert cached("b1", "tenant:b") == 0  # another tenant cannot see it
+    assert cached("n1", None) == 0  # nor can an unsalted request
+    engine.block_manager.check()
+
+
+def test_another_tenant_cannot_probe_a_cached_prompt(keys_file, tmp_path):
+    """The probe of the issue: tenant B guesses tenant A's secret prompt and reads the
+    prefix-cache hits; a right guess and a wrong one now look the same to B."""
+    engine = fast_engine(block_size=4)
+    server, _ = serve(engine, api_key=KeyRing.load(keys_file))
+    a = {"Authorization": "Bearer sk-team-a-0123456789"}
+    b = {"Authorization": "Bearer sk-team-b-9876543210"}
+
+    def hits(headers, prompt: str) -> float:
+        def read() -> float:
+            text = httpx.get(f"{server.url}/metrics", headers=headers).text
+            return sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith("shoal:prefix_cache_hits_total"))
+        before = read()
+        r = httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=60,
+                       json={"prompt": prompt, "max_tokens": 1})
+        assert r.status_code == 200
+        return read() - before
+
+    secret = "account 4242 4242 4242 4242 of Alice Example, branch 17"
+    try:
+        assert hits(a, secret) == 0
+        right, wrong = hits(b, secret), hits(b, "account 9999 9999 9999 9999 of Bob Example, branch 17")
+        assert right == wrong == 0
+        assert hits(a, secret) > 0  # A itself still hits its cache
+    finally:
+        server.stop()

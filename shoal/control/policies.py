@@ -59,8 +59,10 @@ class PrefixMemory:
         self.capacity = capacity
         self._where: OrderedDict[int, int] = OrderedDict()  # prefix hash -> instance id
 
-    def hashes(self, token_ids: Sequence[int]) -> list[int]:
-        return prefix_hashes(token_ids, self.block_size)
+    def hashes(self, request: "DispatchRequest") -> list[int]:
+        """The request's prefix hashes, under its cache salt as the engines hash them."""
+        salt = request.metadata.salt if request.metadata is not None else None
+        return prefix_hashes(request.prompt_token_ids, self.block_size, salt=salt)
 
     def longest(self, hashes: Sequence[int], candidates: Loads) -> tuple[int | None, int]:
         """(instance, cached tokens) of the longest known prefix on a candidate instance."""
@@ -126,7 +128,7 @@ class PrefixAware:
         self._fallback = LeastLoad()
 
     def choose(self, loads: Loads, request: DispatchRequest) -> int:
-        hashes = self.memory.hashes(request.prompt_token_ids)
+        hashes = self.memory.hashes(request)
         best = self._fallback.choose(loads, request)
         i, _ = self.memory.longest(hashes, loads)
         if i is not None:
@@ -191,7 +193,7 @@ class PredictedLatency:
                 for i, load in loads.items()}
 
     def choose(self, loads: Loads, request: DispatchRequest) -> int:
-        hashes = self.memory.hashes(request.prompt_token_ids)
+        hashes = self.memory.hashes(request)
         home, cached = self.memory.longest(hashes, loads)
         preds = self.predictions(loads, request, home, cached)
         slo = request.slo or self.slo

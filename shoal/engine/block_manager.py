@@ -34,11 +34,13 @@ def hash_block(parent: int | None, tokens: Sequence[int]) -> int:
     return int.from_bytes(hashlib.sha256(head + array("q", tokens).tobytes()).digest(), "big")
 
 
-def prefix_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int | None = None) -> list[int]:
-    """Chained hashes of the full blocks of ``token_ids`` (the first ``max_blocks`` of them)."""
+def prefix_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int | None = None,
+                  salt: int | None = None) -> list[int]:
+    """Chained hashes of the full blocks of ``token_ids`` (the first ``max_blocks`` of them), the
+    chain seeded with ``salt`` (a tenant's: its blocks then never match another tenant's)."""
     n = len(token_ids) // block_size if max_blocks is None else min(max_blocks, len(token_ids) // block_size)
     hashes: list[int] = []
-    parent: int | None = None
+    parent: int | None = salt
     for i in range(n):
         parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size])
         hashes.append(parent)
@@ -65,6 +67,7 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
+    salt: int | None = None  # seeds the hash chain: only requests of the same salt share blocks
 
 
 class BlockManager:
@@ -165,25 +168,25 @@ class BlockManager:
     def table(self, req_id: str) -> list[int]:
         return self.tables[req_id].blocks
 
-    def prefix_hashes(self, token_ids: list[int], max_blocks: int) -> list[int]:
-        """Chained hashes of the first ``max_blocks`` full blocks of ``token_ids``."""
-        key = tuple(token_ids[: min(max_blocks, len(token_ids) // self.block_size) * self.block_size])
+    def prefix_hashes(self, token_ids: list[int], max_blocks: int, salt: int | None = None) -> list[int]:
+        """Chained hashes of the first ``max_blocks`` full blocks of ``token_ids`` (seeded with ``salt``)."""
+        key = (salt, *token_ids[: min(max_blocks, len(token_ids) // self.block_size) * self.block_size])
         hashes = self._hash_memo.get(key)
         if hashes is None:
-            hashes = self._hash_memo[key] = prefix_hashes(key, self.block_size)
+            hashes = self._hash_memo[key] = prefix_hashes(key[1:], self.block_size, salt=salt)
             if len(self._hash_memo) > HASH_MEMO_SIZE:
                 self._hash_memo.popitem(last=False)
         else:
             self._hash_memo.move_to_end(key)
         return list(hashes)
 
-    def cached_prefix(self, token_ids: list[int]) -> list[int]:
-        """Device blocks holding the longest cached prefix of ``token_ids``, leaving at least one
-        token to compute (its logits are needed)."""
+    def cached_prefix(self, token_ids: list[int], salt: int | None = None) -> list[int]:
+        """Device blocks holding the longest cached prefix of ``token_ids`` under ``salt``, leaving
+        at least one token to compute (its logits are needed)."""
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        for h in self.prefix_hashes(token_ids, (len(token_ids) - 1) // self.block_size):
+        for h in self.prefix_hashes(token_ids, (len(token_ids) - 1) // self.block_size, salt):
             bid = self._hash_to_block.get(h)
             if bid is None:
                 break
@@ -195,23 +198,23 @@ class BlockManager:
         reused_free = sum(1 for b in hits if not self.blocks[b].used)
         return max(0, self.blocks_needed(num_tokens) - len(hits)) + reused_free
 
-    def can_allocate(self, token_ids: list[int], num_tokens: int, reserve: int = 0) -> bool:
+    def can_allocate(self, token_ids: list[int], num_tokens: int, reserve: int = 0, salt: int | None = None) -> bool:
         """Whether a new request can get blocks for its first ``num_tokens`` tokens, keeping
         ``reserve`` blocks free."""
-        return self._free_blocks_taken(self.cached_prefix(token_ids), num_tokens) + reserve <= self.num_free
+        return self._free_blocks_taken(self.cached_prefix(token_ids, salt), num_tokens) + reserve <= self.num_free
 
-    def allocate(self, req_id: str, token_ids: list[int], num_tokens: int) -> int:
+    def allocate(self, req_id: str, token_ids: list[int], num_tokens: int, salt: int | None = None) -> int:
         """Give a new request blocks for its first ``num_tokens`` tokens, reusing cached prefix
         blocks. Returns how many leading tokens are already computed (prefix-cache hit). Raises
         NoFreeBlocks, changing nothing, when there is no room."""
         assert req_id not in self.tables, f"{req_id} already has blocks"
-        hits = self.cached_prefix(token_ids)
+        hits = self.cached_prefix(token_ids, salt)
         need = self._free_blocks_taken(hits, num_tokens)
         if need > self.num_free:
             raise NoFreeBlocks(f"{req_id} needs {need} blocks, {self.num_free} free")
         self.prefix_queries += len(token_ids)
         self.prefix_hits += len(hits) * self.block_size
-        table = BlockTable()
+        table = BlockTable(salt=salt)
         for bid in hits:
             self._acquire(bid)
             table.blocks.append(bid)
@@ -248,7 +251,7 @@ class BlockManager:
         table = self.tables[req_id]
         bs = self.block_size
         full = min(num_computed // bs, len(table.blocks))
-        parent = table.hashes[-1] if table.hashes else None
+        parent = table.hashes[-1] if table.hashes else table.salt
         for i in range(len(table.hashes), full):
             parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
             table.hashes.append(parent)

@@ -481,6 +481,7 @@ class EngineCore:
             if not staged:
                 bm.allocate(req.req_id, [], 0)
             blocks = bm.ensure_slots(req.req_id, state.num_computed_tokens)
+            bm.tables[req.req_id].salt = req.cache_salt  # its blocks join the prefix cache under its own salt
             try:
                 self.executor.write_kv(blocks, state.kv)
             except Exception:

@@ -29,18 +29,34 @@ class RequestMetadata:
     """``priority``: lower runs first. ``tenant``: who the request is for (OpenAI's ``user``).
     ``session_id``: the conversation or agent program it belongs to (affinity, KV reuse).
     ``slo``: its latency objectives; with deadline admission its first token is due
-    ``slo.ttft_s`` after arrival."""
+    ``slo.ttft_s`` after arrival. ``cache_salt``: the prefix cache shares KV only between
+    requests with the same salt (one tenant's cached prompt is invisible to another's)."""
 
     priority: int = 0
     tenant: str | None = None
     session_id: str | None = None
     slo: SLO | None = None
+    cache_salt: str | None = None
+
+    @property
+    def salt(self) -> int | None:
+        """``cache_salt`` as the seed of the prefix-cache hash chain."""
+        return salt_seed(self.cache_salt)
 
     def __post_init__(self) -> None:
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise TypeError(f"priority must be an integer, got {self.priority!r}")
         if not PRIORITY_MIN <= self.priority <= PRIORITY_MAX:
             raise ValueError(f"priority must be in [{PRIORITY_MIN}, {PRIORITY_MAX}], got {self.priority}")
+
+
+def salt_seed(cache_salt: str | None) -> int | None:
+    """The hash-chain seed of a cache salt (None: unsalted)."""
+    if cache_salt is None:
+        return None
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(b"shoal-cache-salt\0" + cache_salt.encode()).digest(), "big")
 
 
 def with_slo(metadata: RequestMetadata | None, slo: SLO | None) -> RequestMetadata:

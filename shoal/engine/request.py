@@ -54,6 +54,11 @@ class Request:
     finished_time: float | None = None
 
     @property
+    def cache_salt(self) -> int | None:
+        """The seed of this request's prefix-cache hash chain (its metadata's ``cache_salt``)."""
+        return None if self.metadata is None else self.metadata.salt
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 

@@ -189,14 +189,14 @@ class Scheduler:
                 plan.swap_in.extend(self.bm.swap_in(req.req_id))
                 self.swapped.remove(req)
             else:
-                tokens = req.all_token_ids
-                cached = self._cached_tokens(tokens)
+                tokens, salt = req.all_token_ids, req.cache_salt
+                cached = len(self.bm.cached_prefix(tokens, salt)) * self.bm.block_size
                 n = self._chunk_tokens(plan, cached, min(req.num_tokens - cached, budget))
                 if n == 0:
                     return
-                if not self._make_room(req, lambda: self.bm.can_allocate(tokens, cached + n, self._watermark()), plan):
+                if not self._make_room(req, lambda: self.bm.can_allocate(tokens, cached + n, self._watermark(), salt), plan):
                     return
-                req.num_computed_tokens = self.bm.allocate(req.req_id, tokens, cached + n)
+                req.num_computed_tokens = self.bm.allocate(req.req_id, tokens, cached + n, salt)
                 if req.num_preemptions == 0:
                     req.num_cached_tokens = req.num_computed_tokens
                 self.waiting.remove(req)
@@ -215,9 +215,6 @@ class Scheduler:
         """Blocks kept free when admitting; none while nothing runs, so that a request which
         needs every block can still start."""
         return self.config.watermark_blocks if self.running else 0
-
-    def _cached_tokens(self, token_ids: list[int]) -> int:
-        return len(self.bm.cached_prefix(token_ids)) * self.bm.block_size
 
     def _make_room(self, req: Request, fits: Callable[[], bool], plan: StepPlan) -> bool:
         """Make ``fits()`` true for an arriving request by preempting strictly lower-priority

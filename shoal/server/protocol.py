@@ -170,6 +170,8 @@ class _SamplingRequest(_Body):
     priority: Int(PRIORITY_MIN, PRIORITY_MAX, description="Lower runs first.") = 0
     session_id: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
         None, description="Keeps a conversation on the instance holding its KV (or the X-Session-Id header).")
+    cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        None, description="Share prefix-cache KV only with requests of the same salt (vLLM's field).")
     structured_outputs: StructuredOutputsBody | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None

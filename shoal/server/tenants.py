@@ -5,8 +5,11 @@
         tenant: team-a
         weight: 1                 # its share under fair scheduling (kept for the scheduler)
         priority_ceiling: 0       # the best (lowest) priority its requests may ask for
+        cache_group: shared       # optional: share prefix-cache blocks with the tenants of this group
 
-A request's key names its tenant (the ``user`` field then does not) and caps its ``priority``.
+A request's key names its tenant (the ``user`` field then does not) and caps its ``priority``;
+its prompts are cached under its tenant's salt, so no tenant can probe another's cached prompts
+(by ``prefix_cache_hits`` or by TTFT) unless the keys file puts them in one ``cache_group``.
 Keys are compared in constant time against every key, and never logged.
 """
 
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN
 
-_FIELDS = {"key", "key_env", "tenant", "weight", "priority_ceiling"}
+_FIELDS = {"key", "key_env", "tenant", "weight", "priority_ceiling", "cache_group"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,12 @@ class Tenant:
     name: str | None  # None: the single --api-key, whose requests name their tenant with `user`
     weight: float = 1.0
     priority_ceiling: int = PRIORITY_MIN
+    cache_group: str | None = None  # tenants of one group share prefix-cache blocks (default: the tenant alone)
+
+    @property
+    def cache_salt(self) -> str | None:
+        """The prefix-cache salt of this tenant's requests (None for the single --api-key)."""
+        return None if self.name is None else (self.cache_group or f"tenant:{self.name}")
 
     def cap(self, priority: int) -> int:
         """``priority``, no better than this tenant may ask for."""
@@ -85,7 +94,10 @@ class KeyRing:
             ceiling = item.get("priority_ceiling", PRIORITY_MIN)
             if isinstance(ceiling, bool) or not isinstance(ceiling, int) or not PRIORITY_MIN <= ceiling <= PRIORITY_MAX:
                 raise ValueError(f"{where}: priority_ceiling must be an integer in [{PRIORITY_MIN}, {PRIORITY_MAX}]")
-            entries.append((key, Tenant(name, float(weight), ceiling)))
+            group = item.get("cache_group")
+            if group is not None and (not isinstance(group, str) or not group):
+                raise ValueError(f"{where}: cache_group must be a non-empty string")
+            entries.append((key, Tenant(name, float(weight), ceiling, None if group is None else f"group:{group}")))
         if len({k for k, _ in entries}) != len(entries):
             raise ValueError(f"{p}: the same key is listed twice")
         return cls(entries)
