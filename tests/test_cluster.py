@@ -370,7 +370,9 @@ def test_instance_runs_calls_between_steps(cluster_config):
         for _ in range(20):
             before = steps[0]
             assert inst.check()["requests"] == 1  # a call is served between two steps
-            assert steps[0] - before <= 1
+            # at most the step in flight when the call was queued, and one that ended between
+            # reading `before` and queueing it (that race is the test's, not the instance's)
+            assert steps[0] - before <= 2
         with pytest.raises(ValueError):
             inst.add([], LONG, "empty")
         assert inst.check()["requests"] == 1
