@@ -61,6 +61,13 @@ def test_keys_name_tenants_and_cap_priorities(keys_file, caplog):
                 assert r.status_code == 200, r.text
             by_tenant = {m.tenant: m.priority for m in seen}
             assert by_tenant == {"team-a": 0, "team-b": -50}  # team-a's ceiling caps it; the key beats `user`
+            text = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer sk-team-a-0123456789"}).text
+            series = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("shoal:tenant_")}
+            for tenant in ("team-a", "team-b"):
+                assert series[f'shoal:tenant_generation_tokens_total{{model_name="smollm2-test",tenant="{tenant}"}}'] == 2
+                assert series[f'shoal:tenant_requests_total{{finished_reason="length",model_name="smollm2-test",tenant="{tenant}"}}'] == 1
+                assert series[f'shoal:tenant_time_to_first_token_seconds_count{{model_name="smollm2-test",tenant="{tenant}"}}'] == 1
             for headers in ({}, {"Authorization": "Bearer sk-wrong-000000"}, {"Authorization": "sk-team-a-0123456789"}):
                 r = httpx.post(url, json=body, headers=headers, timeout=60)
                 assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"

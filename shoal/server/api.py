@@ -291,6 +291,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
         try:
             return await engine.submit(prompt_ids, params, req_id, metadata)
         except QueueFull as exc:
+            metrics.observe_rejection(metadata.tenant)
             raise APIError(429, f"Server busy: {exc}. Retry later.", "RateLimitError",
                            headers={"Retry-After": "1"}) from exc
         except ValueError as exc:
@@ -363,6 +364,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
     def failed(out: RequestOutput) -> None:
         if out.finish_reason is not None and out.finish_reason.value == "error":
             if out.error == SHED_ERROR:  # a request of better priority took its place in the full queue
+                metrics.observe_rejection(out.metadata.tenant if out.metadata is not None else None)
                 raise APIError(429, f"Server busy: {SHED_ERROR}.", "RateLimitError", headers={"Retry-After": "1"})
             if not lifecycle.accepting:  # cut by a shutdown whose drain timed out
                 raise APIError(503, out.error or "shutting down", "ServiceUnavailableError",

@@ -7,6 +7,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shoal.engine.outputs import InstanceLoad, RequestOutput
 
+MAX_TENANT_LABELS = 64
+"""Distinct tenants given their own label; later ones share ``other`` (without a keys file the
+client names its tenant with ``user``, and an unbounded label set would grow /metrics forever)."""
+
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
 
@@ -43,6 +47,31 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.")
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.")
         self._seen_queries = self._seen_hits = self._seen_preemptions = self._seen_restarts = 0
+        tenant = ["model_name", "tenant"]
+        self.tenant_requests = Counter("shoal:tenant_requests", "Requests ended, by tenant and finish reason.",
+                                       tenant + ["finished_reason"], registry=r)
+        self.tenant_prompt_tokens = Counter("shoal:tenant_prompt_tokens", "Prompt tokens of finished requests, by tenant.",
+                                            tenant, registry=r)
+        self.tenant_generation_tokens = Counter("shoal:tenant_generation_tokens", "Generated tokens, by tenant.",
+                                                tenant, registry=r)
+        self.tenant_rejections = Counter("shoal:tenant_rejections", "Requests answered 429, by tenant.", tenant, registry=r)
+        self.tenant_ttft = Histogram("shoal:tenant_time_to_first_token_seconds", "Time to first token, by tenant.",
+                                     tenant, buckets=_LATENCY_BUCKETS, registry=r)
+        self.tenant_queue_time = Histogram("shoal:tenant_request_queue_time_seconds", "Arrival to first scheduled, by tenant.",
+                                           tenant, buckets=_LATENCY_BUCKETS, registry=r)
+        self._tenants: set[str] = set()
+
+    def tenant_label(self, tenant: str | None) -> str:
+        """The ``tenant`` label of a request's tenant (``default`` for none; ``other`` past the cap)."""
+        name = tenant or "default"
+        if name not in self._tenants:
+            if len(self._tenants) >= MAX_TENANT_LABELS:
+                return "other"
+            self._tenants.add(name)
+        return name
+
+    def observe_rejection(self, tenant: str | None) -> None:
+        self._l(self.tenant_rejections, tenant=self.tenant_label(tenant)).inc()
 
     def _l(self, metric, **extra):
         return metric.labels(model_name=self.model_name, **extra)
@@ -63,16 +92,22 @@ class ServerMetrics:
 
     def observe_output(self, out: RequestOutput, now: float, last_token_time: float | None) -> None:
         """Account one engine output; ``last_token_time`` is when this request's previous token came."""
+        tenant = self.tenant_label(out.metadata.tenant if out.metadata is not None else None)
         if out.new_token_ids:
             self._l(self.generation_tokens).inc(len(out.new_token_ids))
+            self._l(self.tenant_generation_tokens, tenant=tenant).inc(len(out.new_token_ids))
             if last_token_time is None:
                 self._l(self.ttft).observe(now - out.arrival_time)
+                self._l(self.tenant_ttft, tenant=tenant).observe(now - out.arrival_time)
                 if out.first_scheduled_time is not None:
                     self._l(self.queue_time).observe(out.first_scheduled_time - out.arrival_time)
+                    self._l(self.tenant_queue_time, tenant=tenant).observe(out.first_scheduled_time - out.arrival_time)
             else:
                 self._l(self.itl).observe(now - last_token_time)
         if out.finished:
             self._l(self.prompt_tokens).inc(out.num_prompt_tokens)
             reason = out.finish_reason.value if out.finish_reason else "unknown"
             self._l(self.success, finished_reason=reason).inc()
+            self._l(self.tenant_requests, tenant=tenant, finished_reason=reason).inc()
+            self._l(self.tenant_prompt_tokens, tenant=tenant).inc(out.num_prompt_tokens)
             self._l(self.e2e).observe(now - out.arrival_time)
