@@ -8,6 +8,7 @@ scheduler decides from it; the engine orders admission by it and hands it back o
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN
 
@@ -38,9 +39,10 @@ class RequestMetadata:
     slo: SLO | None = None
     cache_salt: str | None = None
 
-    @property
+    @cached_property
     def salt(self) -> int | None:
-        """``cache_salt`` as the seed of the prefix-cache hash chain."""
+        """``cache_salt`` as the seed of the prefix-cache hash chain (hashed once: the scheduler
+        asks on every admission attempt)."""
         return salt_seed(self.cache_salt)
 
     def __post_init__(self) -> None:

@@ -510,8 +510,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
             return sse_event({"id": base, "object": "chat.completion.chunk", "created": created,
                               "model": model_name, "choices": choices, **extra})
 
-        def finish(out: RequestOutput, called: bool) -> str | None:
-            r = reason(out)
+        def finish(r: str | None, called: bool) -> str | None:
+            """OpenAI's finish reason: ``tool_calls`` for an answer that stopped on its calls."""
             return "tool_calls" if r == "stop" and called else r
 
         if req.stream:
@@ -534,7 +534,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
                     if not delta and not out.finished and logprobs is None:
                         continue  # text held back while it may still become a tool call
                     yield chunk([{"index": i, "delta": delta, "logprobs": lp_content([out]),
-                                  "finish_reason": finish(out, bool(calls[i].calls))}],
+                                  "finish_reason": finish(reason(out), bool(calls[i].calls))}],
                                 **({"usage": usage(len(ids), completion_tokens)} if live_usage else {}))
                 else:
                     if req.stream_options and req.stream_options.include_usage:
@@ -553,8 +553,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
         choices, completion_tokens = await complete(request, streams, lambda i, outs: {
             "message": message(outs), "logprobs": lp_content(outs)})
         for c in choices:
-            if c["finish_reason"] == "stop" and c["message"].get("tool_calls"):
-                c["finish_reason"] = "tool_calls"
+            c["finish_reason"] = finish(c["finish_reason"], "tool_calls" in c["message"])
         return {"id": base, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": choices, "usage": usage(len(ids), completion_tokens)}
 
