@@ -89,6 +89,7 @@ def serve(
     slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms", help="TPOT objective (dispatch; the step time limit of --token-budget slo)"),
     token_budget: str = typer.Option("fixed", "--token-budget", help="fixed | slo: also cut prefill chunks so a step with decodes stays within the TPOT SLO"),
     admission: str = typer.Option("fcfs", "--admission", help="fcfs | deadline: at equal priority, admit requests within the TTFT SLO first"),
+    scheduling_policy: str = typer.Option("vtc", "--scheduling-policy", help="fcfs | priority | vtc: admission and preemption order (vtc: priority, then weighted fair share between tenants)"),
     cost_model: Optional[str] = typer.Option(None, "--cost-model", help="Profile JSON timing this machine's steps (default: the committed SmolLM2-on-CPU one)"),
     instance_threads: Optional[str] = typer.Option(None, "--instance-threads", help="Comma-separated CPU threads per instance (a heterogeneous cluster)"),
     autoscale_max: Optional[int] = typer.Option(None, "--autoscale-max", help="Enable autoscaling up to this many instances"),
@@ -135,6 +136,7 @@ def serve(
         config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                               kv_cache_gb=kv_cache_gb, num_threads=num_threads, admission=admission,
+                              scheduling_policy=scheduling_policy,
                               step_time_limit_s=slo.tpot_s if token_budget == "slo" else None, cost_model=cost_model)
     name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
     if instances > 1 or ray_address or autoscale_max:
@@ -228,6 +230,7 @@ def bench_serve(
     max_context: Optional[int] = typer.Option(None, "--max-context", help="Clip trace requests to this many tokens (default: the server's max_model_len if it says, else 2048)"),
     prefix_groups: int = typer.Option(0, "--prefix-groups", help="Put requests in this many groups sharing a prompt prefix (system prompts, conversations); 0: none"),
     prefix_len: int = typer.Option(256, "--prefix-len", help="Tokens each prefix group shares"),
+    tenants: Optional[str] = typer.Option(None, "--tenants", help="Tenant mix by share of the arrivals, e.g. heavy=10,light=1 (sent as `user`)"),
     slo_ttft_ms: float = typer.Option(1000.0, "--slo-ttft-ms"),
     slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms"),
     model: Optional[str] = typer.Option(None, "--model", help="Model name to send (default: the server's first)"),
@@ -253,7 +256,7 @@ def bench_serve(
         except (httpx.HTTPError, KeyError, IndexError, ValueError):
             max_context = 2048
     wl = _build_workload(workload, rate, burstiness, concurrency, time_scale, trace_start, num_requests,
-                         prompt_len, output_len, max_context, seed, prefix_groups, prefix_len)
+                         prompt_len, output_len, max_context, seed, prefix_groups, prefix_len, tenants)
     tok = load_tokenizer(tokenizer or default_model_path())
     records, queue, duration = asyncio.run(run_workload(
         url, wl, tok, model=model, concurrency=concurrency, max_duration_s=max_duration, api_key=api_key))
@@ -266,7 +269,8 @@ def bench_serve(
 
 def _build_workload(workload: str, rate: float, burstiness: float, concurrency: Optional[int], time_scale: float,
                     trace_start: float, num_requests: int, prompt_len: int, output_len: int,
-                    max_context: Optional[int], seed: int, prefix_groups: int = 0, prefix_len: int = 0):
+                    max_context: Optional[int], seed: int, prefix_groups: int = 0, prefix_len: int = 0,
+                    tenants: Optional[str] = None, tenant_weights: Optional[str] = None):
     from shoal.bench import workloads
 
     try:
@@ -277,7 +281,14 @@ def _build_workload(workload: str, rate: float, burstiness: float, concurrency: 
             wl = workloads.closed_loop(num_requests, concurrency, prompt_len, output_len)
         else:
             wl = workloads.synthetic(workload, num_requests, rate, prompt_len, output_len, burstiness, seed)
-        return workloads.with_prefix_groups(wl, prefix_groups, prefix_len, seed) if prefix_groups else wl
+        if prefix_groups:
+            wl = workloads.with_prefix_groups(wl, prefix_groups, prefix_len, seed)
+        if tenant_weights and not tenants:
+            raise ValueError("--tenant-weights needs --tenants")
+        if tenants:
+            weights = workloads.parse_shares(tenant_weights, "--tenant-weights") if tenant_weights else None
+            wl = workloads.with_tenants(wl, workloads.parse_shares(tenants, "--tenants"), weights, seed)
+        return wl
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 
@@ -323,6 +334,9 @@ def sim(
     speeds: Optional[str] = typer.Option(None, "--speeds", help="Per-instance speed relative to the cost model, e.g. 8x1,8x0.5 (default: all 1)"),
     token_budget: str = typer.Option("fixed", "--token-budget", help="fixed: --max-num-batched-tokens per step | slo: also cut prefill chunks so a step with decodes stays within the TPOT SLO"),
     admission: str = typer.Option("fcfs", "--admission", help="fcfs | deadline: at equal priority, admit requests still within the TTFT SLO before late ones"),
+    scheduling_policy: str = typer.Option("vtc", "--scheduling-policy", help="fcfs | priority | vtc (as in serve)"),
+    tenants: Optional[str] = typer.Option(None, "--tenants", help="Tenant mix by share of the arrivals, e.g. heavy=10,light=1"),
+    tenant_weights: Optional[str] = typer.Option(None, "--tenant-weights", help="Fair-share weights of the --tenants, e.g. gold=3,bronze=1 (default 1)"),
     link_gbps: float = typer.Option(10.0, "--link-gbps", help="Bandwidth of KV copies between instances, Gbit/s"),
     link_latency_ms: float = typer.Option(1.0, "--link-latency-ms", help="Fixed time per KV copy"),
     num_blocks: int = typer.Option(2800, "--num-blocks", help="KV blocks per instance"),
@@ -364,7 +378,7 @@ def sim(
             cost_model=cm, speeds=parse_speeds(speeds, instances), dispatch=dispatch.replace("-", "_"),
             migration=migration, roles=check_roles(roles.split(",") if roles else None, instances),
             slo=SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3), slo_steps=token_budget == "slo",
-            deadlines=admission == "deadline", num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+            deadlines=admission == "deadline", scheduling_policy=scheduling_policy, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, link_gbps=link_gbps, link_latency_ms=link_latency_ms, seed=seed)
         setup.check()
     except ValueError as exc:
@@ -372,7 +386,7 @@ def sim(
 
     def build(ts: float):
         return _build_workload(workload, rate, burstiness, None, ts, trace_start, num_requests, prompt_len,
-                               output_len, max_context, seed, prefix_groups, prefix_len)
+                               output_len, max_context, seed, prefix_groups, prefix_len, tenants, tenant_weights)
 
     if capacity is not None:
         from shoal.sim.capacity import find_capacity

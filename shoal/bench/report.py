@@ -28,6 +28,7 @@ class RequestRecord:
     output_tokens: int = 0
     token_times_s: list[float] = field(default_factory=list)
     error: str | None = None
+    tenant: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -91,12 +92,34 @@ def summarize(records: list[RequestRecord], workload: dict, slo_ttft_ms: float, 
         "slo_attainment": len(good) / len(records) if records else 0.0,
         "workload": workload,
     }
+    if any(r.tenant is not None for r in records):
+        result["tenants"] = per_tenant(records)
     errors = sorted({r.error for r in records if r.error})
     if errors:
         result["errors"] = errors[:10]
     if extra:
         result.update(extra)
     return result
+
+
+def per_tenant(records: list[RequestRecord]) -> dict[str, dict]:
+    """Each tenant's requests, failures, TTFT and E2E, and the tokens it was served while every
+    tenant was still sending (up to the earliest last arrival): under saturation, the fair-share
+    split."""
+    groups: dict[str, list[RequestRecord]] = {}
+    for r in records:
+        groups.setdefault(str(r.tenant), []).append(r)
+    window = min(max(r.arrival_s for r in rs) for rs in groups.values())
+    out = {}
+    for name, rs in sorted(groups.items()):
+        ok = [r for r in rs if r.ok]
+        served = sum(r.prompt_len for r in rs if r.first_token_s is not None and r.first_token_s <= window) + \
+            sum(1 for r in rs for t in r.token_times_s if t <= window)
+        out[name] = {"num_requests": len(rs), "completed": len(ok), "failed": len(rs) - len(ok),
+                     "ttft_ms": stats([r.ttft for r in ok]), "e2e_ms": stats([r.e2e for r in ok]),
+                     "output_tokens": sum(r.output_tokens for r in ok),
+                     "tokens_served_while_all_send": served}
+    return {"window_s": window, "by_tenant": out}
 
 
 def write(out_dir: Path, result: dict, records: list[RequestRecord],

@@ -31,6 +31,8 @@ async def discover_model(client: httpx.AsyncClient, url: str) -> str:
 async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, rec: RequestRecord, t0: float) -> None:
     body = {"model": model, "prompt": prompt, "max_tokens": rec.output_len, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if rec.tenant is not None:
+        body["user"] = rec.tenant  # names the tenant on a server without a keys file
     rec.start_s = time.perf_counter() - t0
     chunks = 0
     usage_tokens = None
@@ -103,7 +105,7 @@ async def run_workload(
     maker = PromptMaker(tokenizer)
     groups: dict[int, list[int]] = {}
     prompts = [tokenizer.decode(maker.for_request(r, i, groups)) for i, r in enumerate(workload.requests)]
-    records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len) for r in workload.requests]
+    records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len, tenant=r.tenant) for r in workload.requests]
     queue_samples: list[tuple[float, float]] = []
     async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits, headers=headers) as client:
         model = model or await discover_model(client, url)

@@ -6,7 +6,7 @@ Shared by ``shoal bench serve`` (real server) and the simulator, so both replay 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,8 @@ class RequestSpec:
     output_len: int
     prefix_group: int | None = None  # requests of one group share their first ``prefix_len`` tokens
     prefix_len: int = 0
+    tenant: str | None = None  # who sends it (``user`` over HTTP)
+    weight: float = 1.0  # its tenant's fair-share weight (a keys file's, on a real server)
 
 
 @dataclass
@@ -77,9 +79,43 @@ def with_prefix_groups(workload: Workload, groups: int, prefix_len: int, seed: i
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, groups + 1)
     picks = rng.choice(groups, size=len(workload.requests), p=weights / weights.sum())
-    reqs = [RequestSpec(r.arrival_s, r.prompt_len, r.output_len, int(g), min(prefix_len, r.prompt_len - 1))
+    reqs = [replace(r, prefix_group=int(g), prefix_len=min(prefix_len, r.prompt_len - 1))
             for r, g in zip(workload.requests, picks)]
     return Workload(workload.kind, reqs, {**workload.description, "prefix_groups": groups, "prefix_len": prefix_len})
+
+
+def parse_shares(text: str, what: str) -> dict[str, float]:
+    """``"heavy=10,light=1"`` as ``{"heavy": 10.0, "light": 1.0}``; ValueError naming ``what``."""
+    shares: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.strip().partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not sep or not name or not number > 0 or number == float("inf") or name in shares:
+            raise ValueError(f"{what}: expected NAME=NUMBER pairs (numbers > 0, names once), got {part.strip()!r}")
+        shares[name] = number
+    return shares
+
+
+def with_tenants(workload: Workload, shares: dict[str, float], weights: dict[str, float] | None = None,
+                 seed: int = 0) -> Workload:
+    """The same arrivals, each sent by a tenant drawn in proportion to ``shares`` (splitting a
+    Poisson stream this way gives each tenant a Poisson stream of its share of the rate), with its
+    fair-share weight from ``weights`` (default 1)."""
+    weights = weights or {}
+    unknown = set(weights) - set(shares)
+    if unknown:
+        raise ValueError(f"tenant weights name tenants with no share: {sorted(unknown)}")
+    names = list(shares)
+    p = np.array([shares[n] for n in names], dtype=np.float64)
+    picks = np.random.default_rng(seed + 1).choice(len(names), size=len(workload.requests), p=p / p.sum())
+    reqs = [replace(r, tenant=names[k], weight=weights.get(names[k], 1.0)) for r, k in zip(workload.requests, picks)]
+    desc = {**workload.description, "tenants": shares}
+    if weights:
+        desc["tenant_weights"] = weights
+    return Workload(workload.kind, reqs, desc)
 
 
 def closed_loop(num_requests: int, concurrency: int, prompt_len: int, output_len: int) -> Workload:

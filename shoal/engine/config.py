@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shoal.engine.scheduler import ADMISSION_ORDERS
+from shoal.engine.scheduler import ADMISSION_ORDERS, SCHEDULING_POLICIES
 from shoal.model.linear import cpu_has_bf16
 
 
@@ -32,6 +32,8 @@ class EngineConfig:
     skip_tokenizer: bool = False  # token ids in, token ids out (no text)
     num_threads: int | None = None  # torch CPU threads; None = torch's default
     admission: str = "fcfs"  # fcfs | deadline (SchedulerConfig.admission)
+    scheduling_policy: str = "vtc"  # fcfs | priority | vtc (SchedulerConfig.policy)
+    fair_preempt_tokens: float | None = 2048  # SchedulerConfig.fair_preempt_tokens
     step_time_limit_s: float | None = None  # SLO-sized steps: a step with decodes stays within this
     cost_model: str | None = None  # the profile JSON that times steps (default: the committed one)
 
@@ -43,6 +45,8 @@ class EngineConfig:
             raise ValueError(f"num_threads must be None or an integer >= 1, got {self.num_threads!r}")
         if self.admission not in ADMISSION_ORDERS:
             raise ValueError(f"admission must be one of {', '.join(ADMISSION_ORDERS)}, got {self.admission!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
         if self.step_time_limit_s is not None and not self.step_time_limit_s > 0:
             raise ValueError(f"step_time_limit_s must be positive, got {self.step_time_limit_s}")
         if self.preemption_mode not in ("auto", "swap", "recompute"):

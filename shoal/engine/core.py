@@ -187,6 +187,8 @@ class EngineCore:
         self.block_manager.prefix_queries, self.block_manager.prefix_hits = bm.prefix_queries, bm.prefix_hits
         self.scheduler = Scheduler(sched.config, self.block_manager)
         self.scheduler.num_preemptions = sched.num_preemptions
+        self.scheduler.fair = sched.fair  # tenants' service so far still counts
+        self.scheduler.num_swapped_out_blocks = sched.num_swapped_out_blocks
         self.num_restarts += 1
         self.requests.clear()
         self._sampling.clear()

@@ -80,6 +80,8 @@ class Engine(EngineCore):
             ),
             priority_aging_s=config.priority_aging_s,
             admission=config.admission,
+            policy=config.scheduling_policy,
+            fair_preempt_tokens=config.fair_preempt_tokens,
             step_time_budget=None if config.step_time_limit_s is None else StepTimeBudget(
                 instance_cost_model(config.cost_model, config.num_threads or torch.get_num_threads()),
                 config.step_time_limit_s),

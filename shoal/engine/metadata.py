@@ -31,13 +31,16 @@ class RequestMetadata:
     ``session_id``: the conversation or agent program it belongs to (affinity, KV reuse).
     ``slo``: its latency objectives; with deadline admission its first token is due
     ``slo.ttft_s`` after arrival. ``cache_salt``: the prefix cache shares KV only between
-    requests with the same salt (one tenant's cached prompt is invisible to another's)."""
+    requests with the same salt (one tenant's cached prompt is invisible to another's).
+    ``weight``: the tenant's share under fair (VTC) scheduling; a tenant of weight 3 is served three
+    times the tokens of one of weight 1 while both are backlogged."""
 
     priority: int = 0
     tenant: str | None = None
     session_id: str | None = None
     slo: SLO | None = None
     cache_salt: str | None = None
+    weight: float = 1.0
 
     @cached_property
     def salt(self) -> int | None:
@@ -50,6 +53,8 @@ class RequestMetadata:
             raise TypeError(f"priority must be an integer, got {self.priority!r}")
         if not PRIORITY_MIN <= self.priority <= PRIORITY_MAX:
             raise ValueError(f"priority must be in [{PRIORITY_MIN}, {PRIORITY_MAX}], got {self.priority}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0 < self.weight < float("inf"):
+            raise ValueError(f"weight must be a finite number > 0, got {self.weight!r}")
 
 
 def salt_seed(cache_salt: str | None) -> int | None:

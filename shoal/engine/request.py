@@ -59,6 +59,15 @@ class Request:
         return None if self.metadata is None else self.metadata.salt
 
     @property
+    def tenant(self) -> str | None:
+        return None if self.metadata is None else self.metadata.tenant
+
+    @property
+    def weight(self) -> float:
+        """The tenant's share under fair scheduling."""
+        return 1.0 if self.metadata is None else self.metadata.weight
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 

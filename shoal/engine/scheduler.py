@@ -2,25 +2,35 @@
 
 It returns a :class:`StepPlan` (plain data); the model runner, or the simulator's cost model,
 executes it. One token budget per step is spent on running decodes first, then on prefill chunks
-(chunked prefill: a long prompt never stalls the decodes). When KV blocks run out, the
-lowest-priority, latest-arrived running request is preempted, by swap or by recompute as the cost
-model says; a request of strictly better priority also preempts one when ``max_num_seqs`` are
-running. A preempted request keeps its priority and arrival time, so it is re-admitted in the same
-order as before. Nothing here reads a clock: ``now`` is handed in.
+(chunked prefill: a long prompt never stalls the decodes).
+
+Admission order is the scheduling policy's: ``fcfs`` by arrival alone; ``priority`` by priority,
+then arrival; ``vtc`` by priority, then the tenant's virtual token counter (weighted fair share,
+:mod:`shoal.engine.fair_share`), then arrival. When KV blocks run out, the running request that
+order ranks last is preempted, by swap or by recompute as the cost model says. A waiting request
+also preempts a running one it outranks, for KV or for a slot when ``max_num_seqs`` are running:
+one of strictly worse priority, or under ``vtc`` one of the same priority whose tenant is ahead by
+more than ``fair_preempt_tokens`` or holding more than its weighted share of the slots while the
+waiting one's holds less (FastSwitch's preemption-driven fairness). A preempted request
+keeps its priority and arrival time, so it is re-admitted in the same order as before. Nothing here
+reads a clock: ``now`` is handed in.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
 from shoal.engine.block_manager import BlockManager
+from shoal.engine.fair_share import VirtualTokenCounter
 from shoal.engine.preemption import PreemptionCost, PreemptionMode, pick_victim
 from shoal.engine.request import Request, Status
 from shoal.engine.step_budget import StepTimeBudget
 
 
 ADMISSION_ORDERS = ("fcfs", "deadline")
+SCHEDULING_POLICIES = ("fcfs", "priority", "vtc")
 
 
 @dataclass(frozen=True)
@@ -41,10 +51,24 @@ class SchedulerConfig:
     step_time_budget: StepTimeBudget | None = None
     """If set, prefill chunks are also cut to keep a step with decodes within its time limit
     (Sarathi-Serve's SLO-sized budget); ``max_num_batched_tokens`` still caps every step."""
+    policy: str = "vtc"
+    """``fcfs`` (priorities ignored), ``priority``, or ``vtc`` (priority, then weighted fair share
+    between tenants; with a single tenant the same as ``priority``)."""
+    fair_preempt_tokens: float | None = 2048
+    """Under ``vtc``: a waiting request preempts a running one of the same priority when the running
+    one's tenant has received this many (weighted) tokens more than its own, or holds more than its
+    weighted share of the ``max_num_seqs`` slots while its own holds less; None: never."""
+    urgent_slack_s: float | None = None
+    """Under deadline admission: a request whose first token is due within this many seconds (and
+    not yet overdue) is admitted one priority level ahead (HexGen-Text2SQL's urgency)."""
+    vtc_output_weight: float = 1.0
+    """The price of one output token in the tenants' counters, against 1 for a prompt token."""
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_ORDERS:
             raise ValueError(f"admission must be one of {', '.join(ADMISSION_ORDERS)}, got {self.admission!r}")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.policy!r}")
 
 
 @dataclass(frozen=True)
@@ -99,10 +123,14 @@ class Scheduler:
         self.running: list[Request] = []
         self.swapped: list[Request] = []
         self.num_preemptions = 0
+        self.num_swapped_out_blocks = 0  # KV blocks copied to the swap pool by preemptions, ever
+        self.fair = VirtualTokenCounter(output_weight=config.vtc_output_weight)
 
     # ---- queue management ---------------------------------------------------------------------
 
     def add(self, req: Request) -> None:
+        if self.config.policy == "vtc":
+            self.fair.arrive(req.tenant, {r.tenant for q in (self.waiting, self.running, self.swapped) for r in q})
         req.status = Status.WAITING
         self.waiting.append(req)
 
@@ -125,13 +153,59 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.swapped)
 
-    def _effective_priority(self, req: Request, now: float) -> tuple[float, bool, float, str]:
+    def _effective_priority(self, req: Request, now: float) -> tuple:
+        """The admission order's key (smallest first)."""
+        cfg = self.config
+        due = cfg.admission == "deadline" and req.deadline is not None and not req.output_token_ids
+        late = due and now > req.deadline
+        if cfg.policy == "fcfs":
+            return (late, req.arrival_time, req.req_id)
         prio = float(req.priority)
-        if self.config.priority_aging_s:
-            prio -= (now - req.arrival_time) // self.config.priority_aging_s
-        late = self.config.admission == "deadline" and req.deadline is not None and now > req.deadline \
-            and not req.output_token_ids
+        if cfg.priority_aging_s:
+            prio -= (now - req.arrival_time) // cfg.priority_aging_s
+        if due and not late and cfg.urgent_slack_s is not None and req.deadline - now <= cfg.urgent_slack_s:
+            prio -= 1
+        if cfg.policy == "vtc":
+            return (prio, late, self.fair.value(req.tenant), req.arrival_time, req.req_id)
         return (prio, late, req.arrival_time, req.req_id)
+
+    def _victim(self, candidates: list[Request]) -> Request:
+        """The running request the policy ranks last: worst priority, then (``vtc``) the tenant
+        furthest ahead, then the latest arrival."""
+        if self.config.policy == "fcfs":
+            return max(candidates, key=lambda r: (r.arrival_time, r.req_id))
+        if self.config.policy == "vtc":
+            return max(candidates, key=lambda r: (r.priority, self.fair.value(r.tenant), r.arrival_time, r.req_id))
+        return pick_victim(candidates)
+
+    def _outranked(self, req: Request) -> list[Request]:
+        """The running requests a waiting ``req`` may preempt: any of strictly worse priority;
+        under ``vtc`` also one of the same priority from another tenant that is ahead of ``req``'s
+        by more than ``fair_preempt_tokens``, or that is ahead at all and holds more than its weighted
+        share of the ``max_num_seqs`` slots while ``req``'s holds less (the move leaves both on
+        their side of their shares and of each other, so two tenants never take a slot back and
+        forth)."""
+        policy = self.config.policy
+        if policy == "fcfs":
+            return []
+        lower = [r for r in self.running if r.priority > req.priority]
+        gap = self.config.fair_preempt_tokens
+        if policy != "vtc" or gap is None:
+            return lower
+        peers = [r for r in self.running if r.priority == req.priority and r.tenant != req.tenant]
+        if not peers:
+            return lower
+        weights = {r.tenant: r.weight for q in (self.waiting, self.swapped, self.running) for r in q}
+        total = sum(weights.values())
+        slots = Counter(r.tenant for r in self.running)
+        mine = self.fair.value(req.tenant)
+
+        def share(tenant: str | None) -> float:
+            return self.config.max_num_seqs * weights[tenant] / total
+
+        below_share = slots[req.tenant] + 1 <= share(req.tenant)
+        return lower + [r for r in peers if self.fair.value(r.tenant) - mine > gap or (
+            below_share and slots[r.tenant] - 1 >= share(r.tenant) and self.fair.value(r.tenant) > mine)]
 
     # ---- the step plan ------------------------------------------------------------------------
 
@@ -149,7 +223,7 @@ class Scheduler:
             if n == 0:
                 continue
             while self.bm.slots_needed(req.req_id, req.num_computed_tokens + n) > self.bm.num_free:
-                victim = pick_victim(self.running)
+                victim = self._victim(self.running)
                 budget += self._preempt(victim, plan)
                 if victim is req:
                     break
@@ -168,16 +242,20 @@ class Scheduler:
 
     def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
         candidates = sorted(self.swapped + self.waiting, key=lambda r: self._effective_priority(r, now))
-        for req in candidates:
+        vtc = self.config.policy == "vtc"
+        while candidates:
+            # Under VTC each admission charges its tenant, which may reorder the rest.
+            req = min(candidates, key=lambda r: self._effective_priority(r, now)) if vtc else candidates[0]
+            candidates.remove(req)
             if budget == 0:
                 return
             if len(self.running) >= self.config.max_num_seqs:
                 # Full of sequences: an urgent request takes the slot of the lowest-priority running
                 # one (vLLM #40004: otherwise it waits behind low-priority decodes for as long as they run).
-                lower = [r for r in self.running if r.priority > req.priority]
+                lower = self._outranked(req)
                 if not lower:
                     return
-                budget += self._preempt(pick_victim(lower), plan)
+                budget += self._preempt(self._victim(lower), plan)
             if req.status is Status.SWAPPED:
                 n = self._chunk_tokens(plan, req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget))
                 if n == 0:
@@ -199,6 +277,8 @@ class Scheduler:
                 req.num_computed_tokens = self.bm.allocate(req.req_id, tokens, cached + n, salt)
                 if req.num_preemptions == 0:
                     req.num_cached_tokens = req.num_computed_tokens
+                    if vtc:
+                        self.fair.charge(req.tenant, req.num_tokens - req.num_computed_tokens, 0, req.weight)
                 self.waiting.remove(req)
             req.status = Status.RUNNING
             self.running.append(req)
@@ -222,10 +302,10 @@ class Scheduler:
         while not fits():
             # Plain priorities: aging orders admission only; letting it preempt equal-priority
             # running requests makes two aged requests preempt each other forever.
-            lower = [r for r in self.running if r.priority > req.priority]
+            lower = self._outranked(req)
             if not lower:
                 return False
-            self._preempt(pick_victim(lower), plan)
+            self._preempt(self._victim(lower), plan)
         return True
 
     def _preempt(self, victim: Request, plan: StepPlan) -> int:
@@ -240,7 +320,9 @@ class Scheduler:
         mode = self.config.preemption_cost.choose(victim.num_computed_tokens, len(table), swap_free)
         self.running.remove(victim)
         if mode is PreemptionMode.SWAP:
-            plan.swap_out.extend(self.bm.swap_out(victim.req_id))
+            copies = self.bm.swap_out(victim.req_id)
+            plan.swap_out.extend(copies)
+            self.num_swapped_out_blocks += len(copies)
             victim.status = Status.SWAPPED
             self.swapped.append(victim)
         else:
@@ -269,8 +351,11 @@ class Scheduler:
 
     def commit(self, plan: StepPlan, requests: dict[str, Request]) -> None:
         """Advance computed-token counts and publish newly full blocks to the prefix cache."""
+        vtc = self.config.policy == "vtc"
         for chunk in plan.chunks:
             req = requests[chunk.req_id]
             req.num_computed_tokens += chunk.num_tokens
+            if vtc and chunk.sample:
+                self.fair.charge(req.tenant, 0, 1, req.weight)
             if self.bm.has_new_full_blocks(req.req_id, req.num_computed_tokens):
                 self.bm.commit(req.req_id, req.all_token_ids, req.num_computed_tokens)

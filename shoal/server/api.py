@@ -310,6 +310,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
         metadata = RequestMetadata(
             priority=tenant.cap(req.priority) if tenant else req.priority,
             tenant=tenant.name if tenant and tenant.name else req.user,
+            weight=tenant.weight if tenant else 1.0,
             session_id=req.session_id or request.headers.get("x-session-id"),
             cache_salt="\0".join(s for s in (tenant and tenant.cache_salt, req.cache_salt) if s) or None)
         streams = []

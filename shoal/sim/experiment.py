@@ -16,6 +16,7 @@ from shoal.bench.workloads import Workload
 from shoal.control.policies import make_dispatch_policy, make_migration_policy
 from shoal.engine.metadata import SLO
 from shoal.engine.cost_model import CostModel, ScaledCostModel
+from shoal.engine.scheduler import SCHEDULING_POLICIES
 from shoal.sim.simulator import InstanceSpec, simulate
 from shoal.sim.transfer import Link, summarize_transfers
 
@@ -49,6 +50,8 @@ class SimSetup:
     slo: SLO = SLO(1.0, 0.1)
     slo_steps: bool = False  # size each step from the TPOT SLO (Sarathi-Serve) instead of a fixed budget only
     deadlines: bool = False  # admit requests within the TTFT SLO before late ones
+    scheduling_policy: str = "vtc"  # fcfs | priority | vtc (SchedulerConfig.policy)
+    fair_preempt_tokens: float | None = 2048  # SchedulerConfig.fair_preempt_tokens
     num_blocks: int = 2800
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -60,12 +63,15 @@ class SimSetup:
         """Raise ValueError for names no policy has."""
         make_dispatch_policy(self.dispatch, {0: self.specs()[0].profile}, self.slo)
         make_migration_policy(self.migration)
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"--scheduling-policy is one of {', '.join(SCHEDULING_POLICIES)}")
 
     def specs(self) -> list[InstanceSpec]:
         base = InstanceSpec(self.cost_model, num_blocks=self.num_blocks, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             step_time_limit_s=self.slo.tpot_s if self.slo_steps else None,
-                            admission="deadline" if self.deadlines else "fcfs")
+                            admission="deadline" if self.deadlines else "fcfs",
+                            scheduling_policy=self.scheduling_policy, fair_preempt_tokens=self.fair_preempt_tokens)
         return [base if v == 1.0 else replace(base, cost_model=ScaledCostModel(self.cost_model, v)) for v in self.speeds]
 
     def run(self, workload: Workload) -> tuple[dict, list[RequestRecord]]:
@@ -80,10 +86,12 @@ class SimSetup:
                                   duration_s=duration, extra={
             "simulated": True, "instances": len(specs), "policy": self.dispatch, "migration": self.migration,
             "roles": self.roles, "speeds": self.speeds, "token_budget": "slo" if self.slo_steps else "fixed",
-            "admission": "deadline" if self.deadlines else "fcfs",
+            "admission": "deadline" if self.deadlines else "fcfs", "scheduling_policy": self.scheduling_policy,
             "link": {"gbps": self.link_gbps, "latency_ms": self.link_latency_ms,
                      "kv_bytes_per_block": specs[0].kv_bytes_per_block},
             **summarize_transfers([tr for s in sims for tr in s.transfers]),
+            "preemptions": sum(s.engine.scheduler.num_preemptions for s in sims),
+            "swapped_out_bytes": sum(s.engine.scheduler.num_swapped_out_blocks for s in sims) * specs[0].kv_bytes_per_block,
             "cost_model": {"device": getattr(self.cost_model, "device", "unknown"), "model": model},
             "sim_wall_s": wall})
         return result, records

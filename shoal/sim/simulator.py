@@ -128,6 +128,8 @@ class InstanceSpec:
     kv_dtype: torch.dtype = torch.bfloat16
     step_time_limit_s: float | None = None  # SLO-sized steps (Sarathi-Serve); None: the token budget only
     admission: str = "fcfs"  # or "deadline" (SchedulerConfig.admission)
+    scheduling_policy: str = "vtc"  # SchedulerConfig.policy: fcfs | priority | vtc
+    fair_preempt_tokens: float | None = 2048  # SchedulerConfig.fair_preempt_tokens
 
     @property
     def step_time_budget(self) -> StepTimeBudget | None:
@@ -155,7 +157,8 @@ class SimInstance:
             self.executor,
             BlockManager(spec.num_blocks, spec.block_size, spec.num_swap_blocks),
             SchedulerConfig(max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
-                            step_time_budget=spec.step_time_budget, admission=spec.admission),
+                            step_time_budget=spec.step_time_budget, admission=spec.admission,
+                            policy=spec.scheduling_policy, fair_preempt_tokens=spec.fair_preempt_tokens),
             max_model_len=spec.max_model_len,
             vocab_size=spec.vocab_size,
             clock=self.clock,
@@ -186,7 +189,8 @@ class _Cluster:
                  control_interval_s: float, max_migration_stages: int, slo: SLO | None) -> None:
         self.sims = [SimInstance(s, r) for s, r in zip(specs, check_roles(roles, len(specs)))]
         self.arrivals = workload.requests
-        self.records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len, start_s=r.arrival_s) for r in self.arrivals]
+        self.records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len, start_s=r.arrival_s, tenant=r.tenant)
+                        for r in self.arrivals]
         self.by_id: dict[str, RequestRecord] = {}
         self.gen = torch.Generator().manual_seed(seed)
         self.group_prefixes: dict[int, list[int]] = {}  # prefix group -> its shared leading tokens
@@ -198,7 +202,7 @@ class _Cluster:
         self.scheduler = GlobalScheduler(dispatch, migration, profiles=profiles)
         for i, (sim, spec) in enumerate(zip(self.sims, specs)):
             self.scheduler.add_instance(i, sim.role, sim.engine.load(), spec.profile)
-        self.metadata = RequestMetadata(slo=slo)  # what every simulated request says of itself
+        self.slo = slo
         self.migration, self.link = migration, link
         self.fast_forward = fast_forward
         self.interval = control_interval_s
@@ -251,12 +255,13 @@ class _Cluster:
             prompt[: spec.prefix_len] = shared[: spec.prefix_len]
         rid = f"r{idx}"
         self._observe(ENTRY_ROLES)
-        request = DispatchRequest(rid, prompt, self.metadata)
+        metadata = RequestMetadata(tenant=spec.tenant, weight=spec.weight, slo=self.slo)
+        request = DispatchRequest(rid, prompt, metadata)
         target = self.scheduler.dispatch(request)
         self.by_id[rid] = rec
         params = SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
         try:
-            self.sims[target].engine.add(prompt, params, req_id=rid, arrival_time=now, metadata=self.metadata)
+            self.sims[target].engine.add(prompt, params, req_id=rid, arrival_time=now, metadata=metadata)
         except ValueError as exc:
             self.scheduler.undo_dispatch(target, request)
             rec.error = str(exc)

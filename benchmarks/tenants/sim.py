@@ -1,0 +1,95 @@
+"""Fair share between tenants in ``shoal sim`` (the engine's scheduler on the committed SmolLM2-on-CPU
+cost model, one instance): the targets of the tenants issue.
+
+1. Two tenants of equal weight, ``heavy`` sending 10x ``light``'s rate, together overloading the
+   instance: ``light``'s P99 TTFT under FCFS and under VTC against the same light requests run
+   alone, and total output throughput of VTC against FCFS.
+2. Weighted 3:1 tenants (``gold`` weight 3, ``bronze`` 1, equal arrival rates) under saturation:
+   tokens served to each while both still send.
+3. The cost of switching: preemptions and swapped-out bytes per served output token, VTC with and
+   without fairness preemption.
+
+    python benchmarks/tenants/sim.py            # writes benchmarks/tenants/sim.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shoal.bench.workloads import Workload, synthetic, with_tenants
+from shoal.engine.cost_model import LinearCostModel, default_profile_path
+from shoal.engine.metadata import SLO
+from shoal.sim.catalog import RooflineCostModel, gpus, model_shape
+from shoal.sim.experiment import SimSetup
+
+N, PROMPT, OUTPUT = 1200, 128, 128
+
+
+def cpu_smollm2(policy: str, **kw) -> SimSetup:
+    """The committed SmolLM2-135M-on-2-CPU-cores profile (serves ~4 req/s of this shape)."""
+    return SimSetup(cost_model=LinearCostModel.load(default_profile_path()), speeds=[1.0], dispatch="round_robin",
+                    slo=SLO(2.0, 0.2), scheduling_policy=policy, **kw)
+
+
+def a100_llama3_8b(policy: str, **kw) -> SimSetup:
+    """Llama-3-8B on an A100-80G by the planner's roofline model (serves ~25 req/s of this shape)."""
+    cost = RooflineCostModel(gpus()["A100-80G"], model_shape("llama-3-8b"))
+    return SimSetup(cost_model=cost, speeds=[1.0], dispatch="round_robin", slo=SLO(2.0, 0.2),
+                    scheduling_policy=policy, num_blocks=cost.kv_blocks(), **kw)
+
+
+def light_p99(result: dict) -> float:
+    return result["tenants"]["by_tenant"]["light"]["ttft_ms"]["p99"]
+
+
+def ten_to_one(setup, rate: float) -> dict:
+    mixed = with_tenants(synthetic("poisson", N, rate, PROMPT, OUTPUT, seed=0, len_jitter=0.5),
+                         {"heavy": 10, "light": 1}, seed=0)
+    alone = Workload(mixed.kind, [r for r in mixed.requests if r.tenant == "light"], mixed.description)
+    runs = {name: setup(pol).run(wl)[0] for name, pol, wl in (
+        ("fcfs", "fcfs", mixed), ("vtc", "vtc", mixed), ("light_alone", "fcfs", alone))}
+    lone = light_p99(runs["light_alone"])
+    return {
+        "rate": rate,
+        "light_alone_p99_ttft_ms": round(lone, 1),
+        "fcfs_light_p99_ttft_ms": round(light_p99(runs["fcfs"]), 1),
+        "vtc_light_p99_ttft_ms": round(light_p99(runs["vtc"]), 1),
+        "fcfs_light_vs_alone": round(light_p99(runs["fcfs"]) / lone, 2),
+        "vtc_light_vs_alone": round(light_p99(runs["vtc"]) / lone, 2),
+        "vtc_throughput_vs_fcfs": round(runs["vtc"]["output_token_throughput"] / runs["fcfs"]["output_token_throughput"], 3),
+        "vtc_preemptions": runs["vtc"]["preemptions"],
+        "loaded_tpot_p50_ms": round(runs["vtc"]["tpot_ms"]["p50"], 1),
+        "alone_tpot_p50_ms": round(runs["light_alone"]["tpot_ms"]["p50"], 1),
+    }
+
+
+def main() -> None:
+    out = {"workload": {"num_requests": N, "prompt_len": PROMPT, "output_len": OUTPUT, "len_jitter": 0.5,
+                        "tenants": {"heavy": 10, "light": 1}},
+           "ten_to_one": {"cpu_smollm2": ten_to_one(cpu_smollm2, 8.0), "a100_llama3_8b": ten_to_one(a100_llama3_8b, 50.0)}}
+    weighted = with_tenants(synthetic("poisson", N, 8.0, PROMPT, OUTPUT, seed=1, len_jitter=0.5),
+                            {"gold": 1, "bronze": 1}, {"gold": 3, "bronze": 1}, seed=1)
+    w = cpu_smollm2("vtc").run(weighted)[0]["tenants"]
+    served = {t: w["by_tenant"][t]["tokens_served_while_all_send"] for t in ("gold", "bronze")}
+    out["weighted_3_to_1"] = {"window_s": round(w["window_s"], 1), "tokens_served": served,
+                              "ratio": round(served["gold"] / served["bronze"], 3)}
+    # Long outputs hold the slots: fairness preemption has something to do.
+    long = with_tenants(synthetic("poisson", 300, 1.0, PROMPT, 512, seed=2, len_jitter=0.5),
+                        {"heavy": 10, "light": 1}, seed=2)
+    switching = {}
+    for name, policy, gap in (("vtc_fair_preemption", "vtc", 2048), ("vtc_no_preemption", "vtc", None),
+                              ("fcfs", "fcfs", None)):
+        r = cpu_smollm2(policy, max_num_seqs=16, fair_preempt_tokens=gap).run(long)[0]
+        tokens = r["output_token_throughput"] * r["duration_s"]
+        switching[name] = {"light_p99_ttft_ms": round(light_p99(r), 1), "preemptions": r["preemptions"],
+                           "preemptions_per_1k_tokens": round(1e3 * r["preemptions"] / tokens, 3),
+                           "swapped_bytes_per_token": round(r["swapped_out_bytes"] / tokens, 1)}
+    out["switching"] = switching
+    path = Path(__file__).with_name("sim.json")
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
