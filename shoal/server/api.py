@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -35,6 +36,7 @@ from shoal.server.middleware import (
 )
 from shoal.server.tools import ToolCalling
 from shoal.server.prompts import PromptBuilder
+from shoal.server.quotas import LimitExceeded, LimitedStream, QuotaGate
 from shoal.server.tenants import KeyRing
 from shoal.server.protocol import (
     ChatCompletionRequest,
@@ -108,6 +110,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
 
     app.openapi = openapi  # type: ignore[method-assign]
     metrics = ServerMetrics(model_name)
+    quotas = QuotaGate()  # per-tenant limits of the keys file
     tokenizer = engine.tokenizer
     prompts = PromptBuilder(tokenizer, lambda: engine.max_model_len)  # a cluster knows it once started
     tool_calling = ToolCalling(tokenizer, tool_parser, tool_prompt)
@@ -307,6 +310,15 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
         key's, else ``user``; the session is the body's ``session_id``, else the ``X-Session-Id``
         header."""
         tenant = getattr(request.state, "tenant", None)  # the API key's, if the server has a keys file
+        claims = None
+        if tenant is not None and tenant.limits.any:
+            n_seq = [len(ids) for ids in prompts for _ in range(req.n)]
+            try:
+                claims = quotas.admit(tenant.name, tenant.limits, n_seq, [m for m in max_tokens for _ in range(req.n)])
+            except LimitExceeded as exc:
+                metrics.observe_rejection(tenant.name)
+                raise APIError(429, str(exc), "RateLimitError", exc.limit,
+                               headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from exc
         metadata = RequestMetadata(
             priority=tenant.cap(req.priority) if tenant else req.priority,
             tenant=tenant.name if tenant and tenant.name else req.user,
@@ -319,10 +331,13 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
                 for j in range(req.n):
                     index = p_i * req.n + j
                     params = build_params(req, max_tokens[p_i], logprobs, j, structured)
-                    streams.append(await start(ids, params, f"{base_id}-{index}", metadata))
+                    stream = await start(ids, params, f"{base_id}-{index}", metadata)
+                    streams.append(stream if claims is None else LimitedStream(stream, quotas, claims[index]))
         except BaseException:
             for s in streams:
                 await s.aclose()
+            for claim in claims or ():
+                quotas.release(claim, 0)  # those not started; release is once per claim
             raise
         return streams
 

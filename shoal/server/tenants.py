@@ -6,11 +6,17 @@
         weight: 1                 # its share under fair scheduling (kept for the scheduler)
         priority_ceiling: 0       # the best (lowest) priority its requests may ask for
         cache_group: shared       # optional: share prefix-cache blocks with the tenants of this group
+        limits:                   # optional, each one optional: 429 with Retry-After beyond them
+          requests_per_s: 5
+          tokens_per_min: 60000   # prompt + max_tokens, the unused output given back at the end
+          max_concurrent: 16      # sequences in flight
+          max_queued: 8           # sequences admitted, no token yet
 
 A request's key names its tenant (the ``user`` field then does not) and caps its ``priority``;
 its prompts are cached under its tenant's salt, so no tenant can probe another's cached prompts
 (by ``prefix_cache_hits`` or by TTFT) unless the keys file puts them in one ``cache_group``.
-Keys are compared in constant time against every key, and never logged.
+Keys are compared in constant time against every key, and never logged. Several keys may name one
+tenant (they then share its limits); they must then agree on its weight, ceiling, group and limits.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN
+from shoal.server.quotas import LIMIT_FIELDS, TenantLimits
 
-_FIELDS = {"key", "key_env", "tenant", "weight", "priority_ceiling", "cache_group"}
+_FIELDS = {"key", "key_env", "tenant", "weight", "priority_ceiling", "cache_group", "limits"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class Tenant:
     weight: float = 1.0
     priority_ceiling: int = PRIORITY_MIN
     cache_group: str | None = None  # tenants of one group share prefix-cache blocks (default: the tenant alone)
+    limits: TenantLimits = TenantLimits()
 
     @property
     def cache_salt(self) -> str | None:
@@ -97,9 +105,20 @@ class KeyRing:
             group = item.get("cache_group")
             if group is not None and (not isinstance(group, str) or not group):
                 raise ValueError(f"{where}: cache_group must be a non-empty string")
-            entries.append((key, Tenant(name, float(weight), ceiling, None if group is None else f"group:{group}")))
+            limits = item.get("limits", {})
+            if not isinstance(limits, dict) or set(limits) - set(LIMIT_FIELDS):
+                raise ValueError(f"{where}: limits must be a mapping of {', '.join(LIMIT_FIELDS)}")
+            try:
+                limits = TenantLimits(**limits)
+            except ValueError as exc:
+                raise ValueError(f"{where}: limits: {exc}") from None
+            entries.append((key, Tenant(name, float(weight), ceiling, None if group is None else f"group:{group}", limits)))
         if len({k for k, _ in entries}) != len(entries):
             raise ValueError(f"{p}: the same key is listed twice")
+        by_name: dict[str, Tenant] = {}
+        for _, tenant in entries:
+            if by_name.setdefault(tenant.name, tenant) != tenant:
+                raise ValueError(f"{p}: the keys of tenant {tenant.name!r} disagree on its weight, ceiling, group or limits")
         return cls(entries)
 
     def lookup(self, authorization: bytes) -> Tenant | None:
