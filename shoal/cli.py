@@ -90,6 +90,7 @@ def serve(
     token_budget: str = typer.Option("fixed", "--token-budget", help="fixed | slo: also cut prefill chunks so a step with decodes stays within the TPOT SLO"),
     admission: str = typer.Option("fcfs", "--admission", help="fcfs | deadline: at equal priority, admit requests within the TTFT SLO first"),
     scheduling_policy: str = typer.Option("vtc", "--scheduling-policy", help="fcfs | priority | vtc: admission and preemption order (vtc: priority, then weighted fair share between tenants)"),
+    urgent_slack_ms: Optional[float] = typer.Option(None, "--urgent-slack-ms", min=0.0, help="With --admission deadline: a request whose first token is due within this many ms runs one priority level ahead"),
     cost_model: Optional[str] = typer.Option(None, "--cost-model", help="Profile JSON timing this machine's steps (default: the committed SmolLM2-on-CPU one)"),
     instance_threads: Optional[str] = typer.Option(None, "--instance-threads", help="Comma-separated CPU threads per instance (a heterogeneous cluster)"),
     autoscale_max: Optional[int] = typer.Option(None, "--autoscale-max", help="Enable autoscaling up to this many instances"),
@@ -137,6 +138,7 @@ def serve(
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                               kv_cache_gb=kv_cache_gb, num_threads=num_threads, admission=admission,
                               scheduling_policy=scheduling_policy,
+                              urgent_slack_s=None if urgent_slack_ms is None else urgent_slack_ms / 1e3,
                               step_time_limit_s=slo.tpot_s if token_budget == "slo" else None, cost_model=cost_model)
     name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
     if instances > 1 or ray_address or autoscale_max:
@@ -335,6 +337,7 @@ def sim(
     token_budget: str = typer.Option("fixed", "--token-budget", help="fixed: --max-num-batched-tokens per step | slo: also cut prefill chunks so a step with decodes stays within the TPOT SLO"),
     admission: str = typer.Option("fcfs", "--admission", help="fcfs | deadline: at equal priority, admit requests still within the TTFT SLO before late ones"),
     scheduling_policy: str = typer.Option("vtc", "--scheduling-policy", help="fcfs | priority | vtc (as in serve)"),
+    urgent_slack_ms: Optional[float] = typer.Option(None, "--urgent-slack-ms", min=0.0, help="As in serve (with --admission deadline)"),
     tenants: Optional[str] = typer.Option(None, "--tenants", help="Tenant mix by share of the arrivals, e.g. heavy=10,light=1"),
     tenant_weights: Optional[str] = typer.Option(None, "--tenant-weights", help="Fair-share weights of the --tenants, e.g. gold=3,bronze=1 (default 1)"),
     link_gbps: float = typer.Option(10.0, "--link-gbps", help="Bandwidth of KV copies between instances, Gbit/s"),
@@ -378,7 +381,8 @@ def sim(
             cost_model=cm, speeds=parse_speeds(speeds, instances), dispatch=dispatch.replace("-", "_"),
             migration=migration, roles=check_roles(roles.split(",") if roles else None, instances),
             slo=SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3), slo_steps=token_budget == "slo",
-            deadlines=admission == "deadline", scheduling_policy=scheduling_policy, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+            deadlines=admission == "deadline", scheduling_policy=scheduling_policy,
+            urgent_slack_s=None if urgent_slack_ms is None else urgent_slack_ms / 1e3, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, link_gbps=link_gbps, link_latency_ms=link_latency_ms, seed=seed)
         setup.check()
     except ValueError as exc:

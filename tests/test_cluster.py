@@ -487,3 +487,39 @@ def test_workers_run_at_normal_priority(ray_runtime):
     import os
 
     assert ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote()) == 0
+
+
+def test_a_full_cluster_queue_sheds_the_worst_priority_for_a_better_one(ray_runtime, cluster_config):
+    """The gateway's bound on waiting requests: a request no better than the worst queued one is
+    refused (QueueFull: a 429); a better one takes the place of the worst queued one, which ends
+    with SHED_ERROR (also a 429), never the other way round."""
+    from dataclasses import replace
+
+    from shoal.cluster.cluster import ClusterEngine
+    from shoal.engine.outputs import SHED_ERROR
+    from shoal.streams import QueueFull
+
+    async def scenario():
+        c = ClusterEngine(replace(cluster_config, max_num_seqs=1), 2, policies.RoundRobin(), max_waiting=1)
+        await c.start()
+        long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        try:
+            for m in c.members.values():
+                await m.handle.inject_delay.remote(0.05)  # 200 tokens take 10 s: the queue stays full
+            running = [await c.submit(PROMPT, long, f"run{i}", RequestMetadata(priority=1)) for i in range(2)]
+            await wait_for(lambda: c.load().num_running == 2)
+            queued = await c.submit(PROMPT, long, "queued", RequestMetadata(priority=5))
+            with pytest.raises(QueueFull):
+                await c.submit(PROMPT, long, "late-low", RequestMetadata(priority=5))
+            urgent = await c.submit(PROMPT, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+                                    "urgent", RequestMetadata(priority=-1))
+            outs = [o async for o in queued]
+            assert outs[-1].finished and outs[-1].error == SHED_ERROR and not any(o.new_token_ids for o in outs)
+            assert len(await collect(urgent)) == 2
+            for s in running:
+                await s.aclose()
+            await check_clean(c)
+        finally:
+            c.shutdown()
+
+    run(scenario())

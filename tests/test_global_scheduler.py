@@ -58,8 +58,11 @@ def test_a_burst_is_spread_before_any_snapshot_comes_back():
     assert chosen.count(0) == chosen.count(1) == 8
     gs.undo_dispatch(0, req)
     assert gs.instances[0].load.num_waiting == 7
-    gs.observe(0, load(running=8))  # a real snapshot replaces the optimistic count
-    assert gs.instances[0].load.num_waiting == 0 and gs.instances[0].load.num_running == 8
+    gs.observe(0, load(waiting=1))  # a snapshot taken before the adds landed keeps them counted
+    assert gs.instances[0].load.num_waiting == 8 and gs.instances[0].load.waiting_prompt_tokens == 7 * 64
+    landed = dataclasses.replace(load(running=8), num_added=7)  # one that counts them replaces the bump
+    gs.observe(0, landed)
+    assert gs.instances[0].load == landed
 
 
 @pytest.mark.parametrize("policy", [policies.PrefixAware(block_size=16), policies.SessionAffinity()])
@@ -127,3 +130,26 @@ def test_scale_down_picks_a_removable_idle_victim():
     # both is the only one taking new requests: only the decode instance may go
     assert gs.scale() == (-1, 1)
     assert GlobalScheduler(policies.LeastLoad()).scale() == (0, None)
+
+
+@pytest.mark.parametrize("dispatch", ["least_load", "predicted_latency"])
+def test_dispatch_counts_only_the_work_ahead_of_the_request_s_priority(dispatch):
+    """Instance 0 runs twelve background (priority 5) requests, instance 1 four of priority 0. A
+    request of priority 0 goes to instance 0, whose background work yields to it; another
+    background one goes to instance 1."""
+    from shoal.engine.outputs import RunningRequest
+    from shoal.engine.cost_model import LinearCostModel, default_profile_path
+    from shoal.control.predictor import InstanceProfile
+
+    profiles = {i: InstanceProfile(LinearCostModel.load(default_profile_path()), 512) for i in (0, 1)}
+    gs = cluster("both", "both", dispatch=policies.make_dispatch_policy(dispatch, profiles), profiles=profiles)
+    background = tuple(RunningRequest(f"b{i}", 5, 300) for i in range(12))
+    normal = tuple(RunningRequest(f"n{i}", 0, 300) for i in range(4))
+    gs.observe(0, dataclasses.replace(load(free=512 - 12 * 19, running=12, total=512), running=background, tokens_in_flight=3600))
+    gs.observe(1, dataclasses.replace(load(free=512 - 4 * 19, running=4, total=512), running=normal, tokens_in_flight=1200))
+    prompt = list(range(32))
+    assert gs.dispatch(policies.DispatchRequest("urgent", prompt, RequestMetadata(priority=0))) == 0
+    other = list(range(100, 132))  # not the prefix just sent to 0
+    assert gs.dispatch(policies.DispatchRequest("bulk", other, RequestMetadata(priority=5))) == 1
+    view = policies.priority_view(gs.instances[0].load, 0)
+    assert view.num_running == 0 and view.running == () and view.num_free_blocks > gs.instances[0].load.num_free_blocks

@@ -9,6 +9,7 @@ import logging
 import httpx
 import pytest
 
+from shoal.engine.metadata import DEFAULT_SLO
 from shoal.server.tenants import KeyRing
 from tests._server_util import fast_engine, serve
 
@@ -61,6 +62,7 @@ def test_keys_name_tenants_and_cap_priorities(keys_file, caplog):
                 assert r.status_code == 200, r.text
             by_tenant = {m.tenant: m.priority for m in seen}
             assert by_tenant == {"team-a": 0, "team-b": -50}  # team-a's ceiling caps it; the key beats `user`
+            assert {m.tenant: m.weight for m in seen} == {"team-a": 1.0, "team-b": 3.0}  # for fair share
             text = httpx.get(f"{server.url}/metrics", headers={"Authorization": "Bearer sk-team-a-0123456789"}).text
             series = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                       if line.startswith("shoal:tenant_")}
@@ -77,7 +79,8 @@ def test_keys_name_tenants_and_cap_priorities(keys_file, caplog):
             for path in ("/metrics", "/tokenize", "/detokenize", "/v1/models"):
                 assert httpx.get(f"{server.url}{path}").status_code == 401, path
             assert httpx.get(f"{server.url}/health").status_code == 200
-        assert not any("0123456789" in r.getMessage() or "9876543210" in r.getMessage() for r in caplog.records)
+        assert not any(secret in r.getMessage() for r in caplog.records
+                       for secret in ("0123456789", "9876543210", "team-a", "team-b", "someone-else"))
     finally:
         server.stop()
 
@@ -140,5 +143,22 @@ def test_another_tenant_cannot_probe_a_cached_prompt(keys_file, tmp_path):
         right, wrong = hits(b, secret), hits(b, "account 9999 9999 9999 9999 of Bob Example, branch 17")
         assert right == wrong == 0
         assert hits(a, secret) > 0  # A itself still hits its cache
+    finally:
+        server.stop()
+
+
+def test_a_request_may_bring_its_own_slo():
+    engine = fast_engine()
+    seen = []
+    server, backend = serve(engine)
+    backend.step_listeners.append(lambda outs: seen.extend(o.metadata for o in outs if o.finished))
+    url = f"{server.url}/v1/completions"
+    try:
+        r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2, "slo_ttft_ms": 250}, timeout=60)
+        assert r.status_code == 200
+        assert seen[-1].slo.ttft_s == 0.25 and seen[-1].slo.tpot_s == DEFAULT_SLO.tpot_s
+        for bad in (0, -5, "fast", 1e12):
+            r = httpx.post(url, json={"prompt": "hi", "max_tokens": 2, "slo_ttft_ms": bad}, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "slo_ttft_ms", (bad, r.text)
     finally:
         server.stop()

@@ -37,7 +37,8 @@ from shoal.control.predictor import InstanceProfile
 from shoal.engine.config import EngineConfig
 from shoal.engine.cost_model import instance_cost_model
 from shoal.engine.metadata import SLO, RequestMetadata, with_slo
-from shoal.engine.outputs import InstanceLoad, RequestOutput, failed_output
+from shoal.engine.outputs import SHED_ERROR, InstanceLoad, RequestOutput, failed_output
+from shoal.engine.preemption import pick_shed_victim
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.step_budget import StepTimeBudget
 from shoal.streams import QueueFull, RequestStream
@@ -81,6 +82,11 @@ class Tracked:
     aborted: bool = False
     pd_moved: bool = False
     redispatches: int = 0  # times re-sent after its instance died (bounded: it may be what killed it)
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def priority(self) -> int:
+        return self.metadata.priority
 
 
 @dataclass
@@ -224,9 +230,17 @@ class ClusterEngine:
 
     async def submit(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str,
                      metadata: RequestMetadata | None = None) -> RequestStream:
+        metadata = with_slo(metadata, self.slo)
         if self.max_waiting is not None and (waiting := self.load().waiting_for_room()) >= self.max_waiting:
-            raise QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
-        tracked = Tracked(req_id, list(prompt_token_ids), params, with_slo(metadata, self.slo), -1, asyncio.Queue())
+            # Full: a better-priority request takes the place of the worst one that has produced
+            # nothing yet (it ends with SHED_ERROR: a 429), as one engine's queue does.
+            victim = pick_shed_victim((t for t in self.requests.values() if not t.streamed_tokens and not t.migrating
+                                       and not t.pd_moved and not t.aborted), metadata.priority)
+            if victim is None:
+                raise QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
+            self.abort(victim.req_id)
+            self._fail(victim, SHED_ERROR)
+        tracked = Tracked(req_id, list(prompt_token_ids), params, metadata, -1, asyncio.Queue())
         await self._dispatch(tracked)
         return RequestStream(self.abort, req_id, tracked.queue)
 

@@ -11,7 +11,9 @@ one object, so what the simulator shows is what the cluster decides.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Container, Sequence
 
 from shoal.control.predictor import InstanceProfile
@@ -24,6 +26,7 @@ from shoal.control.policies import (
     MigrationPolicy,
     can_remove,
     decode_room,
+    priority_view,
 )
 from shoal.engine.outputs import InstanceLoad
 
@@ -32,12 +35,29 @@ ENTRY_ROLES = ("both", "prefill")  # instances that take new requests
 
 @dataclass
 class InstanceView:
-    """What the global scheduler knows of one instance."""
+    """What the global scheduler knows of one instance: its latest snapshot, and the requests
+    dispatched there that the snapshot may not show yet (a snapshot taken while an add was on its
+    way must not erase it: 16 concurrent arrivals would all see the same idle instance)."""
 
     id: int
     role: str
-    load: InstanceLoad
+    snapshot: InstanceLoad
     draining: bool = False
+    expected_added: int = 0  # the engine's ``num_added`` once every dispatch here has landed
+    recent_prompts: deque = field(default_factory=lambda: deque(maxlen=4096))  # prompt lengths, newest last
+
+    def __post_init__(self) -> None:
+        self.expected_added = self.snapshot.num_added
+
+    @property
+    def load(self) -> InstanceLoad:
+        """The snapshot, with the dispatches it does not count yet counted as waiting."""
+        unseen = min(len(self.recent_prompts), max(0, self.expected_added - self.snapshot.num_added))
+        if unseen == 0:
+            return self.snapshot
+        tokens = sum(itertools.islice(reversed(self.recent_prompts), unseen))
+        return dataclasses.replace(self.snapshot, num_waiting=self.snapshot.num_waiting + unseen,
+                                   waiting_prompt_tokens=self.snapshot.waiting_prompt_tokens + tokens)
 
 
 class GlobalScheduler:
@@ -69,9 +89,9 @@ class GlobalScheduler:
         self.instances[instance_id].draining = True
 
     def observe(self, instance_id: int, load: InstanceLoad) -> None:
-        """The instance's latest snapshot (it replaces any optimistic bump)."""
+        """The instance's latest snapshot (dispatches it already counts stop being bumped)."""
         if instance_id in self.instances:
-            self.instances[instance_id].load = load
+            self.instances[instance_id].snapshot = load
 
     def loads(self, roles: Sequence[str], include_draining: bool = False) -> dict[int, InstanceLoad]:
         return {i: v.load for i, v in self.instances.items()
@@ -85,6 +105,7 @@ class GlobalScheduler:
         loads = self.loads(ENTRY_ROLES)
         if not loads:
             raise RuntimeError("no live instance can take requests")
+        loads = {i: priority_view(load, request.priority) for i, load in loads.items()}
         chosen = self.dispatch_policy.choose(loads, request)
         self._count_queued(chosen, len(request.prompt_token_ids), +1)
         return chosen
@@ -95,11 +116,13 @@ class GlobalScheduler:
 
     def _count_queued(self, instance_id: int, prompt_len: int, sign: int) -> None:
         view = self.instances.get(instance_id)
-        if view is not None:
-            load = view.load
-            view.load = dataclasses.replace(
-                load, num_waiting=max(0, load.num_waiting + sign),
-                waiting_prompt_tokens=max(0, load.waiting_prompt_tokens + sign * prompt_len))
+        if view is None:
+            return
+        view.expected_added += sign
+        if sign > 0:
+            view.recent_prompts.append(prompt_len)
+        elif prompt_len in view.recent_prompts:
+            view.recent_prompts.remove(prompt_len)
 
     def pd_destination(self) -> int | None:
         """Where a request prefilled on a prefill instance decodes: the most decode room."""
@@ -148,6 +171,8 @@ class GlobalScheduler:
         if not loads:
             return InstanceLoad(0, 0, 0, 1, 0, 0, 0, 0, 16, 0, 0, 0)
         total = {f.name: sum(getattr(l, f.name) for l in loads) for f in dataclasses.fields(InstanceLoad)
-                 if f.name != "running"}
+                 if f.name not in ("running", "lowest_waiting_priority")}
         total["block_size"] = loads[0].block_size
+        total["lowest_waiting_priority"] = max((l.lowest_waiting_priority for l in loads
+                                                if l.lowest_waiting_priority is not None), default=None)
         return InstanceLoad(**total)

@@ -91,6 +91,23 @@ def freeness(load: InstanceLoad) -> float:
     return (load.num_free_blocks + load.num_cached_blocks - queued_blocks(load)) / (load.num_running + load.num_waiting + 1)
 
 
+def priority_view(load: InstanceLoad, priority: int) -> InstanceLoad:
+    """``load`` as a request of ``priority`` meets it: running requests of strictly worse priority
+    do not count (the engine preempts them for it, at ``max_num_seqs`` as for KV), and their
+    blocks count as free. Dispatch decides on this view, so an urgent request goes where the
+    work ahead of it is least, not where the least work is."""
+    worse = [r for r in load.running if r.priority > priority]
+    if not worse:
+        return load
+    blocks = sum(-(-r.num_tokens // load.block_size) for r in worse)
+    return replace(
+        load, num_running=load.num_running - len(worse),
+        tokens_in_flight=max(0, load.tokens_in_flight - sum(r.num_tokens for r in worse)),
+        num_free_blocks=min(load.num_total_blocks, load.num_free_blocks + blocks),
+        num_used_blocks=max(0, load.num_used_blocks - blocks),
+        running=tuple(r for r in load.running if r.priority <= priority))
+
+
 class RoundRobin:
     name = "round_robin"
 

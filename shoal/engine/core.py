@@ -20,6 +20,7 @@ from shoal.engine.executor import Executor
 from shoal.engine.guided import GrammarCompiler, replay
 from shoal.engine.outputs import SHED_ERROR, InstanceLoad, RequestOutput, RequestState, RunningRequest
 from shoal.engine.metadata import RequestMetadata
+from shoal.engine.preemption import pick_shed_victim
 from shoal.engine.request import FinishReason, Request, Status
 from shoal.engine.sampler import SamplingState, make_generator
 from shoal.engine.sampling_params import SamplingParams
@@ -59,6 +60,7 @@ class EngineCore:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self._eos.add(tokenizer.eos_token_id)
         self._next_id = 0
+        self.num_added = 0  # requests ever queued by add (the global scheduler's dispatch count)
         self._suspended: dict[str, Request] = {}  # exported, KV kept until release / restore
         self.num_restarts = 0  # times recover() started over
         self._grammar: GrammarCompiler | None = None
@@ -107,6 +109,7 @@ class EngineCore:
         )
         self._track(req, make_generator(params), matcher)
         self.scheduler.add(req)
+        self.num_added += 1
         return req_id
 
     @property
@@ -340,16 +343,16 @@ class EngineCore:
             num_restarts=self.num_restarts,
             running=tuple(RunningRequest(r.req_id, r.priority, r.num_tokens) for r in s.running),
             lowest_waiting_priority=max((r.priority for r in s.waiting if not r.output_token_ids), default=None),
+            num_added=self.num_added,
         )
 
     def shed(self, priority: int) -> str | None:
         """Under overload, end the queued request of the worst priority (worse than ``priority``;
         the latest among equals) that has produced nothing yet, with :data:`SHED_ERROR`; its final
         output comes with the next ``step``. Returns its id, or None if there is none."""
-        queued = [r for r in self.scheduler.waiting if not r.output_token_ids and r.priority > priority]
-        if not queued:
+        victim = pick_shed_victim((r for r in self.scheduler.waiting if not r.output_token_ids), priority)
+        if victim is None:
             return None
-        victim = max(queued, key=lambda r: (r.priority, r.arrival_time))
         self._finish(victim, FinishReason.ERROR, error=SHED_ERROR, pending=True)
         return victim.req_id
 

@@ -25,6 +25,10 @@ class SLO:
             raise ValueError(f"SLO times must be positive, got TTFT {self.ttft_s} s / TPOT {self.tpot_s} s")
 
 
+DEFAULT_SLO = SLO(1.0, 0.1)
+"""The objectives of ``shoal serve``'s defaults (``--slo-ttft-ms 1000 --slo-tpot-ms 100``)."""
+
+
 @dataclass(frozen=True)
 class RequestMetadata:
     """``priority``: lower runs first. ``tenant``: who the request is for (OpenAI's ``user``).

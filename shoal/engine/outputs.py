@@ -74,6 +74,7 @@ class InstanceLoad:
     num_restarts: int = 0  # times the engine started over after a step itself failed
     running: tuple[RunningRequest, ...] = ()  # the running batch (migration policies choose from it)
     lowest_waiting_priority: int | None = None  # the worst priority among queued requests that produced nothing yet
+    num_added: int = 0  # requests ever queued by ``add`` (dispatch compares it with what it sent here)
 
     @property
     def kv_usage(self) -> float:

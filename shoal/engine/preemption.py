@@ -29,6 +29,25 @@ def pick_victim(candidates: Iterable[T]) -> T:
     return max(candidates, key=lambda r: r.sort_key)
 
 
+class Sheddable(Protocol):
+    @property
+    def priority(self) -> int: ...
+
+    @property
+    def arrival_time(self) -> float: ...
+
+
+S = TypeVar("S", bound=Sheddable)
+
+
+def pick_shed_victim(queued: Iterable[S], priority: int) -> S | None:
+    """Under overload, the queued request a newcomer of ``priority`` displaces: the worst priority
+    strictly worse than its own, the latest arrival among equals; None if there is none (then the
+    newcomer is the one refused). Shared by one engine and the cluster's gateway."""
+    worse = [r for r in queued if r.priority > priority]
+    return max(worse, key=lambda r: (r.priority, r.arrival_time)) if worse else None
+
+
 @dataclass(frozen=True)
 class PreemptionCost:
     """Cost model for choosing between swap and recompute.

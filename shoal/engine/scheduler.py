@@ -69,6 +69,10 @@ class SchedulerConfig:
             raise ValueError(f"admission must be one of {', '.join(ADMISSION_ORDERS)}, got {self.admission!r}")
         if self.policy not in SCHEDULING_POLICIES:
             raise ValueError(f"policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.policy!r}")
+        for name in ("fair_preempt_tokens", "urgent_slack_s"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be None or a finite number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 import shoal
 from shoal.engine.guided import GrammarCompiler, StructuredOutputs
-from shoal.engine.metadata import RequestMetadata
+from shoal.engine.metadata import DEFAULT_SLO, SLO, RequestMetadata
 from shoal.engine.outputs import SHED_ERROR, RequestOutput
 from shoal.server.async_engine import AsyncEngine
 from shoal.server.lifecycle import Lifecycle
@@ -324,7 +324,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
             tenant=tenant.name if tenant and tenant.name else req.user,
             weight=tenant.weight if tenant else 1.0,
             session_id=req.session_id or request.headers.get("x-session-id"),
-            cache_salt="\0".join(s for s in (tenant and tenant.cache_salt, req.cache_salt) if s) or None)
+            cache_salt="\0".join(s for s in (tenant and tenant.cache_salt, req.cache_salt) if s) or None,
+            slo=request_slo(req, getattr(engine, "slo", None)))
         streams = []
         try:
             for p_i, ids in enumerate(prompts):
@@ -590,6 +591,15 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         isinstance(p, int) or (re.fullmatch(r"[a-z_][a-z0-9_]*", str(p)) and p not in _UNION_TAGS))]
     msg = first.get("msg", "invalid request")
     return (f"{'.'.join(loc)}: {msg}" if loc else msg), (loc[0] if loc else None)
+
+
+def request_slo(req: _SamplingRequest, default: SLO | None) -> SLO | None:
+    """The body's ``slo_ttft_ms`` / ``slo_tpot_ms``, each defaulting to the server's SLO."""
+    if req.slo_ttft_ms is None and req.slo_tpot_ms is None:
+        return None
+    base = default or DEFAULT_SLO
+    return SLO(base.ttft_s if req.slo_ttft_ms is None else req.slo_ttft_ms / 1e3,
+               base.tpot_s if req.slo_tpot_ms is None else req.slo_tpot_ms / 1e3)
 
 
 async def collect(streams) -> list[list[RequestOutput]]:

@@ -172,6 +172,11 @@ class _SamplingRequest(_Body):
         None, description="Keeps a conversation on the instance holding its KV (or the X-Session-Id header).")
     cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
         None, description="Share prefix-cache KV only with requests of the same salt (vLLM's field).")
+    slo_ttft_ms: Annotated[Float, Field(ge=1, le=3_600_000)] | None = Field(
+        None, description="This request's time-to-first-token objective (default: the server's --slo-ttft-ms): "
+                          "deadline admission orders by it and dispatch predicts against it.")
+    slo_tpot_ms: Annotated[Float, Field(ge=1, le=3_600_000)] | None = Field(
+        None, description="This request's time-per-output-token objective (default: the server's --slo-tpot-ms).")
     structured_outputs: StructuredOutputsBody | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None

@@ -130,6 +130,7 @@ class InstanceSpec:
     admission: str = "fcfs"  # or "deadline" (SchedulerConfig.admission)
     scheduling_policy: str = "vtc"  # SchedulerConfig.policy: fcfs | priority | vtc
     fair_preempt_tokens: float | None = 2048  # SchedulerConfig.fair_preempt_tokens
+    urgent_slack_s: float | None = None  # SchedulerConfig.urgent_slack_s
 
     @property
     def step_time_budget(self) -> StepTimeBudget | None:
@@ -158,7 +159,8 @@ class SimInstance:
             BlockManager(spec.num_blocks, spec.block_size, spec.num_swap_blocks),
             SchedulerConfig(max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
                             step_time_budget=spec.step_time_budget, admission=spec.admission,
-                            policy=spec.scheduling_policy, fair_preempt_tokens=spec.fair_preempt_tokens),
+                            policy=spec.scheduling_policy, fair_preempt_tokens=spec.fair_preempt_tokens,
+                            urgent_slack_s=spec.urgent_slack_s),
             max_model_len=spec.max_model_len,
             vocab_size=spec.vocab_size,
             clock=self.clock,
