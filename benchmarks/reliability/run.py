@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,62 +26,12 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
 from corpus import cases  # noqa: E402
+from server_process import Server  # noqa: E402
 
 CHAT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 SLOTS, QUEUE = 8, 8  # --max-num-seqs and --max-waiting of the single-engine server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`shoal serve` in a subprocess on a free loopback port."""
-
-    def __init__(self, *args: str, log_dir: Path, name: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_dir / f"{name}.log", "w")
-        cmd = ["shoal", "serve", "--port", str(self.port), "--max-model-len", "256", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("server did not come up")
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
-        return float(m.group(1)) if m else float("nan")
-
-    def stop(self, timeout: float = 60) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
 
 
 # ---- stages -----------------------------------------------------------------------------------------
@@ -284,7 +233,7 @@ def streams_then(url: str, n: int, max_tokens: int, action, settle_s: float = 12
 
 def stage_sigterm(work: Path, cluster: bool) -> dict:
     args = ["--instances", "2"] if cluster else []
-    srv = Server(*args, "--max-num-seqs", "16", "--drain-timeout", "60", log_dir=work,
+    srv = Server("--max-model-len", "256", *args, "--max-num-seqs", "16", "--drain-timeout", "60", log_dir=work,
                  name="sigterm-cluster" if cluster else "sigterm")
     srv.wait_ready()
     outcome = streams_then(srv.url, 8, 64, lambda: srv.proc.send_signal(signal.SIGTERM), settle_s=90)
@@ -297,7 +246,7 @@ def stage_sigterm(work: Path, cluster: bool) -> dict:
 
 
 def stage_cluster(work: Path) -> dict:
-    srv = Server("--instances", "2", "--max-num-seqs", "16", log_dir=work, name="cluster")
+    srv = Server("--max-model-len", "256", "--instances", "2", "--max-num-seqs", "16", log_dir=work, name="cluster")
     srv.wait_ready()
     children = subprocess.run(["pgrep", "-f", "ray::Instance"], capture_output=True, text=True).stdout.split()
 
@@ -330,7 +279,7 @@ def main() -> None:
         print(f"{name}: {json.dumps({k: v for k, v in value.items() if k != 'statuses'})}", flush=True)
 
     if only & {"fuzz", "corpus", "storm", "overload", "soak"}:
-        srv = Server("--max-num-seqs", str(SLOTS), "--max-waiting", str(QUEUE), log_dir=work, name="main")
+        srv = Server("--max-model-len", "256", "--max-num-seqs", str(SLOTS), "--max-waiting", str(QUEUE), log_dir=work, name="main")
         srv.wait_ready()
         try:
             if "fuzz" in only:

@@ -1,0 +1,69 @@
+"""Fair share on the real server: ``shoal serve`` (SmolLM2, this machine) under two tenants of equal
+weight, ``heavy`` sending 10x ``light``'s rate, together overloading it; ``light``'s P99 TTFT under
+``--scheduling-policy fcfs`` and ``vtc`` against the same light requests sent alone, and total
+output throughput. The tenants are named by ``user`` (no keys file: equal weights). Run it on an
+otherwise idle machine.
+
+    python benchmarks/tenants/serve.py            # writes benchmarks/tenants/serve.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from server_process import Server  # noqa: E402
+
+from shoal.bench import report  # noqa: E402
+from shoal.bench.serve import run_workload  # noqa: E402
+from shoal.bench.workloads import Workload, synthetic, with_tenants  # noqa: E402
+from shoal.model.loader import default_model_path, load_tokenizer  # noqa: E402
+
+RATE, N, PROMPT, OUTPUT = 4.0, 300, 128, 128  # the server serves ~2 req/s of this shape on 2 cores
+
+
+def run(policy: str, workload: Workload, log_dir: Path) -> dict:
+    srv = Server("--scheduling-policy", policy, "--max-waiting", "100000", "--max-model-len", "1024",
+                 log_dir=log_dir, name=policy)
+    try:
+        srv.wait_ready()
+        records, _, duration = asyncio.run(run_workload(srv.url, workload, load_tokenizer(default_model_path()),
+                                                        max_duration_s=900, show_progress=False))
+    finally:
+        srv.stop()
+    return report.summarize(records, workload.description, 2000, 200, duration_s=duration)
+
+
+def main() -> None:
+    mixed = with_tenants(synthetic("poisson", N, RATE, PROMPT, OUTPUT, seed=0, len_jitter=0.5),
+                         {"heavy": 10, "light": 1}, seed=0)
+    alone = Workload(mixed.kind, [r for r in mixed.requests if r.tenant == "light"], mixed.description)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {"fcfs": run("fcfs", mixed, Path(tmp)), "vtc": run("vtc", mixed, Path(tmp)),
+                "light_alone": run("vtc", alone, Path(tmp))}
+    light = {k: r["tenants"]["by_tenant"]["light"] for k, r in runs.items()}
+    lone = light["light_alone"]["ttft_ms"]["p99"]
+    out = {
+        "workload": {"rate": RATE, "num_requests": N, "prompt_len": PROMPT, "output_len": OUTPUT,
+                     "len_jitter": 0.5, "tenants": {"heavy": 10, "light": 1},
+                     "light_requests": light["light_alone"]["num_requests"]},
+        "light_alone_p99_ttft_ms": round(lone, 1),
+        "fcfs_light_p99_ttft_ms": round(light["fcfs"]["ttft_ms"]["p99"], 1),
+        "vtc_light_p99_ttft_ms": round(light["vtc"]["ttft_ms"]["p99"], 1),
+        "fcfs_light_vs_alone": round(light["fcfs"]["ttft_ms"]["p99"] / lone, 2),
+        "vtc_light_vs_alone": round(light["vtc"]["ttft_ms"]["p99"] / lone, 2),
+        "light_p50_ttft_ms": {k: round(v["ttft_ms"]["p50"], 1) for k, v in light.items()},
+        "output_tok_s": {k: round(r["output_token_throughput"], 1) for k, r in runs.items()},
+        "vtc_throughput_vs_fcfs": round(runs["vtc"]["output_token_throughput"] / runs["fcfs"]["output_token_throughput"], 3),
+        "failed": {k: r["failed"] for k, r in runs.items()},
+    }
+    Path(__file__).with_name("serve.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
