@@ -41,6 +41,7 @@ def snapshot(bm: BlockManager) -> tuple:
         list(bm._free_swap),
         {k: (list(t.blocks), list(t.hashes)) for k, t in bm.tables.items()},
         {k: list(v) for k, v in bm.swapped.items()},
+        dict(bm.resident),
         bm.num_used,
         bm.prefix_queries,
         bm.prefix_hits,
@@ -240,14 +241,19 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def swap_out(self, data) -> None:
         bm = self.bm
         rid = data.draw(st.sampled_from(self._dev_ids()), label="req")
+        keep_cached = data.draw(st.booleans(), label="keep_cached")
         table = list(bm.table(rid))
-        if not bm.can_swap_out(rid):
-            assert len(table) > bm.num_free_swap
-            self._expect_no_free(bm.swap_out, rid)
+        if not bm.can_swap_out(rid, keep_cached):
+            assert bm.swap_copies(rid, keep_cached) > bm.num_free_swap
+            self._expect_no_free(bm.swap_out, rid, keep_cached)
             return
         free_swap = set(bm._free_swap)
-        pairs = bm.swap_out(rid)
-        assert [d for d, _ in pairs] == table
+        pairs = bm.swap_out(rid, keep_cached)
+        kept = len(bm.resident[rid].hashes)
+        assert kept == 0 or keep_cached
+        assert [d for d, _ in pairs] == table[kept:]
+        if kept:
+            event("swapped out with a resident prefix")
         assert {s for _, s in pairs} <= free_swap and len({s for _, s in pairs}) == len(pairs)
         assert bm.swapped[rid] == [s for _, s in pairs]
         for d, s in pairs:
@@ -260,7 +266,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
         bm = self.bm
         rid = data.draw(st.sampled_from(self._swapped_ids()), label="req")
         swap_ids = list(bm.swapped[rid])
+        resident = bm.resident_blocks(rid)
         if not bm.can_swap_in(rid):
+            if resident is None:
+                event("resident prefix evicted")
             self._expect_no_free(bm.swap_in, rid)
             return
         self._was_used = self._used_now()
@@ -268,7 +277,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert [s for s, _ in pairs] == swap_ids
         device = [d for _, d in pairs]
         self._fresh(device)
-        assert bm.table(rid) == device and rid not in bm.swapped
+        assert bm.table(rid) == resident + device and rid not in bm.swapped and rid not in bm.resident
         for s, d in pairs:
             self.dev[d] = list(self.swap[s])
         self.reqs[rid].swapped = False
@@ -330,7 +339,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
         bs = self.bs
         for rid, req in self.reqs.items():
             if req.swapped:
-                ids, store = self.bm.swapped[rid], self.swap
+                resident = self.bm.resident_blocks(rid)
+                if resident is None:  # evicted: it can only be recomputed
+                    continue
+                for p in range(req.computed):
+                    i = p // bs
+                    slot = self.dev[resident[i]] if i < len(resident) else self.swap[self.bm.swapped[rid][i - len(resident)]]
+                    assert slot[p % bs] == req.tokens[p], (rid, p)
+                continue
             else:
                 ids, store = self.bm.table(rid), self.dev
                 assert len(ids) * bs >= req.computed
@@ -452,3 +468,21 @@ def test_prefix_hash_memo_is_bounded_and_exact():
     assert len(bm._hash_memo) <= HASH_MEMO_SIZE
     bm.prefix_hashes(prompts[0], 2).append(0)  # callers own what they get back
     assert bm.prefix_hashes(prompts[0], 2) == prefix_hashes(prompts[0], 4)
+
+
+@pytest.mark.parametrize("keep_cached", [True, False])
+def test_a_swapped_in_table_keeps_its_salt(keep_cached):
+    # A tenant's request swapped out and back publishes its later blocks under its own salt:
+    # another tenant's identical prompt (another salt, or none) never hits them.
+    bm = BlockManager(16, 4, num_swap_blocks=16)
+    tokens = list(range(20))
+    bm.allocate("a", tokens, 10, salt=7)
+    bm.commit("a", tokens, 10)
+    bm.swap_out("a", keep_cached)
+    bm.swap_in("a")
+    bm.ensure_slots("a", 20)
+    bm.commit("a", tokens, 20)
+    assert bm.tables["a"].hashes == bm.prefix_hashes(tokens, 5, salt=7)
+    assert len(bm.cached_prefix(tokens + [0], salt=7)) == 5
+    assert bm.cached_prefix(tokens + [0]) == [] and bm.cached_prefix(tokens + [0], salt=8) == []
+    bm.check()

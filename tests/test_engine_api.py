@@ -16,6 +16,7 @@ import torch
 
 from shoal.engine.config import EngineConfig
 from shoal.engine.engine import Engine
+from shoal.engine.preemption import PreemptionMode
 from shoal.engine.request import FinishReason, Status
 from shoal.engine.sampling_params import SamplingParams
 from shoal.model.llama import LlamaModel
@@ -680,6 +681,55 @@ def test_priority_orders_admission_when_one_fits(make_tiny_engine):
         order += [o.req_id for o in engine.step() if o.finished]
     assert order == [c, first, a, b]
     assert engine.scheduler.num_preemptions == 1
+
+
+@pytest.mark.parametrize("resident_swap", [True, False])
+def test_a_slot_preemption_swaps_only_what_the_prefix_cache_does_not_hold(make_tiny_engine, resident_swap):
+    # One slot, swaps forced: the urgent request takes the running one's slot. With resident swaps
+    # the victim's full (cached) blocks stay in the prefix cache and only its partial last block is
+    # copied; it resumes on them with the same greedy tokens as a run with no preemption.
+    params = greedy(10)
+    ref = tokens_of(run_all_one(make_tiny_engine(), prompt(29, 50), params))
+    engine = make_tiny_engine(max_num_seqs=1, preemption_mode="swap", resident_swap=resident_swap)
+    lo = engine.add(prompt(29, 50), params, priority=0)
+    outs: dict[str, list] = defaultdict(list)
+    collect(engine, outs, steps=3)  # prefill (29 tokens) and two decodes: 31 computed, 8 blocks
+    engine.add(prompt(6, 51), greedy(2), priority=-1)
+    collect(engine, outs)
+    plan = engine.last_plan
+    assert plan.preempted == [(lo, PreemptionMode.SWAP)]
+    bm = engine.block_manager
+    assert len(plan.swap_out) == (1 if resident_swap else 8)
+    assert len(bm.resident[lo].hashes) == (7 if resident_swap else 0)
+    while engine.has_unfinished():
+        collect(engine, outs)
+    assert tokens_of(outs[lo]) == ref
+    assert engine.scheduler.num_preemptions == 1 and engine.requests == {}
+    bm.check()
+
+
+def test_a_swapped_request_whose_cached_prefix_was_evicted_is_recomputed(make_tiny_engine):
+    # 12 blocks: the urgent request's long prompt evicts the victim's resident prefix while it
+    # waits; at re-admission it recomputes (from its tokens) instead of reading the evicted blocks.
+    params = greedy(6)
+    ref = tokens_of(run_all_one(make_tiny_engine(), prompt(17, 60), params))
+    engine = make_tiny_engine(num_blocks=12, max_num_seqs=1, preemption_mode="swap")
+    lo = engine.add(prompt(17, 60), params, priority=0)
+    outs: dict[str, list] = defaultdict(list)
+    collect(engine, outs, steps=2)
+    engine.add(prompt(40, 61), greedy(3), priority=-1)
+    collect(engine, outs)
+    assert engine.last_plan.preempted == [(lo, PreemptionMode.SWAP)]
+    assert engine.block_manager.resident_blocks(lo) is None  # the urgent prompt took those blocks
+    while engine.has_unfinished():
+        collect(engine, outs)
+    assert tokens_of(outs[lo]) == ref
+    engine.block_manager.check()
+
+
+def run_all_one(engine: Engine, token_ids: list[int], params: SamplingParams) -> list:
+    rid = engine.add(token_ids, params)
+    return run_all(engine)[rid]
 
 
 # ---- load -------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ shed one is answered 429 with ``Retry-After``), never an urgent request while a 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -64,3 +65,33 @@ def test_a_full_queue_answers_429_to_the_lowest_priority_never_the_urgent():
         assert shed.json()["error"]["type"] == "RateLimitError" and "shed" in shed.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_a_burst_that_overflows_the_queue_never_refuses_its_urgent_requests():
+    # 40 requests at once on 1 slot + 3 queued, 3 of them urgent among them: the bound is decided
+    # where every earlier request of the burst is already queued, so each urgent one takes a lower
+    # one's place (none is refused for requests the engine had not seen yet), and no more than
+    # slot + queue + the urgent ones are served.
+    engine = fast_engine(max_num_seqs=1)
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.05), step())[1]
+    server, _ = serve(engine, max_waiting=3)
+    priorities = [1 + i % 3 for i in range(40)]
+    for i in (11, 23, 37):
+        priorities[i] = -1
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
+            async def one(priority: int) -> int:
+                r = await client.post(f"{server.url}/v1/completions", json={
+                    "prompt": "hello", "max_tokens": 40, "ignore_eos": True, "priority": priority})
+                assert r.status_code == 200 or (r.status_code == 429 and r.headers["retry-after"])
+                return r.status_code
+            return await asyncio.gather(*(one(p) for p in priorities))
+
+    try:
+        codes = asyncio.run(burst())
+    finally:
+        server.stop()
+    assert [c for c, p in zip(codes, priorities) if p == -1] == [200, 200, 200]
+    assert codes.count(200) == 1 + 3, codes  # the first one running, the urgent ones queued

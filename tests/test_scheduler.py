@@ -214,14 +214,17 @@ class Sim:
 
     def _snapshot(self) -> dict:
         bm, s = self.bm, self.sched
+        evicted = {rid for rid in bm.swapped if bm.resident_blocks(rid) is None}  # will recompute
         return {
-            "status": {r.req_id: r.status for r in self.requests.values()},
+            "status": {r.req_id: Status.WAITING if r.req_id in evicted else r.status for r in self.requests.values()},
+            "resident": {rid: len(p.hashes) for rid, p in bm.resident.items()},
             "computed": {r.req_id: r.num_computed_tokens for r in self.requests.values()},
             "left": {r.req_id: r.num_tokens - r.num_computed_tokens for r in self.requests.values()},
             "preemptions": {r.req_id: r.num_preemptions for r in self.requests.values()},
             "tables": {rid: list(t.blocks) for rid, t in bm.tables.items()},
             "swapped": {rid: list(ids) for rid, ids in bm.swapped.items()},
             "free_swap": set(bm._free_swap),
+            "evicted_swap": {b for rid in evicted for b in bm.swapped[rid]},
             "running": list(s.running),
             "candidates": list(s.waiting) + list(s.swapped),
             "oldest": min(self.requests.values(), key=lambda r: r.sort_key, default=None),
@@ -339,8 +342,11 @@ class Sim:
             dev = [d for d, _ in pairs]
             assert [s for _, s in pairs] == ids
             before = pre["tables"].get(rid, [])
-            assert dev[: len(before)] == before
-            assert set(ids) <= pre["free_swap"]
+            kept = len(bm.resident[rid].hashes)  # left in the prefix cache: a preemption for a slot
+            assert dev[: max(0, len(before) - kept)] == before[kept:]
+            # Swap blocks free before the step, or of a swapped request that recomputes instead
+            # (its resident prefix was evicted): nothing reads those.
+            assert set(ids) <= pre["free_swap"] | pre["evicted_swap"]
         assert i == len(plan.swap_out), "swap-out pairs of no victim"
         # Swap-in pairs: a swapped request's swap blocks onto blocks it then owns alone.
         i = 0
@@ -353,7 +359,8 @@ class Sim:
             assert [s for s, _ in pairs] == ids
             if r.req_id in preempted:
                 continue
-            assert bm.table(r.req_id)[: len(ids)] == [d for _, d in pairs]
+            kept = pre["resident"][r.req_id]
+            assert bm.table(r.req_id)[kept : kept + len(ids)] == [d for _, d in pairs]
             for _, d in pairs:
                 assert bm.blocks[d].ref_count == 1 and bm.blocks[d].hash is None
         assert i == len(plan.swap_in), "swap-in pairs of no request"
@@ -382,7 +389,15 @@ class Sim:
             if req.status is Status.RUNNING:
                 ids, store = self.bm.table(req.req_id), self.dev
             elif req.status is Status.SWAPPED:
-                ids, store = self.bm.swapped[req.req_id], self.swap
+                resident = self.bm.resident_blocks(req.req_id)
+                if resident is None:  # evicted: it will be recomputed
+                    continue
+                ids = [(b, self.dev) for b in resident] + [(b, self.swap) for b in self.bm.swapped[req.req_id]]
+                tokens = req.all_token_ids
+                for p in range(req.num_computed_tokens):
+                    b, store = ids[p // bs]
+                    assert store[b][p % bs] == tokens[p], f"{req.req_id} KV at {p} is wrong"
+                continue
             else:
                 continue
             tokens = req.all_token_ids

@@ -6,8 +6,9 @@ cost model, one instance): the targets of the tenants issue.
    alone, and total output throughput of VTC against FCFS.
 2. Weighted 3:1 tenants (``gold`` weight 3, ``bronze`` 1, equal arrival rates) under saturation:
    tokens served to each while both still send.
-3. The cost of switching: preemptions and swapped-out bytes per served output token, VTC with and
-   without fairness preemption.
+3. The cost of switching: preemptions and swapped-out bytes per served output token, VTC with
+   fairness preemption by resident swaps (the victim's cached prefix stays in the prefix cache), the
+   same with whole-request swaps, and without fairness preemption.
 
     python benchmarks/tenants/sim.py            # writes benchmarks/tenants/sim.json
 """
@@ -78,9 +79,10 @@ def main() -> None:
     long = with_tenants(synthetic("poisson", 300, 1.0, PROMPT, 512, seed=2, len_jitter=0.5),
                         {"heavy": 10, "light": 1}, seed=2)
     switching = {}
-    for name, policy, gap in (("vtc_fair_preemption", "vtc", 2048), ("vtc_no_preemption", "vtc", None),
-                              ("fcfs", "fcfs", None)):
-        r = cpu_smollm2(policy, max_num_seqs=16, fair_preempt_tokens=gap).run(long)[0]
+    for name, policy, gap, resident in (("vtc_fair_preemption", "vtc", 2048, True),
+                                        ("vtc_fair_preemption_whole_swaps", "vtc", 2048, False),
+                                        ("vtc_no_preemption", "vtc", None, True), ("fcfs", "fcfs", None, True)):
+        r = cpu_smollm2(policy, max_num_seqs=16, fair_preempt_tokens=gap, resident_swap=resident).run(long)[0]
         tokens = r["output_token_throughput"] * r["duration_s"]
         switching[name] = {"light_p99_ttft_ms": round(light_p99(r), 1), "preemptions": r["preemptions"],
                            "preemptions_per_1k_tokens": round(1e3 * r["preemptions"] / tokens, 3),

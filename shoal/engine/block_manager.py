@@ -6,6 +6,12 @@ new request whose prompt starts with the same tokens reuses them (prefix caching
 reference count drops to zero stays in the cache and is reused least-recently-freed first. Pinned
 blocks (agent KV retention) count as used even when no request holds them.
 
+A swapped-out request's KV is in the swap pool (copied block by block), except, when it is swapped
+out with ``keep_cached``, the leading blocks the prefix cache holds: those are only released, and
+found again by their hashes at swap-in (FastSwitch's cheap context switch: a preempted request whose
+prefix, or a multi-turn tenant's earlier turns, is still cached copies only its tail). If any of
+them was evicted in between, the request cannot be swapped in and is recomputed instead.
+
 Invariant (checked by :meth:`check`): free + used == total, where a block is used when a request
 references it or it is pinned; when no request is left, used == pinned.
 """
@@ -70,6 +76,15 @@ class BlockTable:
     salt: int | None = None  # seeds the hash chain: only requests of the same salt share blocks
 
 
+@dataclass(frozen=True)
+class ResidentPrefix:
+    """The leading blocks a swapped-out request left in the prefix cache: their hashes and the salt
+    of the table's chain."""
+
+    hashes: tuple[int, ...]
+    salt: int | None
+
+
 class BlockManager:
     """Allocates device blocks and swap blocks to requests; keeps the prefix cache."""
 
@@ -97,7 +112,8 @@ class BlockManager:
         self._hash_memo: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()
         self._free_swap: list[int] = list(range(num_swap_blocks - 1, -1, -1))
         self.tables: dict[str, BlockTable] = {}
-        self.swapped: dict[str, list[int]] = {}
+        self.swapped: dict[str, list[int]] = {}  # a swapped-out request's swap blocks (after its resident prefix)
+        self.resident: dict[str, ResidentPrefix] = {}  # of every swapped-out request
         self.num_used = 0
         self._num_pinned = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
@@ -269,42 +285,82 @@ class BlockManager:
             for bid in reversed(table.blocks):
                 self._release(bid)
         self._free_swap.extend(self.swapped.pop(req_id, ()))
+        self.resident.pop(req_id, None)
 
     # ---- swap tier ----------------------------------------------------------------------------
 
-    def can_swap_out(self, req_id: str) -> bool:
-        return len(self.tables[req_id].blocks) <= len(self._free_swap)
+    def _num_cached_leading(self, table: BlockTable) -> int:
+        """How many of the table's leading blocks the prefix cache can find again by hash."""
+        if not self.enable_prefix_caching:
+            return 0
+        n = 0
+        while n < len(table.hashes) and table.hashes[n] in self._hash_to_block:
+            n += 1
+        return n
 
-    def swap_out(self, req_id: str) -> list[tuple[int, int]]:
-        """Move a request's KV to the swap pool. Returns (device block, swap block) copies that
-        must run before its device blocks are reused."""
-        table = self.tables.pop(req_id)
-        if len(table.blocks) > len(self._free_swap):
-            self.tables[req_id] = table
-            raise NoFreeBlocks(f"{req_id} needs {len(table.blocks)} swap blocks")
-        pairs = [(bid, self._free_swap.pop()) for bid in table.blocks]
+    def swap_copies(self, req_id: str, keep_cached: bool = False) -> int:
+        """Blocks :meth:`swap_out` would copy to the swap pool."""
+        table = self.tables[req_id]
+        return len(table.blocks) - (self._num_cached_leading(table) if keep_cached else 0)
+
+    def can_swap_out(self, req_id: str, keep_cached: bool = False) -> bool:
+        return self.swap_copies(req_id, keep_cached) <= len(self._free_swap)
+
+    def swap_out(self, req_id: str, keep_cached: bool = False) -> list[tuple[int, int]]:
+        """Move a request's KV to the swap pool; with ``keep_cached``, all but the leading blocks
+        the prefix cache holds (those are released to it). Returns (device block, swap block)
+        copies that must run before its device blocks are reused."""
+        table = self.tables[req_id]
+        kept = self._num_cached_leading(table) if keep_cached else 0
+        if len(table.blocks) - kept > len(self._free_swap):
+            raise NoFreeBlocks(f"{req_id} needs {len(table.blocks) - kept} swap blocks")
+        del self.tables[req_id]
+        pairs = [(bid, self._free_swap.pop()) for bid in table.blocks[kept:]]
         self.swapped[req_id] = [s for _, s in pairs]
+        self.resident[req_id] = ResidentPrefix(tuple(table.hashes[:kept]), table.salt)
         for bid in reversed(table.blocks):
             self._release(bid)
         return pairs
 
+    def resident_blocks(self, req_id: str) -> list[int] | None:
+        """The device blocks holding a swapped-out request's resident prefix; None if one of them
+        was evicted (the request must be recomputed)."""
+        found = [self._hash_to_block.get(h) for h in self.resident[req_id].hashes]
+        return None if None in found else found  # type: ignore[return-value]
+
+    def num_swapped_blocks(self, req_id: str) -> int:
+        """Blocks a swapped-out request holds, resident prefix included."""
+        return len(self.resident[req_id].hashes) + len(self.swapped[req_id])
+
     def can_swap_in(self, req_id: str, reserve: int = 0) -> bool:
-        return len(self.swapped[req_id]) + reserve <= self.num_free
+        """Whether the request's KV is all there and fits on device, keeping ``reserve`` blocks free."""
+        kept = self.resident_blocks(req_id)
+        if kept is None:
+            return False
+        reused_free = sum(1 for b in kept if not self.blocks[b].used)
+        return len(self.swapped[req_id]) + reused_free + reserve <= self.num_free
 
     def swap_in(self, req_id: str) -> list[tuple[int, int]]:
-        """Bring a swapped request back onto fresh device blocks. Returns (swap, device) copies."""
-        swap_ids = self.swapped[req_id]
-        if len(swap_ids) > self.num_free:
-            raise NoFreeBlocks(f"{req_id} needs {len(swap_ids)} blocks to swap in")
-        del self.swapped[req_id]
-        table = BlockTable()
+        """Bring a swapped request back: its resident prefix from the cache, the rest onto fresh
+        device blocks. Returns (swap, device) copies."""
+        kept = self.resident_blocks(req_id)
+        if kept is None:
+            raise NoFreeBlocks(f"{req_id}'s cached prefix was evicted: recompute it")
+        if not self.can_swap_in(req_id):
+            raise NoFreeBlocks(f"{req_id} needs {len(self.swapped[req_id])} blocks to swap in")
+        swap_ids = self.swapped.pop(req_id)
+        prefix = self.resident.pop(req_id)
+        table = BlockTable(hashes=list(prefix.hashes), salt=prefix.salt)
+        for bid in kept:
+            self._acquire(bid)
+            table.blocks.append(bid)
         for _ in swap_ids:
             bid = self._take_free()
             self.blocks[bid].ref_count = 1
             table.blocks.append(bid)
         self.tables[req_id] = table
         self._free_swap.extend(swap_ids)
-        return list(zip(swap_ids, table.blocks))
+        return list(zip(swap_ids, table.blocks[len(kept):]))
 
     # ---- pins ---------------------------------------------------------------------------------
 
@@ -347,6 +403,7 @@ class BlockManager:
         assert refs == [b.ref_count for b in self.blocks], "reference counts disagree with tables"
         swap_used = sum(len(s) for s in self.swapped.values())
         assert swap_used + len(self._free_swap) == self.num_swap_blocks
+        assert set(self.resident) == set(self.swapped)
         if not self.tables:
             assert used == self.num_pinned, (used, self.num_pinned)
         assert self._num_pinned == sum(1 for b in self.blocks if b.pin_count > 0)

@@ -35,6 +35,7 @@ class EngineConfig:
     scheduling_policy: str = "vtc"  # fcfs | priority | vtc (SchedulerConfig.policy)
     fair_preempt_tokens: float | None = 2048  # SchedulerConfig.fair_preempt_tokens
     urgent_slack_s: float | None = None  # SchedulerConfig.urgent_slack_s (deadline admission)
+    resident_swap: bool = True  # SchedulerConfig.resident_swap
     step_time_limit_s: float | None = None  # SLO-sized steps: a step with decodes stays within this
     cost_model: str | None = None  # the profile JSON that times steps (default: the committed one)
 

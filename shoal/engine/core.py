@@ -238,11 +238,7 @@ class EngineCore:
         for req_id, mode in plan.preempted:
             req = self.requests.get(req_id)
             if req is not None and req.status is Status.SWAPPED:
-                self.scheduler.detach(req)
-                self.block_manager.free(req_id)
-                req.num_computed_tokens = 0
-                req.status = Status.WAITING
-                self.scheduler.attach(req)
+                self.scheduler.recompute_instead(req)
 
     def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
         req.output_token_ids.append(token)
@@ -380,7 +376,7 @@ class EngineCore:
         kv = None
         bm = self.block_manager
         if req.status is Status.SWAPPED:
-            kv = self.executor.read_kv(bm.swapped[req_id][from_block:], swapped=True)
+            kv = self._swapped_kv(req_id, from_block)
         elif req.status is Status.RUNNING and req.num_computed_tokens:
             n = bm.blocks_needed(req.num_computed_tokens)
             kv = self.executor.read_kv(bm.table(req_id)[from_block:n])
@@ -415,6 +411,17 @@ class EngineCore:
         else:
             self._suspended[req_id] = req
         return state
+
+    def _swapped_kv(self, req_id: str, from_block: int) -> torch.Tensor | None:
+        """A swapped-out request's KV from ``from_block`` on: its resident prefix from the device,
+        the rest from the swap pool; None if the resident prefix was evicted."""
+        resident = self.block_manager.resident_blocks(req_id)
+        if resident is None:
+            return None
+        parts = [self.executor.read_kv(resident[from_block:])] if len(resident) > from_block else []
+        tail = self.block_manager.swapped[req_id][max(0, from_block - len(resident)):]
+        parts.append(self.executor.read_kv(tail, swapped=True))
+        return torch.cat(parts, dim=3)
 
     def release(self, req_id: str) -> None:
         """Commit a migration away: free the suspended request's KV here."""

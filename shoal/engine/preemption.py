@@ -61,7 +61,8 @@ class PreemptionCost:
     force: PreemptionMode | None = None  # always this mode when possible
 
     def choose(self, num_computed_tokens: int, num_blocks: int, swap_blocks_free: int) -> PreemptionMode:
-        if num_blocks == 0 or num_blocks > swap_blocks_free:
+        """Swap or recompute a request of ``num_computed_tokens`` whose swap copies ``num_blocks``."""
+        if num_computed_tokens == 0 or num_blocks > swap_blocks_free:
             return PreemptionMode.RECOMPUTE
         if self.force is not None:
             return self.force

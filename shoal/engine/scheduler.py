@@ -63,6 +63,9 @@ class SchedulerConfig:
     not yet overdue) is admitted one priority level ahead (HexGen-Text2SQL's urgency)."""
     vtc_output_weight: float = 1.0
     """The price of one output token in the tenants' counters, against 1 for a prompt token."""
+    resident_swap: bool = True
+    """A request preempted for its slot (not for KV) leaves its cached prefix blocks in the prefix
+    cache and swaps only the rest; False: it swaps every block (whole-request swaps)."""
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_ORDERS:
@@ -259,13 +262,15 @@ class Scheduler:
                 lower = self._outranked(req)
                 if not lower:
                     return
-                budget += self._preempt(self._victim(lower), plan)
+                budget += self._preempt(self._victim(lower), plan, for_slot=True)
+            if req.status is Status.SWAPPED and self.bm.resident_blocks(req.req_id) is None:
+                self.recompute_instead(req)  # its resident prefix was evicted while it waited
             if req.status is Status.SWAPPED:
                 n = self._chunk_tokens(plan, req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget))
                 if n == 0:
                     return
                 # Blocks the chunk needs beyond those swapped back in count like the watermark.
-                grow = max(0, self.bm.blocks_needed(req.num_computed_tokens + n) - len(self.bm.swapped[req.req_id]))
+                grow = max(0, self.bm.blocks_needed(req.num_computed_tokens + n) - self.bm.num_swapped_blocks(req.req_id))
                 if not self._make_room(req, lambda: self.bm.can_swap_in(req.req_id, grow + self._watermark()), plan):
                     return
                 plan.swap_in.extend(self.bm.swap_in(req.req_id))
@@ -312,19 +317,21 @@ class Scheduler:
             self._preempt(self._victim(lower), plan)
         return True
 
-    def _preempt(self, victim: Request, plan: StepPlan) -> int:
+    def _preempt(self, victim: Request, plan: StepPlan, for_slot: bool = False) -> int:
         """Preempt a running request, dropping its chunk from the plan if it already has one.
-        Returns the tokens of that chunk (budget given back)."""
+        Returns the tokens of that chunk (budget given back). Preempted ``for_slot`` (not for KV),
+        its cached prefix stays in the cache and only the rest is swapped (``resident_swap``)."""
         chunk = next((c for c in plan.chunks if c.req_id == victim.req_id), None)
         if chunk is not None:
             plan.chunks.remove(chunk)
-        table = self.bm.table(victim.req_id)
+        keep_cached = for_slot and self.config.resident_swap
         # Swap-outs run before swap-ins: swap blocks a swap-in of this step frees are not free yet.
         swap_free = 0 if plan.swap_in else self.bm.num_free_swap
-        mode = self.config.preemption_cost.choose(victim.num_computed_tokens, len(table), swap_free)
+        mode = self.config.preemption_cost.choose(
+            victim.num_computed_tokens, self.bm.swap_copies(victim.req_id, keep_cached), swap_free)
         self.running.remove(victim)
         if mode is PreemptionMode.SWAP:
-            copies = self.bm.swap_out(victim.req_id)
+            copies = self.bm.swap_out(victim.req_id, keep_cached)
             plan.swap_out.extend(copies)
             self.num_swapped_out_blocks += len(copies)
             victim.status = Status.SWAPPED
@@ -338,6 +345,14 @@ class Scheduler:
         self.num_preemptions += 1
         plan.preempted.append((victim.req_id, mode))
         return chunk.num_tokens if chunk is not None else 0
+
+    def recompute_instead(self, req: Request) -> None:
+        """Turn a swapped-out request into a waiting one that computes its KV again."""
+        self.bm.free(req.req_id)
+        self.swapped.remove(req)
+        req.num_computed_tokens = 0
+        req.status = Status.WAITING
+        self.waiting.append(req)
 
     def _chunk(self, req: Request, n: int, now: float) -> ScheduledChunk:
         if req.first_scheduled_time is None:

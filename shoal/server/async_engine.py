@@ -33,7 +33,6 @@ class _Add:
     sink: Callable[[RequestOutput], None]
     admitted: "asyncio.Future[None]"
     loop: asyncio.AbstractEventLoop
-    shed: bool = False  # the queue is full: end the worst-priority queued request to make room
 
 
 @dataclass
@@ -55,12 +54,7 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self._inbox: queue.Queue[_Add | _Abort | _FailAll | None] = queue.Queue()
         self._sinks: dict[str, Callable[[RequestOutput], None]] = {}
-        # (load snapshot, adds it reflects): refreshed by the loop thread after every step. Requests
-        # submitted since are not in the snapshot yet, so the queue bound counts them separately
-        # (each counter has a single writer thread); otherwise a burst got past the bound.
-        self._snapshot = (engine.load(), 0)
-        self._num_submitted = 0  # event loop: requests let through submit()
-        self._num_handled = 0  # loop thread: adds taken from the inbox
+        self._snapshot = engine.load()  # refreshed by the loop thread after every step
         self._thread = threading.Thread(target=self._run, name="shoal-engine", daemon=True)
         self._stopped = threading.Event()
         self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
@@ -87,7 +81,7 @@ class AsyncEngine:
 
     def load(self) -> InstanceLoad:
         """The latest load snapshot (refreshed by the loop thread after every step)."""
-        return self._snapshot[0]
+        return self._snapshot
 
     async def submit(
         self, prompt_token_ids: list[int], params: SamplingParams, req_id: str,
@@ -101,16 +95,6 @@ class AsyncEngine:
         has stopped."""
         if self.dead:
             raise RuntimeError(f"engine stopped: {self.dead}")
-        shed = False
-        if self.max_waiting is not None:
-            load, seen = self._snapshot
-            waiting = load.waiting_for_room(self._num_submitted - seen)
-            priority = metadata.priority if metadata is not None else 0
-            if waiting >= self.max_waiting:
-                worst = load.lowest_waiting_priority
-                if worst is None or priority >= worst:
-                    raise QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
-                shed = True
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         admitted: asyncio.Future[None] = loop.create_future()
@@ -118,8 +102,7 @@ class AsyncEngine:
         def sink(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
-        self._num_submitted += 1
-        self._inbox.put(_Add(req_id, prompt_token_ids, params, with_slo(metadata, self.slo), sink, admitted, loop, shed))
+        self._inbox.put(_Add(req_id, prompt_token_ids, params, with_slo(metadata, self.slo), sink, admitted, loop))
         await admitted
         return RequestStream(self.abort, req_id, outputs)
 
@@ -157,9 +140,13 @@ class AsyncEngine:
         if isinstance(item, _FailAll):
             self._deliver(self.engine.fail_all(item.error))
             return
-        self._num_handled += 1
-        if item.shed:
-            self.engine.shed(item.metadata.priority)
+        if self.max_waiting is not None and (waiting := self.engine.load().waiting_for_room()) >= self.max_waiting:
+            # Decided here, where every earlier request is queued already: a burst neither gets
+            # past the bound nor has its urgent requests refused for lower ones not yet queued.
+            if self.engine.shed(item.metadata.priority) is None:
+                refused = QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
+                item.loop.call_soon_threadsafe(_set_exception, item.admitted, refused)
+                return
         try:
             self.engine.add(item.prompt_token_ids, item.params, req_id=item.req_id, metadata=item.metadata)
         except Exception as exc:  # refused (ValueError / TypeError) or a bug: this request alone fails
@@ -169,14 +156,15 @@ class AsyncEngine:
         item.loop.call_soon_threadsafe(_set_result, item.admitted)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        # Listeners (metrics) first: a client that reads /metrics after its answer sees it counted.
+        for listener in self.step_listeners:
+            listener(outputs)
         for out in outputs:
             sink = self._sinks.get(out.req_id)
             if sink is not None:
                 sink(out)
                 if out.finished:
                     del self._sinks[out.req_id]
-        for listener in self.step_listeners:
-            listener(outputs)
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -184,10 +172,10 @@ class AsyncEngine:
                 self._drain(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
                     outputs = self.engine.step()
-                    self._snapshot = (self.engine.load(), self._num_handled)
+                    self._snapshot = self.engine.load()
                     self._deliver(outputs)
                 else:
-                    self._snapshot = (self.engine.load(), self._num_handled)
+                    self._snapshot = self.engine.load()
             except Exception as exc:  # the step itself broke, not one request: start over
                 if not self._recover(exc):
                     return
@@ -198,7 +186,7 @@ class AsyncEngine:
         log.exception("engine step crashed; failing its %d requests and restarting the engine", len(self._sinks))
         try:
             outputs = self.engine.recover(f"the engine hit an internal error and restarted: {exc!r}")
-            self._snapshot = (self.engine.load(), self._num_handled)
+            self._snapshot = self.engine.load()
             self._deliver(outputs)
         except Exception as fatal:
             log.critical("engine restart failed: %r", fatal)

@@ -53,6 +53,7 @@ class SimSetup:
     scheduling_policy: str = "vtc"  # fcfs | priority | vtc (SchedulerConfig.policy)
     fair_preempt_tokens: float | None = 2048  # SchedulerConfig.fair_preempt_tokens
     urgent_slack_s: float | None = None  # SchedulerConfig.urgent_slack_s (deadline admission)
+    resident_swap: bool = True  # SchedulerConfig.resident_swap
     num_blocks: int = 2800
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -73,7 +74,7 @@ class SimSetup:
                             step_time_limit_s=self.slo.tpot_s if self.slo_steps else None,
                             admission="deadline" if self.deadlines else "fcfs",
                             scheduling_policy=self.scheduling_policy, fair_preempt_tokens=self.fair_preempt_tokens,
-                            urgent_slack_s=self.urgent_slack_s)
+                            urgent_slack_s=self.urgent_slack_s, resident_swap=self.resident_swap)
         return [base if v == 1.0 else replace(base, cost_model=ScaledCostModel(self.cost_model, v)) for v in self.speeds]
 
     def run(self, workload: Workload) -> tuple[dict, list[RequestRecord]]:

@@ -131,6 +131,7 @@ class InstanceSpec:
     scheduling_policy: str = "vtc"  # SchedulerConfig.policy: fcfs | priority | vtc
     fair_preempt_tokens: float | None = 2048  # SchedulerConfig.fair_preempt_tokens
     urgent_slack_s: float | None = None  # SchedulerConfig.urgent_slack_s
+    resident_swap: bool = True  # SchedulerConfig.resident_swap
 
     @property
     def step_time_budget(self) -> StepTimeBudget | None:
@@ -160,7 +161,7 @@ class SimInstance:
             SchedulerConfig(max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
                             step_time_budget=spec.step_time_budget, admission=spec.admission,
                             policy=spec.scheduling_policy, fair_preempt_tokens=spec.fair_preempt_tokens,
-                            urgent_slack_s=spec.urgent_slack_s),
+                            urgent_slack_s=spec.urgent_slack_s, resident_swap=spec.resident_swap),
             max_model_len=spec.max_model_len,
             vocab_size=spec.vocab_size,
             clock=self.clock,
