@@ -95,6 +95,8 @@ def serve(
     instance_threads: Optional[str] = typer.Option(None, "--instance-threads", help="Comma-separated CPU threads per instance (a heterogeneous cluster)"),
     autoscale_max: Optional[int] = typer.Option(None, "--autoscale-max", help="Enable autoscaling up to this many instances"),
     autoscale_min: int = typer.Option(1, "--autoscale-min"),
+    engine_process: bool = typer.Option(False, "--engine-process/--engine-thread", help="Run the engine core in its own process (the API process then does HTTP and tokenization beside it) or in a thread of the server"),
+    engine_cpus: Optional[str] = typer.Option(None, "--engine-cpus", help="With --engine-process: comma-separated CPU ids to pin the engine process to"),
     num_threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -157,6 +159,17 @@ def serve(
             )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
+    elif engine_process:
+        from functools import partial
+
+        from shoal.engine.engine import Engine
+        from shoal.model.loader import load_tokenizer
+        from shoal.server.engine_process import EngineProcess
+
+        with user_errors():
+            cpus = [int(c) for c in engine_cpus.split(",")] if engine_cpus else None
+            backend = EngineProcess(partial(Engine, config), load_tokenizer(model or default_model_path()),
+                                    max_waiting=max_waiting, slo=slo, cpus=cpus)
     else:
         from shoal.engine.engine import Engine
         from shoal.server.async_engine import AsyncEngine

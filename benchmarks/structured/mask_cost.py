@@ -14,15 +14,16 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-PORT = 8765
-URL = f"http://127.0.0.1:{PORT}"
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from server_process import Server  # noqa: E402
+
 MAX_TOKENS = 128
 ROUNDS = 3
 SCHEMA = {"type": "array", "minItems": 40, "items": {
@@ -54,9 +55,9 @@ async def round_(client: httpx.AsyncClient, guided: bool, concurrency: int, requ
     return sum(tokens) / (time.perf_counter() - t0)
 
 
-async def measure() -> dict:
+async def measure(url: str) -> dict:
     result = {}
-    async with httpx.AsyncClient(base_url=URL, timeout=600) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         await round_(client, True, 1, 1)  # warm-up (and the schema's first compile)
         await round_(client, False, 1, 1)
         for concurrency, requests in ((1, 3), (32, 32)):
@@ -88,20 +89,13 @@ def compile_times() -> dict:
 
 
 def main() -> None:
-    server = subprocess.Popen([sys.executable, "-m", "shoal.cli", "serve", "--port", str(PORT)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{URL}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        result = asyncio.run(measure())
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(log_dir=Path(tmp), name="mask_cost")
+        try:
+            server.wait_ready()
+            result = asyncio.run(measure(server.url))
+        finally:
+            server.stop()
     result["compile"] = compile_times()
     out = Path(__file__).with_name("mask_cost.json")
     out.write_text(json.dumps(result, indent=1) + "\n")

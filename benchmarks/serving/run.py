@@ -1,0 +1,87 @@
+"""The server against the engine: output tok/s of ``shoal serve`` with the engine core in a thread of
+the server and in its own process (``--engine-process``), against the offline engine on the same
+prompts (110 tokens in, 128 out, ``ignore_eos``), at 1, 8 and 32 concurrent; and each server mode
+with a neighbour process spinning on one core. Run it on an otherwise idle machine.
+
+    python benchmarks/serving/run.py              # writes benchmarks/serving/result.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from server_process import Server  # noqa: E402
+
+from shoal.bench import report  # noqa: E402
+from shoal.bench.offline import run_offline_bench  # noqa: E402
+from shoal.bench.serve import run_workload  # noqa: E402
+from shoal.bench.workloads import closed_loop  # noqa: E402
+from shoal.engine.config import EngineConfig  # noqa: E402
+from shoal.engine.engine import Engine  # noqa: E402
+from shoal.model.loader import default_model_path, load_tokenizer  # noqa: E402
+
+PROMPT, OUTPUT = 110, 128
+LEVELS = {1: 4, 8: 16, 32: 64}  # concurrency: requests
+
+
+def offline() -> dict[int, float]:
+    engine = Engine(EngineConfig(max_num_seqs=64))
+    return {c: run_offline_bench(engine, num_requests=n, concurrency=c, input_len=PROMPT,
+                                 output_len=OUTPUT)["output_token_throughput"] for c, n in LEVELS.items()}
+
+
+def spin() -> None:
+    while True:
+        pass
+
+
+def served(mode: str, log_dir: Path, levels: dict[int, int], neighbour: bool = False) -> dict:
+    args = ["--engine-process"] if mode == "process" else []
+    t0 = time.monotonic()
+    srv = Server(*args, "--max-num-seqs", "64", log_dir=log_dir, name=f"{mode}{'-busy' if neighbour else ''}")
+    hog = None
+    try:
+        srv.wait_ready()
+        ready_s = time.monotonic() - t0
+        tok = load_tokenizer(default_model_path())
+        if neighbour:
+            hog = multiprocessing.Process(target=spin, daemon=True)
+            hog.start()
+        out = {"ready_s": round(ready_s, 1)}
+        for c, n in levels.items():
+            wl = closed_loop(n, c, PROMPT, OUTPUT)
+            records, _, duration = asyncio.run(run_workload(srv.url, wl, tok, concurrency=c, show_progress=False))
+            r = report.summarize(records, wl.description, 2000, 200, duration_s=duration)
+            out[c] = {"tok_s": round(r["output_token_throughput"], 1), "ttft_p50_ms": round(r["ttft_ms"]["p50"], 1),
+                      "failed": r["failed"]}
+        return out
+    finally:
+        if hog is not None:
+            hog.kill()
+        srv.stop()
+
+
+def main() -> None:
+    out: dict = {"offline_tok_s": offline()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("thread", "process"):
+            out[mode] = served(mode, Path(tmp), LEVELS)
+        for mode in ("thread", "process"):
+            out[f"{mode}_with_neighbour"] = served(mode, Path(tmp), {32: 64}, neighbour=True)
+    for mode in ("thread", "process"):
+        out[f"{mode}_vs_offline"] = {c: round(out[mode][c]["tok_s"] / out["offline_tok_s"][c], 3) for c in LEVELS}
+        out[f"{mode}_busy_vs_idle_32"] = round(out[f"{mode}_with_neighbour"][32]["tok_s"] / out[mode][32]["tok_s"], 3)
+    path = Path(__file__).with_name("result.json")
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
