@@ -169,7 +169,8 @@ def serve(
         with user_errors():
             cpus = [int(c) for c in engine_cpus.split(",")] if engine_cpus else None
             backend = EngineProcess(partial(Engine, config), load_tokenizer(model or default_model_path()),
-                                    max_waiting=max_waiting, slo=slo, cpus=cpus)
+                                    max_waiting=max_waiting, slo=slo, cpus=cpus,
+                                    adaptive_threads=num_threads is None and cpus is None)
     else:
         from shoal.engine.engine import Engine
         from shoal.server.async_engine import AsyncEngine

@@ -42,8 +42,8 @@ def spin() -> None:
         pass
 
 
-def served(mode: str, log_dir: Path, levels: dict[int, int], neighbour: bool = False) -> dict:
-    args = ["--engine-process"] if mode == "process" else []
+def served(mode: str, log_dir: Path, levels: dict[int, int], neighbour: bool = False, extra: tuple[str, ...] = ()) -> dict:
+    args = (["--engine-process"] if mode == "process" else []) + list(extra)
     t0 = time.monotonic()
     srv = Server(*args, "--max-num-seqs", "64", log_dir=log_dir, name=f"{mode}{'-busy' if neighbour else ''}")
     hog = None

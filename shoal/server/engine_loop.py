@@ -69,10 +69,12 @@ Event = Union[Admitted, Stepped, Dead]
 class EngineLoop:
     """Drives one engine core (an ``Engine``, or any ``EngineCore``): messages in, events out."""
 
-    def __init__(self, engine, max_waiting: int | None, emit: Callable[[Event], None]) -> None:
+    def __init__(self, engine, max_waiting: int | None, emit: Callable[[Event], None],
+                 after_step: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
         self.emit = emit
+        self.after_step = after_step  # e.g. the engine process's thread governor
 
     def run(self, receive: Callable[[bool], list[Message]]) -> None:
         """Step until a ``None`` message; ``receive(block)`` returns the messages waiting (when
@@ -89,6 +91,8 @@ class EngineLoop:
                 if engine.has_unfinished():
                     outputs = engine.step()
                     self.emit(Stepped(outputs, engine.load()))
+                    if self.after_step is not None:
+                        self.after_step()
                 elif messages:
                     self.emit(Stepped([], engine.load()))
             except Exception as exc:  # the step itself broke, not one request: start over

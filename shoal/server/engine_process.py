@@ -8,8 +8,9 @@ the engine's events into the event loop's; if the engine process dies, every ope
 an error, ``dead`` is set (``/health`` answers 503) and nothing hangs.
 
 Threads: the engine process is started with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP workers sleep
-instead of spinning when they wait, so a busy neighbour costs a step the CPU it takes, not whole
-spin-wait rounds) unless the environment sets it, and, given ``cpus``, is pinned to those cores.
+instead of spinning when they wait) unless the environment sets it; given ``cpus``, it is pinned to
+those cores; with ``adaptive_threads`` its torch thread count follows the cores other processes
+leave (:mod:`shoal.server.thread_governor`).
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ class EngineProcess(EngineFront):
     """An engine core built by ``factory()`` in a child process; ``tokenizer`` serves the API here."""
 
     def __init__(self, factory: Callable[[], object], tokenizer, max_waiting: int | None = None,
-                 slo: SLO | None = None, cpus: list[int] | None = None) -> None:
+                 slo: SLO | None = None, cpus: list[int] | None = None, adaptive_threads: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        self.proc = ctx.Process(target=engine_main, args=(pickle.dumps(factory), max_waiting, child, env, cpus),
+        self.proc = ctx.Process(target=engine_main, args=(pickle.dumps(factory), max_waiting, child, env, cpus, adaptive_threads),
                                 name="shoal-engine-core", daemon=True)
         self.proc.start()
         child.close()
@@ -98,7 +99,9 @@ class EngineProcess(EngineFront):
 
     def shutdown(self) -> None:
         self._send(None)
-        self.proc.join(10)
+        # The reader reaps the process once its end of the pipe closes (one waiter: two threads
+        # waiting on one child race for its exit status).
+        self._reader.join(15)
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
@@ -106,7 +109,7 @@ class EngineProcess(EngineFront):
 
 
 def engine_main(factory_bytes: bytes, max_waiting: int | None, conn, env: dict[str, str],
-                cpus: list[int] | None) -> None:
+                cpus: list[int] | None, adaptive_threads: bool = False) -> None:
     """The engine process: set its thread environment, build the engine, run the loop."""
     for key, value in env.items():
         os.environ.setdefault(key, value)
@@ -133,8 +136,15 @@ def engine_main(factory_bytes: bytes, max_waiting: int | None, conn, env: dict[s
             messages.append(conn.recv())
         return messages
 
+    after_step = None
+    if adaptive_threads:
+        import torch
+
+        from shoal.server.thread_governor import ThreadGovernor
+
+        after_step = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads).observe
     try:
-        EngineLoop(engine, max_waiting, emit).run(receive)
+        EngineLoop(engine, max_waiting, emit, after_step).run(receive)
     except (EOFError, OSError):  # the API process went away
         pass
 
