@@ -34,6 +34,16 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from exc
 
 
+def parse_json_option(name: str, value: str | None):
+    """The JSON value of option ``name`` (None if not given); ValueError naming the option if malformed."""
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} is not valid JSON: {exc}") from None
+
+
 @app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message"),
@@ -97,6 +107,7 @@ def serve(
     autoscale_min: int = typer.Option(1, "--autoscale-min"),
     engine_process: bool = typer.Option(False, "--engine-process/--engine-thread", help="Run the engine core in its own process (the API process then does HTTP and tokenization beside it) or in a thread of the server"),
     engine_cpus: Optional[str] = typer.Option(None, "--engine-cpus", help="With --engine-process: comma-separated CPU ids to pin the engine process to"),
+    speculative_config: Optional[str] = typer.Option(None, "--speculative-config", help='JSON, as vLLM takes it: n-gram drafting for every request, e.g. \'{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (a request\'s own speculative_config overrides it)'),
     num_threads: Optional[int] = ThreadsOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -141,7 +152,8 @@ def serve(
                               kv_cache_gb=kv_cache_gb, num_threads=num_threads, admission=admission,
                               scheduling_policy=scheduling_policy,
                               urgent_slack_s=None if urgent_slack_ms is None else urgent_slack_ms / 1e3,
-                              step_time_limit_s=slo.tpot_s if token_budget == "slo" else None, cost_model=cost_model)
+                              step_time_limit_s=slo.tpot_s if token_budget == "slo" else None, cost_model=cost_model,
+                              speculative_config=parse_json_option("--speculative-config", speculative_config))
     name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
     if instances > 1 or ray_address or autoscale_max:
         from shoal.cluster.cluster import ClusterEngine

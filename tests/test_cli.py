@@ -53,6 +53,8 @@ def test_bench_offline_prints_throughput_ttft_and_tpot():
     (("bench", "offline", "-c", "0"), "concurrency must be >= 1, got 0"),
     (("bench", "offline", "--output-len", "-1"), "output_len must be >= 1, got -1"),
     (("bench", "offline", "--max-num-batched-tokens", "0"), "must be positive"),
+    (("serve", "--speculative-config", "{ngram"), "--speculative-config is not valid JSON"),
+    (("serve", "--speculative-config", '{"method": "eagle"}'), "speculative_config.method must be one of ngram"),
 ])
 def test_bad_input_is_one_line_not_a_traceback(args, message):
     result = shoal(*args)

@@ -489,7 +489,25 @@ BAD_BODIES = [
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "image_url"),
+    ("/v1/completions", {"prompt": "hi", "speculative_config": {"method": "eagle"}}, "method"),
+    ("/v1/completions", {"prompt": "hi", "speculative_config": {"num_speculative_tokens": 99}}, "num_speculative_tokens"),
+    ("/v1/completions", {"prompt": "hi", "speculative_config": {"draft_model": "x"}}, "draft_model"),
+    ("/v1/chat/completions", {"messages": COUNT, "speculative_config": {
+        "prompt_lookup_min": 4, "prompt_lookup_max": 2}}, "prompt_lookup_max"),
 ]
+
+
+def test_a_request_may_ask_for_speculative_decoding(srv):
+    before = metrics(srv)
+    text = "one two three four five six seven eight nine ten " * 4
+    r = srv.client.completions.create(model=MODEL_NAME, prompt=text, max_tokens=24, temperature=0,
+                                      extra_body={"ignore_eos": True, "speculative_config": {
+                                          "method": "ngram", "num_speculative_tokens": 3}})
+    assert r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length"
+    after = metrics(srv)
+    drafted, accepted = (after[f"shoal:spec_decode_num_{name}_tokens_total"]
+                         - before.get(f"shoal:spec_decode_num_{name}_tokens_total", 0) for name in ("draft", "accepted"))
+    assert drafted > 0 and 0 <= accepted <= drafted
 
 
 @pytest.mark.parametrize("path,body,word", BAD_BODIES, ids=[f"{p.split('/')[-1]}-{w}" for p, _, w in BAD_BODIES])

@@ -282,6 +282,23 @@ def test_preempted_request_resumes_identically(engine, hf, prompts, reference_ru
 # ---- bf16 -------------------------------------------------------------------------------------
 
 
+def test_speculative_decoding_keeps_greedy_output_and_text_exact(engine, tok):
+    """A copy task, where prompt lookup drafts well: fp32 greedy tokens and streamed text are the
+    same with and without drafts, batched with a plain request, and drafts are accepted."""
+    code = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
+    copy = chat_ids(tok, [{"role": "user", "content": f"Repeat this code exactly:\n{code}"}])
+    other = chat_ids(tok, [{"role": "user", "content": "Name a colour."}])
+    runs = []
+    for cfg in (None, {"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}):
+        accepted = engine.num_accepted_tokens
+        ids = [engine.add(p, SamplingParams(max_tokens=40, temperature=0, speculative_config=cfg))
+               for p in (copy, other)]
+        outs = run_all(engine)
+        runs.append([(tokens_of(outs[i]), "".join(o.new_text for o in outs[i])) for i in ids])
+    assert runs[0] == runs[1]
+    assert engine.num_accepted_tokens - accepted >= 10
+
+
 def test_bf16_greedy_answers_paris(bf16_engine, tok):
     # "Answer in one word": without it the first token is a near tie in fp32 ("The" vs "L", 0.08
     # apart), below bf16's logit resolution, and the greedy answer depends on the kernels' rounding

@@ -256,6 +256,13 @@ class BlockManager:
         self.tables[req_id].blocks.extend(new)
         return new
 
+    def truncate(self, req_id: str, num_tokens: int) -> None:
+        """Give back a request's blocks past those ``num_tokens`` tokens need (rejected drafts' slots)."""
+        table = self.tables[req_id]
+        keep = self.blocks_needed(num_tokens)
+        while len(table.blocks) > max(keep, len(table.hashes)):
+            self._release(table.blocks.pop())
+
     def has_new_full_blocks(self, req_id: str, num_computed: int) -> bool:
         """Whether :meth:`commit` would register anything (cheap check for the hot path)."""
         return self.enable_prefix_caching and num_computed // self.block_size > len(self.tables[req_id].hashes)

@@ -25,6 +25,7 @@ from shoal.engine.request import FinishReason, Request, Status
 from shoal.engine.sampler import SamplingState, make_generator
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from shoal.engine.speculative import SpeculativeConfig, propose_ngram, speculates
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ class EngineCore:
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
         tokenizer=None,
         clock: Callable[[], float] = time.monotonic,
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
+        """``speculative_config``: n-gram drafting for requests that do not set their own."""
         self.executor = executor
         self.block_manager = block_manager
         self.scheduler = Scheduler(scheduler_config, block_manager)
@@ -64,6 +67,9 @@ class EngineCore:
         self._suspended: dict[str, Request] = {}  # exported, KV kept until release / restore
         self.num_restarts = 0  # times recover() started over
         self._grammar: GrammarCompiler | None = None
+        self.speculative_config = speculative_config
+        self.num_draft_tokens = 0  # speculative tokens scored, ever
+        self.num_accepted_tokens = 0  # of which accepted
 
     # ---- requests in ----------------------------------------------------------------------------
 
@@ -157,6 +163,7 @@ class EngineCore:
             output_token_ids=req.output_token_ids,
             generator=generator,
             matcher=matcher,
+            speculative=speculates(req.params, self.speculative_config),
         )
         if self.tokenizer is not None:
             self._detok[req.req_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params)
@@ -210,6 +217,7 @@ class EngineCore:
         """Schedule and run one forward pass; return the outputs of requests that advanced or ended."""
         outputs, self._pending = self._pending, []
         now = self.clock()
+        self._propose_drafts()
         plan = self.scheduler.schedule(now)
         self.last_plan = plan
         if plan.empty:
@@ -217,7 +225,9 @@ class EngineCore:
         sampled = [c for c in plan.chunks if c.sample]
         try:
             result = self.executor.execute(plan, [self._sampling[c.req_id] for c in sampled])
-            self.scheduler.commit(plan, self.requests)
+            accepted = {} if result.num_accepted is None else {
+                c.req_id: a for c, a in zip(sampled, result.num_accepted) if c.num_drafts}
+            self.scheduler.commit(plan, self.requests, accepted)
         except Exception as exc:  # a failed forward fails its batch, not the engine
             log.exception("step failed")
             self._undo_swap_outs(plan)
@@ -229,9 +239,26 @@ class EngineCore:
         now = self.clock()
         for i, c in enumerate(sampled):
             req = self.requests[c.req_id]
-            lp = result.logprobs[i]
-            outputs.append(self._append_token(req, result.token_ids[i], lp, now))
+            tokens = [result.token_ids[i]]
+            if c.num_drafts:
+                kept = accepted[c.req_id]
+                tokens[:0] = c.token_ids[c.num_tokens - c.num_drafts:][:kept]
+                self.num_draft_tokens += c.num_drafts
+                self.num_accepted_tokens += kept
+            outputs.append(self._append_tokens(req, tokens, result.logprobs[i], now))
         return outputs
+
+    def _propose_drafts(self) -> None:
+        """n-gram drafts for the running decodes that speculate, within their token limits."""
+        for req in self.scheduler.running:
+            cfg = self._sampling[req.req_id].speculative
+            if cfg is None:
+                continue
+            if req.is_prefilling:
+                req.draft_token_ids = []
+                continue
+            room = min(req.params.max_tokens - len(req.output_token_ids), self.max_model_len - req.num_tokens) - 1
+            req.draft_token_ids = propose_ngram(req.all_token_ids, cfg, room)
 
     def _undo_swap_outs(self, plan: StepPlan) -> None:
         """A failed step may not have copied its swap-outs: those victims recompute instead."""
@@ -240,36 +267,39 @@ class EngineCore:
             if req is not None and req.status is Status.SWAPPED:
                 self.scheduler.recompute_instead(req)
 
-    def _append_token(self, req: Request, token: int, logprob, now: float) -> RequestOutput:
-        req.output_token_ids.append(token)
+    def _append_tokens(self, req: Request, tokens: list[int], logprob, now: float) -> RequestOutput:
+        """Append a step's tokens (one, or accepted drafts and one more) up to the first that ends
+        the request; ``logprob`` belongs to a single token."""
         if req.first_token_time is None:
             req.first_token_time = now
         params = req.params
-        reason, stop = None, None
         detok = self._detok.get(req.req_id)
-        stop_str = detok.update(token) if detok is not None else None
         matcher = self._sampling[req.req_id].matcher
-        if matcher is not None and not matcher.consume_token(token):  # the mask allowed it: a bug, not the client's
-            out = self._finish(req, FinishReason.ERROR, error=f"guided decoding failed: {matcher.get_error()}", now=now)
-            out.new_token_ids = [token]
-            return out
-        if token in params.stop_token_ids:
-            reason, stop = FinishReason.STOP, token
-        elif token in self._eos and not params.ignore_eos:
-            reason = FinishReason.STOP
-        elif stop_str is not None:
-            reason, stop = FinishReason.STOP, stop_str
-        elif matcher is not None and matcher.is_stopped():  # the grammar is complete
-            reason = FinishReason.STOP
-        elif len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
-            reason = FinishReason.LENGTH
-        if reason is not None:
-            req.stop_reason = stop
-            out = self._finish(req, reason, now=now)
-            out.new_token_ids = [token]
-            out.logprobs = [logprob] if logprob is not None else None
-            return out
-        return self._output(req, [token], detok.get_delta() if detok else "", logprob)
+        for j, token in enumerate(tokens):
+            req.output_token_ids.append(token)
+            reason, stop = None, None
+            stop_str = detok.update(token) if detok is not None else None
+            if matcher is not None and not matcher.consume_token(token):  # the mask allowed it: a bug, not the client's
+                out = self._finish(req, FinishReason.ERROR, error=f"guided decoding failed: {matcher.get_error()}", now=now)
+                out.new_token_ids = tokens[: j + 1]
+                return out
+            if token in params.stop_token_ids:
+                reason, stop = FinishReason.STOP, token
+            elif token in self._eos and not params.ignore_eos:
+                reason = FinishReason.STOP
+            elif stop_str is not None:
+                reason, stop = FinishReason.STOP, stop_str
+            elif matcher is not None and matcher.is_stopped():  # the grammar is complete
+                reason = FinishReason.STOP
+            elif len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                req.stop_reason = stop
+                out = self._finish(req, reason, now=now)
+                out.new_token_ids = tokens[: j + 1]
+                out.logprobs = [logprob] if logprob is not None else None
+                return out
+        return self._output(req, tokens, detok.get_delta() if detok else "", logprob)
 
     def _output(self, req: Request, tokens: list[int], text: str, logprob=None) -> RequestOutput:
         return RequestOutput(
@@ -340,6 +370,8 @@ class EngineCore:
             running=tuple(RunningRequest(r.req_id, r.priority, r.num_tokens) for r in s.running),
             lowest_waiting_priority=max((r.priority for r in s.waiting if not r.output_token_ids), default=None),
             num_added=self.num_added,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens,
         )
 
     def shed(self, priority: int) -> str | None:

@@ -98,6 +98,7 @@ class Engine(EngineCore):
             eos_token_ids=set(self.model_config.eos_token_ids),
             tokenizer=tokenizer,
             clock=clock,
+            speculative_config=config.speculative_config,
         )
         log.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens, %d swap blocks, max_model_len %d",

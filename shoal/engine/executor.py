@@ -9,11 +9,13 @@ import torch
 from shoal.engine.model_runner import KVCache, ModelRunner
 from shoal.engine.sampler import Sampler, SampleResult, SamplingState
 from shoal.engine.scheduler import StepPlan
+from shoal.engine.spec_verify import verify
 
 
 class Executor(Protocol):
     def execute(self, plan: StepPlan, states: list[SamplingState]) -> SampleResult:
-        """Run the plan; return one sampled token per chunk with ``sample=True``, in order."""
+        """Run the plan; return one sampled token per chunk with ``sample=True``, in order (and, for
+        chunks with drafts, how many of those were accepted)."""
         ...
 
     def read_kv(self, block_ids: list[int], swapped: bool = False) -> torch.Tensor:
@@ -39,7 +41,11 @@ class ModelExecutor:
         return self.runner.kv
 
     def execute(self, plan: StepPlan, states: list[SamplingState]) -> SampleResult:
-        return self.sampler(self.runner.execute(plan), states)
+        logits = self.runner.execute(plan)
+        sampled = [c for c in plan.chunks if c.sample]
+        if any(c.num_drafts for c in sampled):
+            return verify(self.sampler, logits, states, sampled)
+        return self.sampler(logits, states)
 
     def read_kv(self, block_ids: list[int], swapped: bool = False) -> torch.Tensor:
         return self.runner.kv.read(block_ids, swapped)

@@ -96,7 +96,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run the plan. Returns float32 logits ``[num sampled chunks, vocab]`` in chunk order."""
+        """Run the plan. Returns float32 logits ``[rows, vocab]`` in chunk order: one row per sampled
+        chunk, ``1 + num_drafts`` for a chunk with drafts."""
         self.kv.swap_out(plan.swap_out)
         self.kv.swap_in(plan.swap_in)
         if not plan.chunks:
@@ -125,8 +126,8 @@ class ModelRunner:
             positions.extend(pos)
             table = c.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if c.sample:
-                sample_rows.append(len(tokens) - 1)
+            if c.sample:  # the last row, and the rows that score the drafts before it
+                sample_rows.extend(range(len(tokens) - 1 - c.num_drafts, len(tokens)))
             if q_start >= nd:
                 n_blocks = -(-c.context_len // bs)
                 mask = None

@@ -75,6 +75,8 @@ class InstanceLoad:
     running: tuple[RunningRequest, ...] = ()  # the running batch (migration policies choose from it)
     lowest_waiting_priority: int | None = None  # the worst priority among queued requests that produced nothing yet
     num_added: int = 0  # requests ever queued by ``add`` (dispatch compares it with what it sent here)
+    num_draft_tokens: int = 0  # speculative tokens scored so far
+    num_accepted_tokens: int = 0  # of which accepted
 
     @property
     def kv_usage(self) -> float:

@@ -49,6 +49,7 @@ class Request:
     deadline: float | None = None  # when the first token is due (deadline admission only)
     metadata: RequestMetadata | None = None  # handed back on its outputs
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    draft_token_ids: list[int] = field(default_factory=list)  # speculative tokens proposed for the next step
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None

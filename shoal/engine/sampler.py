@@ -33,6 +33,7 @@ class SamplingState:
     output_token_ids: list[int]
     generator: torch.Generator | None
     matcher: Any = None  # the llguidance matcher of a guided request (the engine advances it)
+    speculative: Any = None  # the request's SpeculativeConfig when it drafts (see engine/speculative.py)
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -58,10 +59,13 @@ class Logprob:
 
 @dataclass
 class SampleResult:
-    """One sampled token per row, plus (sampled, top alternatives) logprobs when asked."""
+    """One sampled token per sampled chunk, plus (sampled, top alternatives) logprobs when asked.
+    A chunk that carried draft tokens (speculative decoding) emits its first ``num_accepted[i]``
+    drafts, then ``token_ids[i]``; ``num_accepted`` is None when no chunk had drafts."""
 
     token_ids: list[int]
     logprobs: list[tuple[Logprob, list[Logprob]] | None]
+    num_accepted: list[int] | None = None
 
 
 def _padded(seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -227,13 +231,19 @@ class Sampler:
     @staticmethod
     def _sample_random(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """Temperature, min-p, top-k/top-p, then the exponential race, for non-greedy rows."""
-        vocab = logits.shape[1]
-        params = [s.params for s in states]
-        if any(p.temperature != 1.0 for p in params):
-            logits = logits / torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)
-        if any(p.min_p > 0 for p in params):
-            logits = apply_min_p(logits, [p.min_p for p in params])
-        if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
-            logits = apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
-        noise = exponential_noise(states, vocab, logits.device)
+        logits = warp_logits(logits, [s.params for s in states])
+        noise = exponential_noise(states, logits.shape[1], logits.device)
         return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+
+
+def warp_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, min-p, then top-k / top-p for rows that sample (stages no row needs are skipped);
+    their softmax is the distribution a token is drawn from."""
+    vocab = logits.shape[1]
+    if any(p.temperature != 1.0 for p in params):
+        logits = logits / torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)
+    if any(p.min_p > 0 for p in params):
+        logits = apply_min_p(logits, [p.min_p for p in params])
+    if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
+        logits = apply_top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
+    return logits

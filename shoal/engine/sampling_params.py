@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from shoal.engine.guided import StructuredOutputs
+from shoal.engine.speculative import SpeculativeConfig
 
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
@@ -24,7 +25,9 @@ class SamplingParams:
     None = no logprobs). ``stop`` accepts a single string; ``stop`` and
     ``stop_token_ids`` accept None for none, as in vLLM. ``structured_outputs`` holds the output
     to a schema, regex, choice or grammar (guided decoding); ``logit_bias`` adds a bias in
-    [-100, 100] to a token's logit before sampling, as OpenAI's does.
+    [-100, 100] to a token's logit before sampling, as OpenAI's does. ``speculative_config``
+    (a :class:`SpeculativeConfig` or its dict) sets this request's n-gram drafting, overriding the
+    engine's; ``num_speculative_tokens=0`` turns it off.
     """
 
     max_tokens: int = 16
@@ -45,6 +48,7 @@ class SamplingParams:
     n: int = 1  # completions per prompt (LLM and the server fan out; one engine request each)
     structured_outputs: StructuredOutputs | None = None
     logit_bias: dict[int, float] | None = None
+    speculative_config: SpeculativeConfig | None = None  # n-gram drafting for this request (else the engine's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,6 +61,8 @@ class SamplingParams:
                 setattr(self, name, list(value))
             else:
                 raise ValueError(f"{name} must be a list, got {value!r}")
+        if self.speculative_config is not None:
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         self._validate()
 
     def _validate(self) -> None:

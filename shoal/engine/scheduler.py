@@ -87,6 +87,7 @@ class ScheduledChunk:
     token_ids: list[int]
     block_table: list[int]
     sample: bool  # the chunk reaches the end of the known tokens: sample the next one
+    num_drafts: int = 0  # speculative tokens at the end of token_ids, scored in the same pass
 
     @property
     def num_tokens(self) -> int:
@@ -226,9 +227,13 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = self._chunk_tokens(plan, req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget))
+            known = req.num_tokens - req.num_computed_tokens
+            drafts = len(req.draft_token_ids) if known == 1 else 0
+            n = self._chunk_tokens(plan, req.num_computed_tokens, min(known + drafts, budget))
             if n == 0:
                 continue
+            if n > known and self.bm.slots_needed(req.req_id, req.num_computed_tokens + n) > self.bm.num_free:
+                n = known  # drafts never preempt anyone
             while self.bm.slots_needed(req.req_id, req.num_computed_tokens + n) > self.bm.num_free:
                 victim = self._victim(self.running)
                 budget += self._preempt(victim, plan)
@@ -237,7 +242,7 @@ class Scheduler:
             if req.status is not Status.RUNNING:
                 continue
             self.bm.ensure_slots(req.req_id, req.num_computed_tokens + n)
-            plan.chunks.append(self._chunk(req, n, now))
+            plan.chunks.append(self._chunk(req, n, now, max(0, n - known)))
             budget -= n
 
         # 2. Admit swapped and waiting requests in priority order, unless we just had to preempt.
@@ -354,27 +359,37 @@ class Scheduler:
         req.status = Status.WAITING
         self.waiting.append(req)
 
-    def _chunk(self, req: Request, n: int, now: float) -> ScheduledChunk:
+    def _chunk(self, req: Request, n: int, now: float, num_drafts: int = 0) -> ScheduledChunk:
+        """``n`` tokens of ``req`` from its first uncomputed one, the last ``num_drafts`` of them drafts."""
         if req.first_scheduled_time is None:
             req.first_scheduled_time = now
         start = req.num_computed_tokens
+        end = start + n - num_drafts
         return ScheduledChunk(
             req_id=req.req_id,
             start=start,
-            token_ids=req.token_slice(start, start + n),
+            token_ids=req.token_slice(start, end) + req.draft_token_ids[:num_drafts],
             block_table=self.bm.table(req.req_id),
-            sample=start + n == req.num_tokens,
+            sample=end == req.num_tokens,
+            num_drafts=num_drafts,
         )
 
     # ---- after the step -----------------------------------------------------------------------
 
-    def commit(self, plan: StepPlan, requests: dict[str, Request]) -> None:
-        """Advance computed-token counts and publish newly full blocks to the prefix cache."""
+    def commit(self, plan: StepPlan, requests: dict[str, Request], num_accepted: dict[str, int] | None = None) -> None:
+        """Advance computed-token counts and publish newly full blocks to the prefix cache. A chunk
+        with drafts counts only the ``num_accepted[req_id]`` drafts the verifier kept; the KV
+        blocks past them are given back."""
         vtc = self.config.policy == "vtc"
         for chunk in plan.chunks:
             req = requests[chunk.req_id]
-            req.num_computed_tokens += chunk.num_tokens
+            kept = num_accepted.get(chunk.req_id, 0) if chunk.num_drafts and num_accepted else 0
+            req.num_computed_tokens += chunk.num_tokens - chunk.num_drafts + kept
             if vtc and chunk.sample:
-                self.fair.charge(req.tenant, 0, 1, req.weight)
+                self.fair.charge(req.tenant, 0, 1 + kept, req.weight)
+            if chunk.num_drafts > kept:
+                self.bm.truncate(req.req_id, req.num_computed_tokens + 1)
             if self.bm.has_new_full_blocks(req.req_id, req.num_computed_tokens):
-                self.bm.commit(req.req_id, req.all_token_ids, req.num_computed_tokens)
+                # accepted drafts are not among the request's tokens until the engine appends them
+                tokens = req.all_token_ids + chunk.token_ids[chunk.num_tokens - chunk.num_drafts:][:kept]
+                self.bm.commit(req.req_id, tokens, req.num_computed_tokens)

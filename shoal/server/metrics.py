@@ -38,6 +38,8 @@ class ServerMetrics:
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("num_preemptions", "Requests preempted (swap or recompute).")
+        self.draft_tokens = counter("spec_decode_num_draft_tokens", "Speculative (n-gram) tokens scored.")
+        self.accepted_tokens = counter("spec_decode_num_accepted_tokens", "Speculative tokens accepted.")
         self.restarts = counter("engine_restarts", "Times an engine started over after a step itself failed.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
@@ -47,6 +49,7 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.")
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.")
         self._seen_queries = self._seen_hits = self._seen_preemptions = self._seen_restarts = 0
+        self._seen_drafts = self._seen_accepted = 0
         tenant = ["model_name", "tenant"]
         self.tenant_requests = Counter("shoal:tenant_requests", "Requests ended, by tenant and finish reason.",
                                        tenant + ["finished_reason"], registry=r)
@@ -89,6 +92,9 @@ class ServerMetrics:
         self._seen_preemptions = load.num_preemptions
         self._l(self.restarts).inc(max(0, load.num_restarts - self._seen_restarts))
         self._seen_restarts = load.num_restarts
+        self._l(self.draft_tokens).inc(max(0, load.num_draft_tokens - self._seen_drafts))
+        self._l(self.accepted_tokens).inc(max(0, load.num_accepted_tokens - self._seen_accepted))
+        self._seen_drafts, self._seen_accepted = load.num_draft_tokens, load.num_accepted_tokens
 
     def observe_output(self, out: RequestOutput, now: float, last_token_time: float | None) -> None:
         """Account one engine output; ``last_token_time`` is when this request's previous token came."""

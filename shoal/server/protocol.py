@@ -10,6 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 from shoal.engine.guided import StructuredOutputs
 from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN
 from shoal.engine.sampling_params import MAX_INT32, MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
+from shoal.engine.speculative import MAX_LOOKUP, MAX_SPECULATIVE_TOKENS, SpeculativeConfig
 
 
 
@@ -132,6 +133,17 @@ class StructuredOutputsBody(BaseModel):
     json_object: StrictBool | None = None
 
 
+class SpeculativeConfigBody(BaseModel):
+    """A request's n-gram speculative decoding (vLLM's ``speculative_config`` shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["ngram"] = "ngram"
+    num_speculative_tokens: Int(0, MAX_SPECULATIVE_TOKENS) = SpeculativeConfig.num_speculative_tokens
+    prompt_lookup_max: Int(1, MAX_LOOKUP) = SpeculativeConfig.prompt_lookup_max
+    prompt_lookup_min: Int(1, MAX_LOOKUP) = SpeculativeConfig.prompt_lookup_min
+
+
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
 """Accepted fields that change nothing in the output (``user`` names the tenant). Any other field
 Shoal does not implement is refused with a 400 naming it."""
@@ -178,6 +190,9 @@ class _SamplingRequest(_Body):
     slo_tpot_ms: Annotated[Float, Field(ge=1, le=3_600_000)] | None = Field(
         None, description="This request's time-per-output-token objective (default: the server's --slo-tpot-ms).")
     structured_outputs: StructuredOutputsBody | None = None
+    speculative_config: SpeculativeConfigBody | None = Field(
+        None, description="Draft tokens by prompt lookup (n-gram) and verify them in one pass; overrides the "
+                          "server's --speculative-config (num_speculative_tokens 0 turns it off).")
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: Annotated[list[Text], Field(min_length=1)] | None = None
@@ -240,6 +255,8 @@ class _SamplingRequest(_Body):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             structured_outputs=structured,
+            speculative_config=None if self.speculative_config is None else SpeculativeConfig(
+                **self.speculative_config.model_dump()),
         ).for_choice(index)
 
 
