@@ -91,6 +91,7 @@ class ModelRunner:
         # so there it may grow as large as the pool (a quarter made fp32 decodes of 32 requests past
         # ~150 tokens fall back to gathering every step); on an accelerator it takes a quarter.
         pool_bytes = kv.data.numel() * kv.data.element_size()
+        self._whole_width = device.type == "cpu" and kv.data.dtype in (torch.bfloat16, torch.float16)
         self.decode_kv = DecodeKVBuffer(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, kv.data.dtype,
                                         device, max_bytes=pool_bytes if device.type == "cpu" else pool_bytes // 4)
 
@@ -156,7 +157,11 @@ class ModelRunner:
                     padded.extend(table)
                     padded.extend([0] * (width - len(table)))
                 decode_gather = gather_index(torch.tensor(padded, device=dev), nb, hkv)
-            span = max(lens)  # attention reads only this much of the padded buffer
+            # Attention reads only up to the longest context, except in CPU bf16 / fp16, where a
+            # batched matmul over a sliced (strided) view copies it first: there the whole padded
+            # width is cheaper (measured 0.40 vs 0.75 ms per layer at 32 decodes).
+            width = (self.decode_kv.capacity_blocks if decode_plan else max_blocks) * bs
+            span = width if self._whole_width else max(lens)
             ctx = torch.tensor(lens, device=dev)
             valid = torch.arange(span, device=dev)[None, :] < ctx[:, None]
             decode_mask = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))
