@@ -19,14 +19,16 @@ def free_port() -> int:
 
 
 class Server:
-    """`shoal serve` in a subprocess on a free loopback port, its output in ``log_dir/name.log``."""
+    """`shoal serve` in a subprocess on a free loopback port, its output in ``log_dir/name.log``.
+    ``command`` replaces ``shoal serve`` (another OpenAI server; it gets ``--port PORT`` appended)."""
 
-    def __init__(self, *args: str, log_dir: Path, name: str) -> None:
+    def __init__(self, *args: str, log_dir: Path, name: str, command: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_dir / f"{name}.log", "w")
-        cmd = ["shoal", "serve", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        cmd = [*(command or ["shoal", "serve"]), *args, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -62,3 +64,21 @@ class Server:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+def measure_levels(url: str, tokenizer, levels: dict[int, int], prompt_len: int, output_len: int) -> dict:
+    """Output tok/s, TTFT p50 and failures of closed-loop runs at each ``{concurrency: requests}``."""
+    import asyncio
+
+    from shoal.bench import report
+    from shoal.bench.serve import run_workload
+    from shoal.bench.workloads import closed_loop
+
+    out: dict = {}
+    for c, n in levels.items():
+        wl = closed_loop(n, c, prompt_len, output_len)
+        records, _, duration = asyncio.run(run_workload(url, wl, tokenizer, concurrency=c, show_progress=False))
+        r = report.summarize(records, wl.description, 2000, 200, duration_s=duration)
+        out[c] = {"tok_s": round(r["output_token_throughput"], 1), "ttft_p50_ms": round(r["ttft_ms"]["p50"], 1),
+                  "failed": r["failed"]}
+    return out

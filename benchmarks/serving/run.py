@@ -8,7 +8,6 @@ with a neighbour process spinning on one core. Run it on an otherwise idle machi
 
 from __future__ import annotations
 
-import asyncio
 import json
 import multiprocessing
 import sys
@@ -17,12 +16,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from server_process import Server  # noqa: E402
+from server_process import Server, measure_levels  # noqa: E402
 
-from shoal.bench import report  # noqa: E402
 from shoal.bench.offline import run_offline_bench  # noqa: E402
-from shoal.bench.serve import run_workload  # noqa: E402
-from shoal.bench.workloads import closed_loop  # noqa: E402
 from shoal.engine.config import EngineConfig  # noqa: E402
 from shoal.engine.engine import Engine  # noqa: E402
 from shoal.model.loader import default_model_path, load_tokenizer  # noqa: E402
@@ -54,13 +50,7 @@ def served(mode: str, log_dir: Path, levels: dict[int, int], neighbour: bool = F
         if neighbour:
             hog = multiprocessing.Process(target=spin, daemon=True)
             hog.start()
-        out = {"ready_s": round(ready_s, 1)}
-        for c, n in levels.items():
-            wl = closed_loop(n, c, PROMPT, OUTPUT)
-            records, _, duration = asyncio.run(run_workload(srv.url, wl, tok, concurrency=c, show_progress=False))
-            r = report.summarize(records, wl.description, 2000, 200, duration_s=duration)
-            out[c] = {"tok_s": round(r["output_token_throughput"], 1), "ttft_p50_ms": round(r["ttft_ms"]["p50"], 1),
-                      "failed": r["failed"]}
+        out = {"ready_s": round(ready_s, 1), **measure_levels(srv.url, tok, levels, PROMPT, OUTPUT)}
         return out
     finally:
         if hog is not None:

@@ -20,24 +20,17 @@ vLLM cannot read GGUF: the script writes the built-in model's weights once as a 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from server_process import Server, free_port  # noqa: E402
+from server_process import Server, measure_levels  # noqa: E402
 
-from shoal.bench import report  # noqa: E402
-from shoal.bench.serve import run_workload  # noqa: E402
-from shoal.bench.workloads import closed_loop  # noqa: E402
 from shoal.model.loader import default_model_path, load_tokenizer  # noqa: E402
 
 PROMPT, OUTPUT = 110, 128
@@ -62,54 +55,19 @@ def hf_folder(path: Path) -> Path:
     return path
 
 
-class VLLMServer:
+def vllm_server(python: str, model_dir: Path, log_dir: Path) -> Server:
     """``python -m vllm.entrypoints.openai.api_server`` from the vLLM venv, on a free port."""
-
-    def __init__(self, python: str, model_dir: Path, log_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_dir / "vllm.log", "w")
-        env = {**os.environ, "VLLM_CACHE_ROOT": str(log_dir / "vllm-cache"), "VLLM_CPU_KVCACHE_SPACE": "2",
-               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(self.port),
-               "--max-model-len", "2048"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError("vLLM did not come up")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(log_dir / "vllm-cache"), "VLLM_CPU_KVCACHE_SPACE": "2",
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    return Server("--model", str(model_dir), "--served-model-name", "smollm2", "--host", "127.0.0.1",
+                  "--max-model-len", "2048", log_dir=log_dir, name="vllm", env=env,
+                  command=[python, "-m", "vllm.entrypoints.openai.api_server"])
 
 
-def measure(server, tokenizer) -> dict:
+def measure(server: Server, tokenizer) -> dict:
     t0 = time.monotonic()
-    server.wait_ready()
-    out: dict = {"ready_s": round(time.monotonic() - t0, 1)}
-    for c, n in LEVELS.items():
-        wl = closed_loop(n, c, PROMPT, OUTPUT)
-        records, _, duration = asyncio.run(run_workload(server.url, wl, tokenizer, concurrency=c, show_progress=False))
-        r = report.summarize(records, wl.description, 2000, 200, duration_s=duration)
-        out[c] = {"tok_s": round(r["output_token_throughput"], 1), "ttft_p50_ms": round(r["ttft_ms"]["p50"], 1),
-                  "failed": r["failed"]}
-    return out
+    server.wait_ready(timeout=600)
+    return {"ready_s": round(time.monotonic() - t0, 1), **measure_levels(server.url, tokenizer, LEVELS, PROMPT, OUTPUT)}
 
 
 def main() -> None:
@@ -127,7 +85,7 @@ def main() -> None:
         log_dir = Path(tmp)
         for name in ("shoal_1", "vllm", "shoal_2"):
             if name == "vllm":
-                server = VLLMServer(args.vllm_python, model_dir, log_dir)
+                server = vllm_server(args.vllm_python, model_dir, log_dir)
             else:
                 server = Server(*shlex.split(args.shoal_args), "--max-num-seqs", "64", log_dir=log_dir, name=name)
             try:
