@@ -371,6 +371,18 @@ class BlockManager:
 
     # ---- pins ---------------------------------------------------------------------------------
 
+    def cached_blocks(self, req_id: str) -> list[int]:
+        """The device blocks the prefix cache would hand a request continuing this one's tokens:
+        its leading full blocks, as registered by hash (another request's copy when that one was
+        registered first)."""
+        found = []
+        for h in self.tables[req_id].hashes:
+            bid = self._hash_to_block.get(h)
+            if bid is None:
+                break
+            found.append(bid)
+        return found if self.enable_prefix_caching else []
+
     def pin(self, block_ids: list[int]) -> None:
         """Keep blocks resident (and their content cached) until unpinned."""
         for bid in block_ids:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shoal.engine.programs import ProgramConfig
 from shoal.engine.scheduler import ADMISSION_ORDERS, SCHEDULING_POLICIES
 from shoal.engine.speculative import SpeculativeConfig
 from shoal.model.linear import cpu_has_bf16
@@ -40,10 +41,13 @@ class EngineConfig:
     step_time_limit_s: float | None = None  # SLO-sized steps: a step with decodes stays within this
     cost_model: str | None = None  # the profile JSON that times steps (default: the committed one)
     speculative_config: SpeculativeConfig | None = None  # n-gram drafting for every request (a dict is parsed)
+    programs: ProgramConfig = ProgramConfig()  # agent programs: continuum (program FCFS + KV TTL) or none (a dict is parsed)
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        if isinstance(self.programs, dict):
+            self.programs = ProgramConfig.from_dict(self.programs)
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)

@@ -330,15 +330,17 @@ class EngineCore:
         now: float | None = None,
         pending: bool = False,
     ) -> RequestOutput:
-        """End a request exactly once: free its KV, forget it, build its final output."""
-        self.scheduler.remove(req)
+        """End a request exactly once: free its KV (or pin it for its program's next turn), forget
+        it, build its final output."""
+        now = self.clock() if now is None else now
+        self.scheduler.finish(req, now, completed=reason in (FinishReason.STOP, FinishReason.LENGTH))
         del self.requests[req.req_id]
         self._sampling.pop(req.req_id)
         detok = self._detok.pop(req.req_id, None)
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.error = error
-        req.finished_time = self.clock() if now is None else now
+        req.finished_time = now
         text = detok.finish() if detok is not None else ""
         out = self._output(req, [], text)
         if pending:

@@ -37,7 +37,10 @@ class RequestMetadata:
     ``slo.ttft_s`` after arrival. ``cache_salt``: the prefix cache shares KV only between
     requests with the same salt (one tenant's cached prompt is invisible to another's).
     ``weight``: the tenant's share under fair (VTC) scheduling; a tenant of weight 3 is served three
-    times the tokens of one of weight 1 while both are backlogged."""
+    times the tokens of one of weight 1 while both are backlogged. ``more_turns``: the program
+    (``session_id``) sends another turn after this one (an agent about to call a tool): its KV is
+    kept for a time-to-live. ``tool``: the tool this turn's reply calls, whose past pauses set
+    that time-to-live."""
 
     priority: int = 0
     tenant: str | None = None
@@ -45,6 +48,8 @@ class RequestMetadata:
     slo: SLO | None = None
     cache_salt: str | None = None
     weight: float = 1.0
+    more_turns: bool = False
+    tool: str | None = None
 
     @cached_property
     def salt(self) -> int | None:
@@ -59,6 +64,8 @@ class RequestMetadata:
             raise ValueError(f"priority must be in [{PRIORITY_MIN}, {PRIORITY_MAX}], got {self.priority}")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0 < self.weight < float("inf"):
             raise ValueError(f"weight must be a finite number > 0, got {self.weight!r}")
+        if not isinstance(self.more_turns, bool):
+            raise TypeError(f"more_turns must be a boolean, got {self.more_turns!r}")
 
 
 def salt_seed(cache_salt: str | None) -> int | None:

@@ -15,20 +15,6 @@ class PreemptionMode(enum.Enum):
     RECOMPUTE = "recompute"  # drop the KV and prefill prompt + output again later
 
 
-class Preemptible(Protocol):
-    @property
-    def sort_key(self) -> tuple[int, float, str]: ...
-
-
-T = TypeVar("T", bound=Preemptible)
-
-
-def pick_victim(candidates: Iterable[T]) -> T:
-    """The lowest-priority (highest number), latest-arrived candidate. The oldest request of the
-    best priority is never picked while another candidate exists, so it cannot starve."""
-    return max(candidates, key=lambda r: r.sort_key)
-
-
 class Sheddable(Protocol):
     @property
     def priority(self) -> int: ...

@@ -12,8 +12,10 @@ also preempts a running one it outranks, for KV or for a slot when ``max_num_seq
 one of strictly worse priority, or under ``vtc`` one of the same priority whose tenant is ahead by
 more than ``fair_preempt_tokens`` or holding more than its weighted share of the slots while the
 waiting one's holds less (FastSwitch's preemption-driven fairness). A preempted request
-keeps its priority and arrival time, so it is re-admitted in the same order as before. Nothing here
-reads a clock: ``now`` is handed in.
+keeps its priority and arrival time, so it is re-admitted in the same order as before. Agent
+programs (:mod:`shoal.engine.programs`): under ``continuum`` a turn is ordered by its program's
+arrival (with aging), and a finished turn's KV may stay pinned for the next one; pins yield to
+running requests before anyone is preempted. Nothing here reads a clock: ``now`` is handed in.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Callable
 
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.fair_share import VirtualTokenCounter
-from shoal.engine.preemption import PreemptionCost, PreemptionMode, pick_victim
+from shoal.engine.preemption import PreemptionCost, PreemptionMode
+from shoal.engine.programs import ProgramConfig, ProgramTable
 from shoal.engine.request import Request, Status
 from shoal.engine.step_budget import StepTimeBudget
 
@@ -66,6 +69,8 @@ class SchedulerConfig:
     resident_swap: bool = True
     """A request preempted for its slot (not for KV) leaves its cached prefix blocks in the prefix
     cache and swaps only the rest; False: it swaps every block (whole-request swaps)."""
+    programs: ProgramConfig = field(default_factory=ProgramConfig)
+    """Agent programs: program-level FCFS and KV time-to-live pins (``continuum``), or ``none``."""
 
     def __post_init__(self) -> None:
         if self.admission not in ADMISSION_ORDERS:
@@ -133,6 +138,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_swapped_out_blocks = 0  # KV blocks copied to the swap pool by preemptions, ever
         self.fair = VirtualTokenCounter(output_weight=config.vtc_output_weight)
+        self.programs = ProgramTable(config.programs, block_manager)
 
     # ---- queue management ---------------------------------------------------------------------
 
@@ -141,6 +147,13 @@ class Scheduler:
             self.fair.arrive(req.tenant, {r.tenant for q in (self.waiting, self.running, self.swapped) for r in q})
         req.status = Status.WAITING
         self.waiting.append(req)
+        self.programs.arrive(req)
+
+    def finish(self, req: Request, now: float, completed: bool) -> None:
+        """A request ended (``completed``: by stop or length): its program may keep its KV pinned
+        for the next turn; then it is removed."""
+        self.programs.finished(req, now, completed)
+        self.remove(req)
 
     def remove(self, req: Request) -> None:
         """Take a request out of every queue and release its KV (finish, abort)."""
@@ -166,25 +179,28 @@ class Scheduler:
         cfg = self.config
         due = cfg.admission == "deadline" and req.deadline is not None and not req.output_token_ids
         late = due and now > req.deadline
+        arrival = self.programs.order_time(req)
         if cfg.policy == "fcfs":
-            return (late, req.arrival_time, req.req_id)
+            return (late, arrival, req.req_id)
         prio = float(req.priority)
         if cfg.priority_aging_s:
             prio -= (now - req.arrival_time) // cfg.priority_aging_s
         if due and not late and cfg.urgent_slack_s is not None and req.deadline - now <= cfg.urgent_slack_s:
             prio -= 1
         if cfg.policy == "vtc":
-            return (prio, late, self.fair.value(req.tenant), req.arrival_time, req.req_id)
-        return (prio, late, req.arrival_time, req.req_id)
+            return (prio, late, self.fair.value(req.tenant), arrival, req.req_id)
+        return (prio, late, arrival, req.req_id)
 
     def _victim(self, candidates: list[Request]) -> Request:
         """The running request the policy ranks last: worst priority, then (``vtc``) the tenant
-        furthest ahead, then the latest arrival."""
+        furthest ahead, then the latest arrival (of its program, under ``continuum``). The oldest
+        request of the best priority is never picked while another candidate exists."""
+        order = self.programs.order_time
         if self.config.policy == "fcfs":
-            return max(candidates, key=lambda r: (r.arrival_time, r.req_id))
+            return max(candidates, key=lambda r: (order(r), r.req_id))
         if self.config.policy == "vtc":
-            return max(candidates, key=lambda r: (r.priority, self.fair.value(r.tenant), r.arrival_time, r.req_id))
-        return pick_victim(candidates)
+            return max(candidates, key=lambda r: (r.priority, self.fair.value(r.tenant), order(r), r.req_id))
+        return max(candidates, key=lambda r: (r.priority, order(r), r.req_id))
 
     def _outranked(self, req: Request) -> list[Request]:
         """The running requests a waiting ``req`` may preempt: any of strictly worse priority;
@@ -220,6 +236,7 @@ class Scheduler:
     def schedule(self, now: float) -> StepPlan:
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
+        self.programs.expire(now)
 
         # 1. Running requests: decodes first, then prefill chunks, each in priority order.
         for req in sorted(self.running, key=lambda r: (r.is_prefilling, r.sort_key)):
@@ -234,7 +251,8 @@ class Scheduler:
                 continue
             if n > known and self.bm.slots_needed(req.req_id, req.num_computed_tokens + n) > self.bm.num_free:
                 n = known  # drafts never preempt anyone
-            while self.bm.slots_needed(req.req_id, req.num_computed_tokens + n) > self.bm.num_free:
+            fits = lambda: self.bm.slots_needed(req.req_id, req.num_computed_tokens + n) <= self.bm.num_free  # noqa: E731
+            while not fits() and not self.programs.yield_until(fits):
                 victim = self._victim(self.running)
                 budget += self._preempt(victim, plan)
                 if victim is req:
@@ -286,9 +304,13 @@ class Scheduler:
                 n = self._chunk_tokens(plan, cached, min(req.num_tokens - cached, budget))
                 if n == 0:
                     return
-                if not self._make_room(req, lambda: self.bm.can_allocate(tokens, cached + n, self._watermark(), salt), plan):
+                # Beside programs' pins a turn starts only if its whole prompt fits: its later
+                # chunks would otherwise take the pinned blocks from the programs that wait.
+                whole = req.num_tokens if self.bm.num_pinned and self.programs.config.enabled else cached + n
+                if not self._make_room(req, lambda: self.bm.can_allocate(tokens, whole, self._watermark(), salt), plan):
                     return
                 req.num_computed_tokens = self.bm.allocate(req.req_id, tokens, cached + n, salt)
+                self.programs.admitted(req)
                 if req.num_preemptions == 0:
                     req.num_cached_tokens = req.num_computed_tokens
                     if vtc:
@@ -312,13 +334,13 @@ class Scheduler:
 
     def _make_room(self, req: Request, fits: Callable[[], bool], plan: StepPlan) -> bool:
         """Make ``fits()`` true for an arriving request by preempting strictly lower-priority
-        running requests; False if it cannot."""
+        running requests (or, while nothing runs, by dropping younger programs' pins); False if it cannot."""
         while not fits():
             # Plain priorities: aging orders admission only; letting it preempt equal-priority
             # running requests makes two aged requests preempt each other forever.
             lower = self._outranked(req)
             if not lower:
-                return False
+                return not self.running and self.programs.yield_until(fits, req)
             self._preempt(self._victim(lower), plan)
         return True
 

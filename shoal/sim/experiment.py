@@ -11,11 +11,13 @@ import time
 from dataclasses import dataclass, replace
 
 from shoal.bench import report
+from shoal.bench.agent import AgentWorkload, program_summary
 from shoal.bench.report import RequestRecord
 from shoal.bench.workloads import Workload
 from shoal.control.policies import make_dispatch_policy, make_migration_policy
 from shoal.engine.metadata import SLO
 from shoal.engine.cost_model import CostModel, ScaledCostModel
+from shoal.engine.programs import ProgramConfig
 from shoal.engine.scheduler import SCHEDULING_POLICIES
 from shoal.sim.simulator import InstanceSpec, simulate
 from shoal.sim.transfer import Link, summarize_transfers
@@ -54,6 +56,7 @@ class SimSetup:
     fair_preempt_tokens: float | None = 2048  # SchedulerConfig.fair_preempt_tokens
     urgent_slack_s: float | None = None  # SchedulerConfig.urgent_slack_s (deadline admission)
     resident_swap: bool = True  # SchedulerConfig.resident_swap
+    programs: ProgramConfig = ProgramConfig()  # SchedulerConfig.programs
     num_blocks: int = 2800
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -74,10 +77,11 @@ class SimSetup:
                             step_time_limit_s=self.slo.tpot_s if self.slo_steps else None,
                             admission="deadline" if self.deadlines else "fcfs",
                             scheduling_policy=self.scheduling_policy, fair_preempt_tokens=self.fair_preempt_tokens,
-                            urgent_slack_s=self.urgent_slack_s, resident_swap=self.resident_swap)
+                            urgent_slack_s=self.urgent_slack_s, resident_swap=self.resident_swap,
+                            programs=self.programs)
         return [base if v == 1.0 else replace(base, cost_model=ScaledCostModel(self.cost_model, v)) for v in self.speeds]
 
-    def run(self, workload: Workload) -> tuple[dict, list[RequestRecord]]:
+    def run(self, workload: Workload | AgentWorkload) -> tuple[dict, list[RequestRecord]]:
         specs = self.specs()
         link = Link(self.link_gbps, self.link_latency_ms / 1e3)
         t = time.perf_counter()
@@ -97,4 +101,16 @@ class SimSetup:
             "swapped_out_bytes": sum(s.engine.scheduler.num_swapped_out_blocks for s in sims) * specs[0].kv_bytes_per_block,
             "cost_model": {"device": getattr(self.cost_model, "device", "unknown"), "model": model},
             "sim_wall_s": wall})
+        if isinstance(workload, AgentWorkload):
+            result["programs"] = {**program_summary(workload, records), "scheduling": self.programs.scheduling,
+                                  **pin_stats(sims)}
         return result, records
+
+
+def pin_stats(sims) -> dict:
+    """The engines' program pins, summed (:class:`ProgramStats`)."""
+    totals = {"pins": 0, "pin_hits": 0, "expired": 0, "yielded": 0, "displaced": 0}
+    for sim in sims:
+        for key in totals:
+            totals[key] += getattr(sim.engine.scheduler.programs.stats, key)
+    return totals

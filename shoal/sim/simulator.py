@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from shoal.bench.agent import AgentProgram, AgentWorkload, TurnRecord
 from shoal.bench.report import RequestRecord
 from shoal.bench.workloads import Workload
 from shoal.control.global_scheduler import ENTRY_ROLES, GlobalScheduler
@@ -63,6 +64,7 @@ from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import SchedulerConfig, StepPlan
 from shoal.engine.step_budget import StepTimeBudget
 from shoal.engine.cost_model import CostModel
+from shoal.engine.programs import ProgramConfig
 from shoal.sim.fast_forward import advance, steady_decode_steps, step_times
 from shoal.sim.transfer import Link, Transfer, kv_bytes
 
@@ -132,6 +134,7 @@ class InstanceSpec:
     fair_preempt_tokens: float | None = 2048  # SchedulerConfig.fair_preempt_tokens
     urgent_slack_s: float | None = None  # SchedulerConfig.urgent_slack_s
     resident_swap: bool = True  # SchedulerConfig.resident_swap
+    programs: ProgramConfig = ProgramConfig()  # SchedulerConfig.programs
 
     @property
     def step_time_budget(self) -> StepTimeBudget | None:
@@ -161,7 +164,8 @@ class SimInstance:
             SchedulerConfig(max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
                             step_time_budget=spec.step_time_budget, admission=spec.admission,
                             policy=spec.scheduling_policy, fair_preempt_tokens=spec.fair_preempt_tokens,
-                            urgent_slack_s=spec.urgent_slack_s, resident_swap=spec.resident_swap),
+                            urgent_slack_s=spec.urgent_slack_s, resident_swap=spec.resident_swap,
+                            programs=spec.programs),
             max_model_len=spec.max_model_len,
             vocab_size=spec.vocab_size,
             clock=self.clock,
@@ -187,13 +191,14 @@ class _Cluster:
     stages, KV landing; a heap) and instances finishing a step (a heap); at equal times in that
     order."""
 
-    def __init__(self, workload: Workload, specs: list[InstanceSpec], dispatch: DispatchPolicy | str, seed: int,
-                 fast_forward: bool, migration: MigrationPolicy | None, roles: list[str] | None, link: Link,
+    def __init__(self, workload: Workload | AgentWorkload, specs: list[InstanceSpec], dispatch: DispatchPolicy | str,
+                 seed: int, fast_forward: bool, migration: MigrationPolicy | None, roles: list[str] | None, link: Link,
                  control_interval_s: float, max_migration_stages: int, slo: SLO | None) -> None:
         self.sims = [SimInstance(s, r) for s, r in zip(specs, check_roles(roles, len(specs)))]
-        self.arrivals = workload.requests
-        self.records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len, start_s=r.arrival_s, tenant=r.tenant)
-                        for r in self.arrivals]
+        self.arrivals = [] if isinstance(workload, AgentWorkload) else workload.requests
+        self.records: list[RequestRecord] = [
+            RequestRecord(r.arrival_s, r.prompt_len, r.output_len, start_s=r.arrival_s, tenant=r.tenant)
+            for r in self.arrivals]
         self.by_id: dict[str, RequestRecord] = {}
         self.gen = torch.Generator().manual_seed(seed)
         self.group_prefixes: dict[int, list[int]] = {}  # prefix group -> its shared leading tokens
@@ -218,6 +223,10 @@ class _Cluster:
         self.moving: dict[str, _Move] = {}
         self.ticks = 0  # index of the last tick scheduled
         self.tick_pending = False
+        self.turns: dict[str, tuple[AgentProgram, int, list[int]]] = {}  # turn in flight -> program, index, prompt
+        if isinstance(workload, AgentWorkload):
+            for prog in workload.programs:
+                self._at(prog.arrival_s, self._turn, (prog, 0, []))
 
     def run(self) -> None:
         while True:
@@ -256,13 +265,41 @@ class _Cluster:
             shared = self.group_prefixes.setdefault(
                 spec.prefix_group, torch.randint(1, self.vocab, (spec.prefix_len,), generator=self.gen).tolist())
             prompt[: spec.prefix_len] = shared[: spec.prefix_len]
-        rid = f"r{idx}"
+        self._submit(f"r{idx}", prompt, RequestMetadata(tenant=spec.tenant, weight=spec.weight, slo=self.slo),
+                     spec.output_len, rec, now)
+
+    def _turn(self, now: float, arg: tuple[AgentProgram, int, list[int]]) -> None:
+        """Turn ``k`` of an agent program is sent: its context so far plus its new tokens."""
+        prog, k, context = arg
+        turn = prog.turns[k]
+        prompt = context + torch.randint(1, self.vocab, (turn.prompt_tokens,), generator=self.gen).tolist()
+        rid = f"{prog.program_id}/{k}"
+        # the previous reply's last token was sampled, never computed: it is new to the KV too
+        rec = TurnRecord(now, len(prompt), turn.output_tokens, start_s=now, tenant=prog.tenant,
+                         program_id=prog.program_id, turn=k, new_tokens=turn.prompt_tokens + (k > 0))
+        self.records.append(rec)
+        self.turns[rid] = (prog, k, prompt)
+        metadata = RequestMetadata(priority=prog.priority, tenant=prog.tenant, session_id=prog.program_id,
+                                   more_turns=k + 1 < len(prog.turns), tool=turn.tool, slo=self.slo)
+        self._submit(rid, prompt, metadata, turn.output_tokens, rec, now)
+        if rec.error is not None:
+            del self.turns[rid]
+
+    def _turn_ended(self, i: int, rid: str, end: float, error: str | None) -> None:
+        """Send the program's next turn after the tool's pause (a failed turn ends the program)."""
+        prog, k, prompt = self.turns.pop(rid)
+        if error is None and k + 1 < len(prog.turns):
+            reply = [self.sims[i].executor.token_id] * self.by_id[rid].output_tokens
+            self._at(end + prog.turns[k].tool_s, self._turn, (prog, k + 1, prompt + reply))
+
+    def _submit(self, rid: str, prompt: list[int], metadata: RequestMetadata, output_len: int,
+                rec: RequestRecord, now: float) -> None:
+        """Dispatch a request and queue it on the chosen instance."""
         self._observe(ENTRY_ROLES)
-        metadata = RequestMetadata(tenant=spec.tenant, weight=spec.weight, slo=self.slo)
         request = DispatchRequest(rid, prompt, metadata)
         target = self.scheduler.dispatch(request)
         self.by_id[rid] = rec
-        params = SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
         try:
             self.sims[target].engine.add(prompt, params, req_id=rid, arrival_time=now, metadata=metadata)
         except ValueError as exc:
@@ -339,6 +376,9 @@ class _Cluster:
                 rec.output_tokens = out.num_output_tokens
                 if out.error:
                     rec.error = out.error
+                if isinstance(rec, TurnRecord):
+                    rec.cached_tokens = out.num_cached_tokens
+                    self._turn_ended(i, out.req_id, end, out.error)
         self._busy(i, end)
 
     # ---- moving requests ----------------------------------------------------------------------
@@ -428,7 +468,7 @@ class _Cluster:
 
 
 def simulate(
-    workload: Workload,
+    workload: Workload | AgentWorkload,
     instances: list[InstanceSpec],
     dispatch: DispatchPolicy | str = DEFAULT_DISPATCH,
     seed: int = 0,

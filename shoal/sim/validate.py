@@ -7,15 +7,20 @@ models: the engine and its scheduler, without HTTP in between.
 
 from __future__ import annotations
 
+import heapq
 import time
+from typing import Callable
 
 import numpy as np
 
+from shoal.bench.agent import AgentProgram, AgentWorkload, TurnRecord
 from shoal.bench.prompts import PromptMaker
 from shoal.bench.report import RequestRecord, summarize
 from shoal.bench.workloads import Workload
 from shoal.control.policies import LeastLoad
+from shoal.engine.core import EngineCore
 from shoal.engine.engine import Engine
+from shoal.engine.metadata import RequestMetadata
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.cost_model import CostModel
 from shoal.sim.simulator import InstanceSpec, simulate
@@ -78,3 +83,57 @@ def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000
             rows[f"{metric[:-3]}_{q}"] = {"real_ms": a, "sim_ms": b, "rel_error": abs(b - a) / a if a else None}
     return {"workload": workload.description, "metrics": rows,
             "max_rel_error": max(v["rel_error"] for v in rows.values() if v["rel_error"] is not None)}
+
+
+def real_agent_run(engine: EngineCore, workload: AgentWorkload, clock: Callable[[], float] | None = None,
+                   seed: int = 0) -> tuple[list[TurnRecord], float]:
+    """Replay an agent workload on the engine: each program's turns in order, the next one sent
+    ``tool_s`` after the previous one ended, its prompt the real previous prompt and reply plus
+    new (random) tokens. Times come from ``clock`` (default: the wall clock; it must be the
+    engine's own clock); while nothing is due, the run sleeps on the wall clock."""
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    now = clock or (lambda: time.perf_counter() - t0)
+    start = now()
+    due: list[tuple[float, int, AgentProgram, int, list[int]]] = []  # (time, order, program, turn, context)
+    for i, prog in enumerate(workload.programs):
+        heapq.heappush(due, (start + prog.arrival_s, i, prog, 0, []))
+    order = len(workload.programs)
+    records: list[TurnRecord] = []
+    live: dict[str, tuple[TurnRecord, AgentProgram, int, list[int], list[int]]] = {}
+    while due or engine.has_unfinished():
+        t = now()
+        while due and due[0][0] <= t:
+            _, _, prog, k, context = heapq.heappop(due)
+            turn = prog.turns[k]
+            prompt = context + rng.integers(1, engine.vocab_size, turn.prompt_tokens).tolist()
+            rec = TurnRecord(t - start, len(prompt), turn.output_tokens, start_s=t - start, tenant=prog.tenant,
+                             program_id=prog.program_id, turn=k, new_tokens=turn.prompt_tokens + (k > 0))
+            records.append(rec)
+            meta = RequestMetadata(priority=prog.priority, tenant=prog.tenant, session_id=prog.program_id,
+                                   more_turns=k + 1 < len(prog.turns), tool=turn.tool)
+            rid = engine.add(prompt, SamplingParams(temperature=0.0, max_tokens=turn.output_tokens, ignore_eos=True),
+                             req_id=f"{prog.program_id}/{k}", metadata=meta)
+            live[rid] = (rec, prog, k, prompt, [])
+        if not engine.has_unfinished():
+            if clock is None:
+                time.sleep(max(0.0, due[0][0] - now()))
+            else:
+                clock.t = max(clock.t, due[0][0])  # type: ignore[attr-defined]
+            continue
+        outputs = engine.step()
+        end = now() - start
+        for out in outputs:
+            rec, prog, k, prompt, reply = live[out.req_id]
+            reply.extend(out.new_token_ids)
+            if out.new_token_ids and rec.first_token_s is None:
+                rec.first_token_s = end
+            rec.token_times_s.extend([end] * bool(out.new_token_ids))
+            if out.finished:
+                del live[out.req_id]
+                rec.end_s, rec.output_tokens, rec.error = end, out.num_output_tokens, out.error
+                rec.cached_tokens = out.num_cached_tokens
+                if out.error is None and k + 1 < len(prog.turns):
+                    order += 1
+                    heapq.heappush(due, (start + end + prog.turns[k].tool_s, order, prog, k + 1, prompt + reply))
+    return records, now() - start
