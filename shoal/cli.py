@@ -44,6 +44,20 @@ def parse_json_option(name: str, value: str | None):
         raise ValueError(f"{name} is not valid JSON: {exc}") from None
 
 
+ProgramSchedulingOpt = typer.Option("continuum", "--program-scheduling", help="continuum | none: agent programs' turns (requests sharing a session_id) scheduled program-first with their KV kept between turns, or request-level FCFS")
+ProgramConfigOpt = typer.Option(None, "--program-config", help='JSON tuning of --program-scheduling continuum, e.g. \'{"max_pinned_fraction": 0.5, "aging_s": 10}\' (see the README)')
+
+
+def program_config(scheduling: str, options: str | None):
+    """The :class:`ProgramConfig` of ``--program-scheduling`` and ``--program-config``."""
+    from shoal.engine.programs import ProgramConfig
+
+    parsed = parse_json_option("--program-config", options)
+    if parsed is not None and not isinstance(parsed, dict):
+        raise ValueError(f"--program-config is a JSON object, got {type(parsed).__name__}")
+    return ProgramConfig.from_dict({**(parsed or {}), "scheduling": scheduling})
+
+
 @app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message"),
@@ -115,6 +129,8 @@ def serve(
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0.0, help="On SIGTERM, seconds to let requests in flight finish before ending them with an error"),
     tool_call_parser: Optional[str] = typer.Option(None, "--tool-call-parser", help="hermes | llama3_json: the format of the model's tool calls (default: from its chat template)"),
     tool_prompt: str = typer.Option("auto", "--tool-prompt", help="auto | template | system: give tools to the chat template, or describe them in a system message (auto: template if it renders tools)"),
+    program_scheduling: str = ProgramSchedulingOpt,
+    program_config_json: Optional[str] = ProgramConfigOpt,
 ) -> None:
     """Serve the OpenAI API (completions, chat, models, tokenize, metrics)."""
     import uvicorn
@@ -153,7 +169,8 @@ def serve(
                               scheduling_policy=scheduling_policy,
                               urgent_slack_s=None if urgent_slack_ms is None else urgent_slack_ms / 1e3,
                               step_time_limit_s=slo.tpot_s if token_budget == "slo" else None, cost_model=cost_model,
-                              speculative_config=parse_json_option("--speculative-config", speculative_config))
+                              speculative_config=parse_json_option("--speculative-config", speculative_config),
+                              programs=program_config(program_scheduling, program_config_json))
     name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
     if instances > 1 or ray_address or autoscale_max:
         from shoal.cluster.cluster import ClusterEngine
@@ -245,7 +262,7 @@ def bench_offline(
 @bench_app.command("serve")
 def bench_serve(
     url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Base URL of an OpenAI-compatible server"),
-    workload: str = typer.Option("poisson", "--workload", help="poisson | gamma | trace:PATH (Azure or BurstGPT CSV)"),
+    workload: str = typer.Option("poisson", "--workload", help="poisson | gamma | trace:PATH (Azure or BurstGPT CSV) | agent:PATH (agent programs, JSON lines: bench agent-trace)"),
     rate: float = typer.Option(1.0, "--rate", help="Mean arrivals per second (poisson, gamma)"),
     burstiness: float = typer.Option(0.5, "--burstiness", help="Gamma shape: <1 bursty, 1 Poisson"),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Closed loop: keep C requests in flight"),
@@ -273,10 +290,11 @@ def bench_serve(
     import httpx
 
     from shoal.bench import report
+    from shoal.bench.agent import AgentWorkload, program_summary
     from shoal.bench.serve import run_workload
     from shoal.model.loader import default_model_path, load_tokenizer
 
-    if workload.startswith("trace:") and max_context is None:
+    if workload.startswith(("trace:", "agent:")) and max_context is None:
         try:
             headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
             info = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=10).json()["data"][0]
@@ -290,9 +308,38 @@ def bench_serve(
         url, wl, tok, model=model, concurrency=concurrency, max_duration_s=max_duration, api_key=api_key))
     result = report.summarize(records, wl.description, slo_ttft_ms, slo_tpot_ms, duration_s=duration,
                               extra={"url": url})
+    if isinstance(wl, AgentWorkload):
+        result["programs"] = program_summary(wl, records)
     report.write(out, result, records, queue)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "workload"}, indent=2))
     typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png")
+
+
+@bench_app.command("agent-trace")
+def bench_agent_trace(
+    out: Path = typer.Argument(..., help="The JSON-lines file to write"),
+    preset: str = typer.Option("swe", "--preset", help="swe (SWE-bench software agents) | bfcl (BFCL multi-turn function calling)"),
+    num_programs: int = typer.Option(50, "--num-programs", "-n", min=1),
+    rate: float = typer.Option(0.5, "--rate", help="Programs arriving per second"),
+    burstiness: float = typer.Option(1.0, "--burstiness", help="Gamma shape of the gaps between programs: <1 bursty, 1 Poisson"),
+    turns_mean: Optional[float] = typer.Option(None, "--turns-mean", help="Mean turns per program (default: the preset's)"),
+    scale_tokens: float = typer.Option(1.0, "--scale-tokens", help="Multiply every token count (a small model on a CPU wants smaller programs)"),
+    tenants: Optional[str] = typer.Option(None, "--tenants", help="Tenant mix by share of the programs, e.g. a=3,b=1"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write an agent trace (programs of turns separated by tool pauses) for --workload agent:PATH."""
+    from shoal.bench import agent
+    from shoal.bench.workloads import parse_shares
+
+    try:
+        programs = agent.generate(preset, num_programs, rate, seed, scale_tokens, turns_mean, burstiness,
+                                  parse_shares(tenants, "--tenants") if tenants else None)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    agent.dump(programs, out)
+    turns = [len(p.turns) for p in programs]
+    typer.echo(json.dumps({"programs": len(programs), "turns": sum(turns), "turns_per_program_max": max(turns),
+                           "span_s": programs[-1].arrival_s, "out": str(out)}))
 
 
 def _build_workload(workload: str, rate: float, burstiness: float, concurrency: Optional[int], time_scale: float,
@@ -302,6 +349,13 @@ def _build_workload(workload: str, rate: float, burstiness: float, concurrency: 
     from shoal.bench import workloads
 
     try:
+        if workload.startswith("agent:"):
+            from shoal.bench import agent
+
+            if prefix_groups or tenants or tenant_weights or concurrency is not None:
+                raise ValueError("an agent trace carries its own prefixes and tenants: drop --prefix-groups, "
+                                 "--tenants, --tenant-weights and --concurrency")
+            return agent.load(workload[6:], time_scale=time_scale, max_context=max_context)
         if workload.startswith("trace:"):
             wl = workloads.load_trace(workload[6:], time_scale=time_scale, max_context=max_context,
                                       num_requests=num_requests, start_s=trace_start)
@@ -343,7 +397,7 @@ def profile(
 
 @app.command()
 def sim(
-    workload: str = typer.Option("poisson", "--workload", help="poisson | gamma | trace:PATH (Azure or BurstGPT CSV)"),
+    workload: str = typer.Option("poisson", "--workload", help="poisson | gamma | trace:PATH (Azure or BurstGPT CSV) | agent:PATH (agent programs, JSON lines: bench agent-trace)"),
     rate: float = typer.Option(1.0, "--rate"),
     burstiness: float = typer.Option(0.5, "--burstiness"),
     time_scale: float = typer.Option(1.0, "--time-scale"),
@@ -377,6 +431,8 @@ def sim(
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("sim-out"), "--out"),
     validate: bool = typer.Option(False, "--validate", help="Also run the workload on the real engine (one instance) and print the errors"),
+    program_scheduling: str = ProgramSchedulingOpt,
+    program_config_json: Optional[str] = ProgramConfigOpt,
 ) -> None:
     """Simulate a cluster on the real scheduler code with a cost model; same JSON as bench serve."""
     from shoal.bench import report
@@ -386,16 +442,22 @@ def sim(
     from shoal.sim.experiment import SimSetup, parse_speeds
 
     cm = LinearCostModel.load(cost_model or default_profile_path())
+    try:
+        programs = program_config(program_scheduling, program_config_json)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     if validate:
+        from shoal.bench.agent import AgentWorkload
         from shoal.engine.config import EngineConfig
         from shoal.engine.engine import Engine
-        from shoal.sim.validate import compare
+        from shoal.sim.validate import compare, compare_agent
 
         wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
                              output_len, max_context, seed, prefix_groups, prefix_len)
-        engine = Engine(EngineConfig(num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                                     max_num_batched_tokens=max_num_batched_tokens))
-        fidelity = compare(wl, engine, cm, (slo_ttft_ms, slo_tpot_ms))
+        engine = Engine(EngineConfig(num_blocks=num_blocks, max_num_seqs=max_num_seqs, scheduling_policy=scheduling_policy,
+                                     max_num_batched_tokens=max_num_batched_tokens, programs=programs))
+        fidelity = (compare_agent(wl, engine, cm) if isinstance(wl, AgentWorkload)
+                    else compare(wl, engine, cm, (slo_ttft_ms, slo_tpot_ms)))
         out.mkdir(parents=True, exist_ok=True)
         (out / "fidelity.json").write_text(json.dumps(fidelity, indent=2))
         typer.echo(json.dumps(fidelity, indent=2))
@@ -409,7 +471,8 @@ def sim(
             slo=SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3), slo_steps=token_budget == "slo",
             deadlines=admission == "deadline", scheduling_policy=scheduling_policy,
             urgent_slack_s=None if urgent_slack_ms is None else urgent_slack_ms / 1e3, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, link_gbps=link_gbps, link_latency_ms=link_latency_ms, seed=seed)
+            max_num_batched_tokens=max_num_batched_tokens, link_gbps=link_gbps, link_latency_ms=link_latency_ms, seed=seed,
+            programs=programs)
         setup.check()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

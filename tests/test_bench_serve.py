@@ -376,3 +376,36 @@ def test_bench_serve_counts_mid_stream_failures(server, tmp_path, monkeypatch):
     assert (res["completed"], res["failed"]) == (0, 1)
     assert any("simulated device fault" in e for e in res["errors"]), res["errors"]
     assert res["goodput_rps"] == 0 and res["slo_attainment"] == 0
+
+
+def test_bench_serve_replays_an_agent_trace_with_its_history(server, tmp_path):
+    """Each turn's prompt is the previous prompt, the server's real reply and new text, sent with its
+    session, so the server's prefix cache serves the history (reported as cached tokens); the
+    result has the programs' job completion time."""
+    from shoal.bench import agent
+
+    progs = [agent.AgentProgram("a", 0.0, (agent.AgentTurn(40, 6, 0.05, "bash"), agent.AgentTurn(30, 6, 0.05, "edit"),
+                                           agent.AgentTurn(20, 4))),
+             agent.AgentProgram("b", 0.1, (agent.AgentTurn(50, 5, 0.0, "bash"), agent.AgentTurn(25, 5)))]
+    agent.dump(progs, tmp_path / "t.jsonl")
+    seen = []
+    real_add = server.engine.add
+
+    def recording(prompt, params=None, **kw):
+        seen.append((kw.get("metadata"), list(prompt)))
+        return real_add(prompt, params, **kw)
+
+    with mock.patch.object(server.engine, "add", recording):
+        res, records = run_bench(server, tmp_path / "out", "--workload", f"agent:{tmp_path / 't.jsonl'}")
+    assert res["completed"] == 5 and res["failed"] == 0
+    prog = res["programs"]
+    assert (prog["num_programs"], prog["completed"], prog["turns_completed"]) == (2, 2, 5)
+    assert 0 < prog["jct_s"]["p50"] <= prog["jct_s"]["p90"]
+    by_turn = {(r["program_id"], r["turn"]): r for r in records}
+    a = [by_turn["a", k] for k in range(3)]
+    assert a[1]["start_s"] >= a[0]["end_s"] + 0.05 - 1e-3  # the tool's pause, after the reply
+    assert a[1]["cached_tokens"] > 0 and a[2]["cached_tokens"] >= a[1]["cached_tokens"]
+    metas = [m for m, _ in seen if m is not None and m.session_id == "a"]
+    assert [(m.more_turns, m.tool) for m in metas] == [(True, "bash"), (True, "edit"), (False, None)]
+    prompts = [p for m, p in seen if m is not None and m.session_id == "a"]
+    assert prompts[1][:len(prompts[0]) - 2] == prompts[0][:-2]  # the history, as sent before

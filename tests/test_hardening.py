@@ -237,6 +237,22 @@ def test_request_metadata_reaches_the_engine_from_body_and_headers(srv, monkeypa
     assert outs and {o.metadata.session_id for o in outs} == {"conv-1", "conv-2", None}
     assert all(o.metadata.tenant == "acme" for o in outs if o.metadata.session_id == "conv-1")
     assert_error(srv.http.post("/v1/chat/completions", json={**body, "session_id": "x" * 300}), 400)
+    # an agent turn: more turns follow, the reply calls a tool (body fields, or headers)
+    seen.clear()
+    assert srv.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "session_id": "prog-1",
+                                                  "more_turns": True, "tool": "bash"}).status_code == 200
+    assert srv.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                         headers={"X-Session-Id": "prog-2", "X-More-Turns": "1", "X-Tool": "search"}).status_code == 200
+    assert srv.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "more_turns": False},
+                         headers={"X-Session-Id": "prog-2", "X-More-Turns": "true"}).status_code == 200
+    assert [(m.session_id, m.more_turns, m.tool) for m in seen] == [
+        ("prog-1", True, "bash"), ("prog-2", True, "search"), ("prog-2", False, None)]
+    for bad in ({"json": {**body, "more_turns": "yes"}}, {"json": {**body, "tool": ""}},
+                {"json": body, "headers": {"X-More-Turns": "maybe"}},
+                {"json": body, "headers": {"X-Tool": "t" * 200}},
+                {"json": body, "headers": {"X-Session-Id": "s" * 300}}):
+        assert_error(srv.http.post("/v1/chat/completions", **bad), 400)
+    assert len(seen) == 3  # none of the bad ones reached the engine
 
 
 # ---- sizes ----------------------------------------------------------------------------------------

@@ -297,3 +297,58 @@ def test_simulator_and_engine_make_the_same_pin_decisions(tiny_model_dir):
     assert real_stats == sim_stats
     assert real_stats.pins > 0 and real_stats.pin_hits > 0
     engine.block_manager.check()
+
+
+# ---- the commands ---------------------------------------------------------------------------------
+
+
+def cli(*args: str):
+    from typer.testing import CliRunner
+
+    from shoal.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_agent_trace_command_and_sim_compare_the_two_schedulings(tmp_path):
+    """``bench agent-trace`` writes what ``generate`` makes; ``sim --workload agent:PATH`` reports
+    the programs under either ``--program-scheduling``, and only ``continuum`` pins."""
+    trace = tmp_path / "t.jsonl"
+    r = cli("bench", "agent-trace", str(trace), "--preset", "bfcl", "-n", "6", "--rate", "2", "--seed", "3")
+    assert r.exit_code == 0, r.output
+    assert agent.load(trace).programs == agent.generate("bfcl", 6, 2.0, 3)
+    assert json.loads(r.output)["programs"] == 6
+    results = {}
+    for sched in ("none", "continuum"):
+        out = tmp_path / sched
+        r = cli("sim", "--workload", f"agent:{trace}", "--num-blocks", "200", "--program-scheduling", sched,
+                "--program-config", '{"aging_s": 5}', "--out", str(out))
+        assert r.exit_code == 0, r.output
+        results[sched] = json.loads((out / "result.json").read_text())
+    for sched, res in results.items():
+        p = res["programs"]
+        assert p["scheduling"] == sched and p["completed"] == 6 and res["workload"]["kind"] == "agent"
+        assert p["jct_s"]["mean"] > 0
+    assert results["none"]["programs"]["pins"] == 0 < results["continuum"]["programs"]["pins"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--program-scheduling", "lru"], "program scheduling must be one of"),
+    (["--program-config", '{"max_pinned": 1}'], "unknown program option"),
+    (["--program-config", '[1]'], "JSON object"),
+    (["--program-config", '{"aging_s": '], "not valid JSON"),
+])
+def test_bad_program_options_are_refused_before_anything_loads(tmp_path, args, message):
+    for command in (["sim", "--out", str(tmp_path)], ["serve", "--model", str(tmp_path / "absent.gguf")]):
+        r = cli(*command, *args)
+        assert r.exit_code == 2, r.output
+        assert message in r.output
+
+
+def test_sim_refuses_tenant_options_with_an_agent_trace(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    agent.dump(agent.generate("bfcl", 2, 1.0, 0), trace)
+    r = cli("sim", "--workload", f"agent:{trace}", "--tenants", "a=1", "--out", str(tmp_path))
+    assert r.exit_code == 2 and "carries its own" in r.output
+    r = cli("sim", "--workload", f"agent:{tmp_path / 'nope.jsonl'}", "--out", str(tmp_path))
+    assert r.exit_code == 2 and "not found" in r.output

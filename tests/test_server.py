@@ -705,3 +705,45 @@ def test_metrics_move(srv):
     assert delta("shoal:prefix_cache_queries_total") >= 2 * n_prompt - 2
     assert delta("shoal:prefix_cache_hits_total") >= 32  # the second request reused the first's blocks
     assert after["shoal:num_requests_running"] == 0 and after["shoal:num_requests_waiting"] == 0
+
+
+def test_usage_reports_the_prompt_tokens_served_from_the_prefix_cache(srv):
+    """OpenAI's ``usage.prompt_tokens_details.cached_tokens``: a new prompt has none, the same
+    prompt again has its full blocks cached; n choices count their prompt once."""
+    prompt = list(range(1000, 1070))  # 70 tokens: 4 full blocks of 16
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 1}
+    first = srv.http.post("/v1/completions", json=body).json()["usage"]
+    again = srv.http.post("/v1/completions", json={**body, "n": 2}).json()["usage"]
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert again["prompt_tokens"] == 70 and again["prompt_tokens_details"]["cached_tokens"] == 64
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "cache me " * 30}], "max_tokens": 1,
+            "stream": True, "stream_options": {"include_usage": True}}
+    seen = []
+    for _ in range(2):
+        with srv.http.stream("POST", "/v1/chat/completions", json=chat) as r:
+            events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+        seen.append(events[-1]["usage"])
+    # the first may share the chat template's system prompt with earlier requests; the second has it all
+    assert seen[0]["prompt_tokens_details"]["cached_tokens"] < seen[1]["prompt_tokens_details"]["cached_tokens"]
+    assert seen[1]["prompt_tokens_details"]["cached_tokens"] == seen[1]["prompt_tokens"] // 16 * 16
+
+
+def test_an_agent_turn_pins_its_context_and_metrics_show_it(srv):
+    """A turn that says more turns follow leaves its context pinned (``kv_pinned_blocks``); the next
+    turn is admitted onto the pin and hits its whole history."""
+    assert wait_idle(srv)
+    before = metrics(srv)
+    prompt = list(range(2000, 2050))
+    first = srv.http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": 4,
+                                                   "session_id": "agent-m", "more_turns": True, "tool": "bash"})
+    assert first.status_code == 200
+    m = metrics(srv)
+    assert m["shoal:program_pins_total"] == before.get("shoal:program_pins_total", 0) + 1
+    assert m["shoal:kv_pinned_blocks"] == 3  # 50 prompt + 4 output tokens: 3 full blocks of 16
+    reply = srv.tokenizer.encode(first.json()["choices"][0]["text"], add_special_tokens=False)
+    nxt = srv.http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": prompt + reply[:3] + [7, 8, 9],
+                                                 "max_tokens": 2, "session_id": "agent-m"})
+    assert nxt.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 48
+    m = metrics(srv)
+    assert m["shoal:program_pin_hits_total"] == before.get("shoal:program_pin_hits_total", 0) + 1
+    assert m["shoal:kv_pinned_blocks"] == 0  # the program ended: nothing stays pinned

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from shoal.bench.report import RequestRecord, stats
+from shoal.engine.metadata import SLO, RequestMetadata
 from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN
 
 
@@ -49,6 +50,22 @@ class AgentProgram:
     def context_before(self, turn: int) -> int:
         """Tokens of the program's context when ``turn`` is sent (its prompt length)."""
         return sum(t.prompt_tokens + t.output_tokens for t in self.turns[:turn]) + self.turns[turn].prompt_tokens
+
+    def turn_id(self, turn: int) -> str:
+        """The request id of ``turn``: ``<program_id>/<turn>``."""
+        return f"{self.program_id}/{turn}"
+
+    def turn_metadata(self, turn: int, slo: SLO | None = None) -> RequestMetadata:
+        """What ``turn`` tells the engine: its program (the session), whether more turns follow,
+        the tool its reply calls, and the program's tenant and priority."""
+        return RequestMetadata(priority=self.priority, tenant=self.tenant, session_id=self.program_id,
+                               more_turns=turn + 1 < len(self.turns), tool=self.turns[turn].tool, slo=slo)
+
+    def turn_record(self, turn: int, prompt_len: int, now: float) -> TurnRecord:
+        """The record of ``turn`` sent at ``now`` with a prompt of ``prompt_len`` tokens."""
+        # the previous reply's last token was sampled, never computed: it is new to the KV too
+        return TurnRecord(now, prompt_len, self.turns[turn].output_tokens, start_s=now, tenant=self.tenant,
+                          program_id=self.program_id, turn=turn, new_tokens=self.turns[turn].prompt_tokens + (turn > 0))
 
 
 @dataclass

@@ -351,6 +351,7 @@ class EngineCore:
 
     def load(self) -> InstanceLoad:
         bm, s = self.block_manager, self.scheduler
+        pins = s.programs.stats
         return InstanceLoad(
             num_running=len(s.running),
             num_waiting=len(s.waiting),
@@ -374,6 +375,10 @@ class EngineCore:
             num_added=self.num_added,
             num_draft_tokens=self.num_draft_tokens,
             num_accepted_tokens=self.num_accepted_tokens,
+            program_pins=pins.pins,
+            program_pin_hits=pins.pin_hits,
+            program_pins_expired=pins.expired,
+            program_pins_yielded=pins.yielded + pins.displaced,
         )
 
     def shed(self, priority: int) -> str | None:

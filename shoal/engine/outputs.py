@@ -77,6 +77,10 @@ class InstanceLoad:
     num_added: int = 0  # requests ever queued by ``add`` (dispatch compares it with what it sent here)
     num_draft_tokens: int = 0  # speculative tokens scored so far
     num_accepted_tokens: int = 0  # of which accepted
+    program_pins: int = 0  # agent programs' KV pins made so far (a turn ended, more follow)
+    program_pin_hits: int = 0  # next turns admitted onto their pin
+    program_pins_expired: int = 0  # pins whose time-to-live ran out
+    program_pins_yielded: int = 0  # pins given up under pressure (to running requests or older programs)
 
     @property
     def kv_usage(self) -> float:

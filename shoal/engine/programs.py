@@ -60,6 +60,8 @@ class ProgramConfig:
     @classmethod
     def from_dict(cls, options: dict) -> "ProgramConfig":
         """From JSON options (``--program-config``); ValueError naming an unknown key."""
+        if not isinstance(options, dict):
+            raise ValueError(f"program options are a JSON object, got {type(options).__name__}")
         unknown = set(options) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown program option(s) {sorted(unknown)}; known: {', '.join(cls.__dataclass_fields__)}")

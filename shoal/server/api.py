@@ -307,8 +307,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
                           structured: StructuredOutputs | None = None):
         """Start every (prompt, n) choice; returns one output stream per choice, in index order.
         The request's metadata: ``priority`` (capped by the key's tenant); the tenant is the API
-        key's, else ``user``; the session is the body's ``session_id``, else the ``X-Session-Id``
-        header."""
+        key's, else ``user``; the session fields are the body's, else the headers' (``session_fields``)."""
         tenant = getattr(request.state, "tenant", None)  # the API key's, if the server has a keys file
         claims = None
         if tenant is not None and tenant.limits.any:
@@ -323,7 +322,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
             priority=tenant.cap(req.priority) if tenant else req.priority,
             tenant=tenant.name if tenant and tenant.name else req.user,
             weight=tenant.weight if tenant else 1.0,
-            session_id=req.session_id or request.headers.get("x-session-id"),
+            **session_fields(req, request.headers),
             cache_salt="\0".join(s for s in (tenant and tenant.cache_salt, req.cache_salt) if s) or None,
             slo=request_slo(req, getattr(engine, "slo", None)))
         streams = []
@@ -388,18 +387,19 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
                                headers={"Retry-After": "5"})
             raise APIError(500, out.error or "generation failed", "InternalServerError")
 
-    async def complete(request: Request, streams, body) -> tuple[list[dict], int]:
-        """Run non-streaming choices to the end; ``body(i, outputs)`` gives each choice's content
-        fields. Returns the choices and the completion token count."""
+    async def complete(request: Request, streams, body, n: int) -> tuple[list[dict], int, int]:
+        """Run non-streaming choices to the end (``n`` per prompt); ``body(i, outputs)`` gives each
+        choice's content fields. Returns the choices, the completion and the cached prompt token counts."""
         results = await until_disconnect(request, collect(streams))
-        choices, completion_tokens = [], 0
+        choices, completion_tokens, cached = [], 0, {}
         for i, outs in enumerate(results):
             final = outs[-1]
             failed(final)
             completion_tokens += final.num_output_tokens
+            cached[i] = final.num_cached_tokens
             choices.append({"index": i, **body(i, outs), "finish_reason": reason(final),
                             "stop_reason": final.stop_reason})
-        return choices, completion_tokens
+        return choices, completion_tokens, cached_prompt_tokens(cached, n)
 
     def token_text(t: int) -> str:
         return tokenizer.decode([t])
@@ -459,13 +459,14 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
 
         if req.stream:
             async def sse():
-                completion_tokens = 0
+                completion_tokens, cached = 0, {}
                 offsets = [0] * n_choices
                 async for i, out in merged(streams):
                     if (error := stream_error(out, lifecycle.accepting)) is not None:
                         yield error
                         break
                     completion_tokens += len(out.new_token_ids)
+                    cached[i] = out.num_cached_tokens
                     text = out.new_text
                     if offsets[i] == 0 and req.echo:
                         text = prefix(i) + text
@@ -474,19 +475,21 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
                     offsets[i] += len(text)
                     yield sse_event({"id": base, "object": "text_completion", "created": created,
                                      "model": model_name, "choices": [choice],
-                                     **({"usage": usage(prompt_tokens, completion_tokens)} if live_usage else {})})
+                                     **({"usage": usage(prompt_tokens, completion_tokens, cached_prompt_tokens(cached, req.n))}
+                                        if live_usage else {})})
                 else:
                     if req.stream_options and req.stream_options.include_usage:
                         yield sse_event({"id": base, "object": "text_completion", "created": created, "model": model_name,
-                                         "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+                                         "choices": [], "usage": usage(prompt_tokens, completion_tokens,
+                                                                        cached_prompt_tokens(cached, req.n))})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
-        choices, completion_tokens = await complete(request, streams, lambda i, outs: {
-            "text": prefix(i) + "".join(o.new_text for o in outs), "logprobs": lp_block(outs, len(prefix(i)))})
+        choices, completion_tokens, cached_tokens = await complete(request, streams, lambda i, outs: {
+            "text": prefix(i) + "".join(o.new_text for o in outs), "logprobs": lp_block(outs, len(prefix(i)))}, req.n)
         return {"id": base, "object": "text_completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+                "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
     # ---- chat completions ------------------------------------------------------------------------
 
@@ -533,7 +536,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
 
         if req.stream:
             async def sse():
-                completion_tokens = 0
+                completion_tokens, cached = 0, {}
                 calls = [tool_calling.stream() for _ in streams]
                 for i in range(len(streams)):
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -543,6 +546,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
                         yield error
                         break
                     completion_tokens += len(out.new_token_ids)
+                    cached[i] = out.num_cached_tokens
                     text, new_calls = calls[i].feed(out.new_text, out.finished) if calling else (out.new_text, [])
                     delta: dict = {"content": text} if text or not (out.finished or calling) else {}
                     if new_calls:
@@ -552,10 +556,11 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
                         continue  # text held back while it may still become a tool call
                     yield chunk([{"index": i, "delta": delta, "logprobs": lp_content([out]),
                                   "finish_reason": finish(reason(out), bool(calls[i].calls))}],
-                                **({"usage": usage(len(ids), completion_tokens)} if live_usage else {}))
+                                **({"usage": usage(len(ids), completion_tokens, cached_prompt_tokens(cached, req.n))}
+                                   if live_usage else {}))
                 else:
                     if req.stream_options and req.stream_options.include_usage:
-                        yield chunk([], usage=usage(len(ids), completion_tokens))
+                        yield chunk([], usage=usage(len(ids), completion_tokens, cached_prompt_tokens(cached, req.n)))
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream")
@@ -567,12 +572,12 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
             content, calls = tool_calling.parse(text)
             return {"role": "assistant", "content": content, **({"tool_calls": [c.to_openai() for c in calls]} if calls else {})}
 
-        choices, completion_tokens = await complete(request, streams, lambda i, outs: {
-            "message": message(outs), "logprobs": lp_content(outs)})
+        choices, completion_tokens, cached_tokens = await complete(request, streams, lambda i, outs: {
+            "message": message(outs), "logprobs": lp_content(outs)}, req.n)
         for c in choices:
             c["finish_reason"] = finish(c["finish_reason"], "tool_calls" in c["message"])
         return {"id": base, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage(len(ids), completion_tokens)}
+                "choices": choices, "usage": usage(len(ids), completion_tokens, cached_tokens)}
 
     return app
 
@@ -591,6 +596,29 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         isinstance(p, int) or (re.fullmatch(r"[a-z_][a-z0-9_]*", str(p)) and p not in _UNION_TAGS))]
     msg = first.get("msg", "invalid request")
     return (f"{'.'.join(loc)}: {msg}" if loc else msg), (loc[0] if loc else None)
+
+
+_BOOL_HEADER = {"true": True, "1": True, "false": False, "0": False}
+
+
+def session_fields(req: _SamplingRequest, headers) -> dict:
+    """``session_id``, ``more_turns`` and ``tool`` of the request: the body's fields, else the
+    ``X-Session-Id``, ``X-More-Turns`` (true / false / 1 / 0) and ``X-Tool`` headers. A header
+    outside those bounds is a 400 naming it."""
+    def header(name: str, limit: int) -> str | None:
+        value = headers.get(name)
+        if value is not None and not 1 <= len(value) <= limit:
+            raise APIError(400, f"{name} must be 1 to {limit} characters", param=name)
+        return value
+
+    more = req.more_turns
+    if more is None:
+        raw = header("x-more-turns", 5)
+        if raw is not None and raw.lower() not in _BOOL_HEADER:
+            raise APIError(400, "x-more-turns must be true, false, 1 or 0", param="x-more-turns")
+        more = raw is not None and _BOOL_HEADER[raw.lower()]
+    return {"session_id": req.session_id or header("x-session-id", 256), "more_turns": more,
+            "tool": req.tool or header("x-tool", 128)}
 
 
 def request_slo(req: _SamplingRequest, default: SLO | None) -> SLO | None:
@@ -633,9 +661,18 @@ def reason(out: RequestOutput) -> str | None:
     return "length" if out.finish_reason.value == "length" else ("abort" if out.finish_reason.value == "abort" else "stop")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` are the prompt tokens served
+    from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def cached_prompt_tokens(per_choice: dict[int, int], n: int) -> int:
+    """Cached prompt tokens of a request whose choices are ``n`` per prompt (each prompt counted once,
+    as ``prompt_tokens`` counts it: by its first choice)."""
+    return sum(v for i, v in per_choice.items() if i % n == 0)
 
 
 def sse_event(obj: dict) -> str:

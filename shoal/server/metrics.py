@@ -35,12 +35,21 @@ class ServerMetrics:
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.swapped = gauge("num_requests_swapped", "Preempted requests whose KV is swapped out.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).")
-        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
-        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
-        self.preemptions = counter("num_preemptions", "Requests preempted (swap or recompute).")
-        self.draft_tokens = counter("spec_decode_num_draft_tokens", "Speculative (n-gram) tokens scored.")
-        self.accepted_tokens = counter("spec_decode_num_accepted_tokens", "Speculative tokens accepted.")
-        self.restarts = counter("engine_restarts", "Times an engine started over after a step itself failed.")
+        self.pinned = gauge("kv_pinned_blocks", "KV blocks pinned (agent programs' contexts kept between turns).")
+        # counters the engine keeps as running totals: the InstanceLoad field each follows
+        self._totals = {
+            counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."): "prefix_cache_queries",
+            counter("prefix_cache_hits", "Prompt tokens found in the prefix cache."): "prefix_cache_hits",
+            counter("num_preemptions", "Requests preempted (swap or recompute)."): "num_preemptions",
+            counter("spec_decode_num_draft_tokens", "Speculative (n-gram) tokens scored."): "num_draft_tokens",
+            counter("spec_decode_num_accepted_tokens", "Speculative tokens accepted."): "num_accepted_tokens",
+            counter("engine_restarts", "Times an engine started over after a step itself failed."): "num_restarts",
+            counter("program_pins", "Agent programs' KV pins made (a turn ended and more follow)."): "program_pins",
+            counter("program_pin_hits", "Next turns admitted onto their program's pin."): "program_pin_hits",
+            counter("program_pins_expired", "Pins whose time-to-live ran out."): "program_pins_expired",
+            counter("program_pins_yielded", "Pins given up under pressure."): "program_pins_yielded",
+        }
+        self._seen: dict[str, int] = {}
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.success = counter("request_success", "Requests ended, by finish reason.", ("finished_reason",))
@@ -48,8 +57,6 @@ class ServerMetrics:
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens.")
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.")
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.")
-        self._seen_queries = self._seen_hits = self._seen_preemptions = self._seen_restarts = 0
-        self._seen_drafts = self._seen_accepted = 0
         tenant = ["model_name", "tenant"]
         self.tenant_requests = Counter("shoal:tenant_requests", "Requests ended, by tenant and finish reason.",
                                        tenant + ["finished_reason"], registry=r)
@@ -85,16 +92,11 @@ class ServerMetrics:
         self._l(self.waiting).set(load.num_waiting)
         self._l(self.swapped).set(load.num_swapped)
         self._l(self.kv_usage).set(load.kv_usage)
-        self._l(self.prefix_queries).inc(max(0, load.prefix_cache_queries - self._seen_queries))
-        self._l(self.prefix_hits).inc(max(0, load.prefix_cache_hits - self._seen_hits))
-        self._l(self.preemptions).inc(max(0, load.num_preemptions - self._seen_preemptions))
-        self._seen_queries, self._seen_hits = load.prefix_cache_queries, load.prefix_cache_hits
-        self._seen_preemptions = load.num_preemptions
-        self._l(self.restarts).inc(max(0, load.num_restarts - self._seen_restarts))
-        self._seen_restarts = load.num_restarts
-        self._l(self.draft_tokens).inc(max(0, load.num_draft_tokens - self._seen_drafts))
-        self._l(self.accepted_tokens).inc(max(0, load.num_accepted_tokens - self._seen_accepted))
-        self._seen_drafts, self._seen_accepted = load.num_draft_tokens, load.num_accepted_tokens
+        self._l(self.pinned).set(load.num_pinned_blocks)
+        for metric, field in self._totals.items():
+            total = getattr(load, field)
+            self._l(metric).inc(max(0, total - self._seen.get(field, 0)))
+            self._seen[field] = total
 
     def observe_output(self, out: RequestOutput, now: float, last_token_time: float | None) -> None:
         """Account one engine output; ``last_token_time`` is when this request's previous token came."""

@@ -181,7 +181,13 @@ class _SamplingRequest(_Body):
     include_stop_str_in_output: StrictBool = False
     priority: Int(PRIORITY_MIN, PRIORITY_MAX, description="Lower runs first.") = 0
     session_id: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
-        None, description="Keeps a conversation on the instance holding its KV (or the X-Session-Id header).")
+        None, description="The conversation or agent program this request belongs to (or the X-Session-Id "
+                          "header): it stays on the instance holding its KV, and its turns are scheduled together.")
+    more_turns: StrictBool | None = Field(
+        None, description="Another turn of this session follows (or the X-More-Turns header): the engine keeps "
+                          "its KV for a time learned from the session's and tool's past pauses.")
+    tool: Annotated[str, Field(min_length=1, max_length=128)] | None = Field(
+        None, description="The tool this turn's reply calls (or the X-Tool header); pauses are learned per tool.")
     cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
         None, description="Share prefix-cache KV only with requests of the same salt (vLLM's field).")
     slo_ttft_ms: Annotated[Float, Field(ge=1, le=3_600_000)] | None = Field(

@@ -273,14 +273,11 @@ class _Cluster:
         prog, k, context = arg
         turn = prog.turns[k]
         prompt = context + torch.randint(1, self.vocab, (turn.prompt_tokens,), generator=self.gen).tolist()
-        rid = f"{prog.program_id}/{k}"
-        # the previous reply's last token was sampled, never computed: it is new to the KV too
-        rec = TurnRecord(now, len(prompt), turn.output_tokens, start_s=now, tenant=prog.tenant,
-                         program_id=prog.program_id, turn=k, new_tokens=turn.prompt_tokens + (k > 0))
+        rid = prog.turn_id(k)
+        rec = prog.turn_record(k, len(prompt), now)
         self.records.append(rec)
         self.turns[rid] = (prog, k, prompt)
-        metadata = RequestMetadata(priority=prog.priority, tenant=prog.tenant, session_id=prog.program_id,
-                                   more_turns=k + 1 < len(prog.turns), tool=turn.tool, slo=self.slo)
+        metadata = prog.turn_metadata(k, self.slo)
         self._submit(rid, prompt, metadata, turn.output_tokens, rec, now)
         if rec.error is not None:
             del self.turns[rid]

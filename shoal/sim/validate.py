@@ -13,14 +13,13 @@ from typing import Callable
 
 import numpy as np
 
-from shoal.bench.agent import AgentProgram, AgentWorkload, TurnRecord
+from shoal.bench.agent import AgentProgram, AgentWorkload, TurnRecord, program_summary
 from shoal.bench.prompts import PromptMaker
 from shoal.bench.report import RequestRecord, summarize
 from shoal.bench.workloads import Workload
 from shoal.control.policies import LeastLoad
 from shoal.engine.core import EngineCore
 from shoal.engine.engine import Engine
-from shoal.engine.metadata import RequestMetadata
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.cost_model import CostModel
 from shoal.sim.simulator import InstanceSpec, simulate
@@ -60,20 +59,27 @@ def real_run(engine: Engine, workload: Workload) -> tuple[list[RequestRecord], f
     return records, time.perf_counter() - t0
 
 
-def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000.0, 100.0)) -> dict:
-    """Real vs simulated p50 / p90 of TTFT, TPOT and E2E, with relative errors."""
-    real, real_dur = real_run(engine, workload)
-    spec = InstanceSpec(
+def spec_of(engine: Engine, cost_model: CostModel) -> InstanceSpec:
+    """The simulated instance shaped like ``engine`` (pool, batch limits, program scheduling)."""
+    cfg = engine.scheduler.config
+    return InstanceSpec(
         cost_model,
         num_blocks=engine.block_manager.num_blocks,
         block_size=engine.block_manager.block_size,
         num_swap_blocks=engine.block_manager.num_swap_blocks,
-        max_num_seqs=engine.scheduler.config.max_num_seqs,
-        max_num_batched_tokens=engine.scheduler.config.max_num_batched_tokens,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
+        scheduling_policy=cfg.policy,
+        programs=cfg.programs,
     )
-    sim, sim_dur = simulate(workload, [spec], LeastLoad())[:2]
+
+
+def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000.0, 100.0)) -> dict:
+    """Real vs simulated p50 / p90 of TTFT, TPOT and E2E, with relative errors."""
+    real, real_dur = real_run(engine, workload)
+    sim, sim_dur = simulate(workload, [spec_of(engine, cost_model)], LeastLoad())[:2]
     r = summarize(real, workload.description, *slo, real_dur)
     s = summarize(sim, workload.description, *slo, sim_dur)
     rows = {}
@@ -107,13 +113,10 @@ def real_agent_run(engine: EngineCore, workload: AgentWorkload, clock: Callable[
             _, _, prog, k, context = heapq.heappop(due)
             turn = prog.turns[k]
             prompt = context + rng.integers(1, engine.vocab_size, turn.prompt_tokens).tolist()
-            rec = TurnRecord(t - start, len(prompt), turn.output_tokens, start_s=t - start, tenant=prog.tenant,
-                             program_id=prog.program_id, turn=k, new_tokens=turn.prompt_tokens + (k > 0))
+            rec = prog.turn_record(k, len(prompt), t - start)
             records.append(rec)
-            meta = RequestMetadata(priority=prog.priority, tenant=prog.tenant, session_id=prog.program_id,
-                                   more_turns=k + 1 < len(prog.turns), tool=turn.tool)
             rid = engine.add(prompt, SamplingParams(temperature=0.0, max_tokens=turn.output_tokens, ignore_eos=True),
-                             req_id=f"{prog.program_id}/{k}", metadata=meta)
+                             req_id=prog.turn_id(k), metadata=prog.turn_metadata(k))
             live[rid] = (rec, prog, k, prompt, [])
         if not engine.has_unfinished():
             if clock is None:
@@ -137,3 +140,21 @@ def real_agent_run(engine: EngineCore, workload: AgentWorkload, clock: Callable[
                     order += 1
                     heapq.heappush(due, (start + end + prog.turns[k].tool_s, order, prog, k + 1, prompt + reply))
     return records, now() - start
+
+
+def compare_agent(workload: AgentWorkload, engine: Engine, cost_model: CostModel) -> dict:
+    """Real vs simulated job completion time (mean, p50, p90) and recomputed prefill of an agent
+    workload on one instance shaped like ``engine``, with relative errors."""
+    real, _ = real_agent_run(engine, workload)
+    sim = simulate(workload, [spec_of(engine, cost_model)], LeastLoad())[0]
+    r, s = program_summary(workload, real), program_summary(workload, sim)  # type: ignore[arg-type]
+    rows = {}
+    for q in ("mean", "p50", "p90"):
+        a, b = r["jct_s"][q], s["jct_s"][q]
+        rows[f"jct_{q}"] = {"real_s": a, "sim_s": b, "rel_error": abs(b - a) / a if a else None}
+    return {"workload": workload.description, "scheduling": engine.scheduler.config.programs.scheduling,
+            "metrics": rows, "recomputed_prefill_tokens_per_program": {
+                "real": r["recomputed_prefill_tokens_per_program"]["mean"],
+                "sim": s["recomputed_prefill_tokens_per_program"]["mean"]},
+            "completed": {"real": r["completed"], "sim": s["completed"]},
+            "max_rel_error": max(v["rel_error"] for v in rows.values() if v["rel_error"] is not None)}
