@@ -103,6 +103,25 @@ def test_predicted_dispatch_keeps_a_prefix_where_it_is_cached_until_that_instanc
     assert policy.choose(loads, policies.DispatchRequest("c", prefix + [3])) in loads
 
 
+def test_a_session_turn_that_meets_its_slo_nowhere_stays_with_its_kv():
+    """Past the SLO everywhere, a session's next turn stays where its history is cached (a move
+    would recompute it); it moves when another instance meets the SLO."""
+    from shoal.engine.metadata import RequestMetadata
+
+    cm = linear(intercept=0.010, tokens=0.001)
+    profiles = {i: InstanceProfile(cm) for i in range(2)}
+    policy = policies.make_dispatch_policy("predicted_latency", profiles, SLO(1e-3, 1e-3))  # met nowhere
+    loads = {i: load() for i in range(2)}
+    history = list(range(256))
+    home = policy.choose(loads, policies.DispatchRequest("t0", history, RequestMetadata(session_id="p")))
+    loads[home] = load(free=0, running=16, in_flight=1 << 20)  # much busier now
+    turn = history + [7] * 32
+    assert policy.choose(loads, policies.DispatchRequest("t1", turn, RequestMetadata(session_id="p"))) == home
+    roomy = policies.make_dispatch_policy("predicted_latency", profiles, SLO(0.5, 0.015))  # met off home
+    roomy.memory = policy.memory
+    assert roomy.choose(loads, policies.DispatchRequest("t2", turn, RequestMetadata(session_id="p"))) != home
+
+
 def test_predicted_latency_needs_profiles():
     with pytest.raises(ValueError, match="profiles"):
         policies.make_dispatch_policy("predicted_latency")

@@ -189,7 +189,8 @@ class PredictedLatency:
     prefill there) and keep the instances predicted to meet both SLOs. Among those, the one that
     holds the prompt's prefix, else the one with the most KV headroom (Llumnix's freeness: packing
     the fastest instance until its prediction crosses the SLO preempts there); if none meets
-    it, the one that misses least. Without an SLO every instance qualifies. An instance without
+    it, a session's turn stays where its prefix is (its program's KV and turn order are there:
+    a move pays off only where the SLO is met), anything else goes where it misses least. Without an SLO every instance qualifies. An instance without
     a profile is predicted with the first profile given."""
 
     name = "predicted_latency"
@@ -219,6 +220,10 @@ class PredictedLatency:
             best = home
         elif ok:  # among those predicted to meet it, the most KV headroom (Llumnix's freeness)
             best = max(ok, key=lambda i: (freeness(loads[i]), -preds[i].ttft_s, -i))
+        elif home is not None and request.session_id is not None:
+            # a session's next turn that meets its SLO nowhere stays with its KV: moving would
+            # recompute the history where no queue is shorter enough to win it back
+            best = home
         else:
             best = min(preds, key=lambda i: (preds[i].violation(slo), i))
         self.memory.record(hashes, best)
