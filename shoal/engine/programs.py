@@ -113,6 +113,7 @@ def _quantile(xs, q: float) -> float:
 class Program:
     """What the engine knows of one program."""
 
+    program_id: str
     first_arrival: float
     turns: int = 0  # turns finished
     last_end: float | None = None  # when the latest turn finished (while a next turn is awaited)
@@ -143,6 +144,7 @@ class ProgramTable:
         self.config = config
         self.bm = block_manager
         self.programs: OrderedDict[str, Program] = OrderedDict()
+        self.pinned: dict[str, Program] = {}  # the programs holding a pin (a step looks only at these)
         self.pauses = PauseEstimator(config.history)
         self.stats = ProgramStats()
 
@@ -159,7 +161,7 @@ class ProgramTable:
             return
         prog = self.programs.get(pid)
         if prog is None:
-            prog = self.programs[pid] = Program(first_arrival=req.arrival_time)
+            prog = self.programs[pid] = Program(pid, req.arrival_time)
             if len(self.programs) > MAX_PROGRAMS:
                 old, dropped = self.programs.popitem(last=False)
                 self._unpin(dropped)
@@ -210,6 +212,7 @@ class ProgramTable:
             return
         self.bm.pin(blocks)
         prog.pin, prog.expires = blocks, now + ttl
+        self.pinned[pid] = prog
         self.stats.pins += 1
 
     def ttl(self, program: str, tool: str | None) -> float:
@@ -220,17 +223,17 @@ class ProgramTable:
     # ---- pins under time and pressure ---------------------------------------------------------
 
     def expire(self, now: float) -> None:
-        for prog in self.programs.values():
-            if prog.pin and prog.expires <= now:
-                self._unpin(prog)
-                self.stats.expired += 1
+        """Release the pins whose time-to-live has run out."""
+        for prog in [p for p in self.pinned.values() if p.expires <= now]:
+            self._unpin(prog)
+            self.stats.expired += 1
 
     def yield_until(self, done: Callable[[], bool], for_request: Request | None = None) -> bool:
         """Drop pins, the youngest program's first, until ``done()``; False if that did not make it
         true (the caller preempts then). ``for_request``: an idle engine's next request takes only
         the pins of programs younger than its own (the others wait out their time-to-live), unless
         every pin left belongs to a turn already waiting (which nothing else would release)."""
-        pinned = sorted((p for p in self.programs.values() if p.pin), key=lambda p: p.value)
+        pinned = sorted(self.pinned.values(), key=lambda p: p.value)
         if for_request is not None and any(p.expires < math.inf for p in pinned):
             mine = self.order_time(for_request)
             pinned = [p for p in pinned if p.first_arrival > mine]
@@ -243,7 +246,7 @@ class ProgramTable:
 
     @property
     def num_pinned_programs(self) -> int:
-        return sum(1 for p in self.programs.values() if p.pin)
+        return len(self.pinned)
 
     def _make_pin_room(self, n: int, value: tuple[float, int]) -> bool:
         """Whether ``n`` more pinned blocks fit the share of the pool pins may hold, after dropping
@@ -251,7 +254,7 @@ class ProgramTable:
         limit = int(self.config.max_pinned_fraction * self.bm.num_blocks)
         if n > limit:
             return False
-        for prog in sorted((p for p in self.programs.values() if p.pin), key=lambda p: p.value):
+        for prog in sorted(self.pinned.values(), key=lambda p: p.value):
             if self.bm.num_pinned + n <= limit or prog.value >= value:
                 break
             self._unpin(prog)
@@ -266,3 +269,4 @@ class ProgramTable:
         if prog.pin:
             self.bm.unpin(prog.pin)
             prog.pin, prog.expires = [], math.inf
+            del self.pinned[prog.program_id]
