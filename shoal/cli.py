@@ -52,10 +52,9 @@ def program_config(scheduling: str, options: str | None):
     """The :class:`ProgramConfig` of ``--program-scheduling`` and ``--program-config``."""
     from shoal.engine.programs import ProgramConfig
 
-    parsed = parse_json_option("--program-config", options)
-    if parsed is not None and not isinstance(parsed, dict):
-        raise ValueError(f"--program-config is a JSON object, got {type(parsed).__name__}")
-    return ProgramConfig.from_dict({**(parsed or {}), "scheduling": scheduling})
+    from dataclasses import replace
+
+    return replace(ProgramConfig.from_dict(parse_json_option("--program-config", options) or {}), scheduling=scheduling)
 
 
 @app.command()
