@@ -103,6 +103,8 @@ def serve(
     max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens"),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
     kv_cache_gb: Optional[float] = typer.Option(None, "--kv-cache-gb"),
+    kv_tier_gb: float = typer.Option(0.0, "--kv-tier-gb", min=0.0, help="A second KV tier of this size: prefix blocks evicted from the KV cache are kept there and loaded back on a prefix hit (0: none)"),
+    kv_tier_path: Optional[Path] = typer.Option(None, "--kv-tier-path", help="Keep the second tier in this file on local disk (created or overwritten) instead of host memory"),
     instances: int = typer.Option(1, "--instances", help="Engine instances; >1 runs them as Ray actors"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (implies the cluster mode)"),
     dispatch: str = typer.Option("predicted_latency", "--dispatch", help="predicted_latency | round_robin | least_load | prefix_aware | session_affinity"),
@@ -164,7 +166,9 @@ def serve(
         slo = SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3)
         config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                              kv_cache_gb=kv_cache_gb, num_threads=num_threads, admission=admission,
+                              kv_cache_gb=kv_cache_gb, kv_tier_gb=kv_tier_gb,
+                              kv_tier_path=None if kv_tier_path is None else str(kv_tier_path),
+                              num_threads=num_threads, admission=admission,
                               scheduling_policy=scheduling_policy,
                               urgent_slack_s=None if urgent_slack_ms is None else urgent_slack_ms / 1e3,
                               step_time_limit_s=slo.tpot_s if token_budget == "slo" else None, cost_model=cost_model,
@@ -422,6 +426,7 @@ def sim(
     link_gbps: float = typer.Option(10.0, "--link-gbps", help="Bandwidth of KV copies between instances, Gbit/s"),
     link_latency_ms: float = typer.Option(1.0, "--link-latency-ms", help="Fixed time per KV copy"),
     num_blocks: int = typer.Option(2800, "--num-blocks", help="KV blocks per instance"),
+    kv_tier_blocks: int = typer.Option(0, "--kv-tier-blocks", min=0, help="Second-tier KV blocks per instance: evicted prefix blocks are kept there and loaded back on a hit (0: none)"),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
     max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens"),
     slo_ttft_ms: float = typer.Option(1000.0, "--slo-ttft-ms"),
@@ -453,7 +458,8 @@ def sim(
 
         wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
                              output_len, max_context, seed, prefix_groups, prefix_len)
-        engine = Engine(EngineConfig(num_blocks=num_blocks, max_num_seqs=max_num_seqs, scheduling_policy=scheduling_policy,
+        engine = Engine(EngineConfig(num_blocks=num_blocks, num_tier_blocks=kv_tier_blocks, max_num_seqs=max_num_seqs,
+                                     scheduling_policy=scheduling_policy,
                                      max_num_batched_tokens=max_num_batched_tokens, programs=programs))
         fidelity = (compare_agent(wl, engine, cm) if isinstance(wl, AgentWorkload)
                     else compare(wl, engine, cm, (slo_ttft_ms, slo_tpot_ms)))
@@ -471,7 +477,7 @@ def sim(
             deadlines=admission == "deadline", scheduling_policy=scheduling_policy,
             urgent_slack_s=None if urgent_slack_ms is None else urgent_slack_ms / 1e3, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, link_gbps=link_gbps, link_latency_ms=link_latency_ms, seed=seed,
-            programs=programs)
+            programs=programs, num_tier_blocks=kv_tier_blocks)
         setup.check()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from shoal.engine.block_manager import BlockManager, NoFreeBlocks
+from shoal.engine.kv_tier import PrefixTier, TierCost
 
 # Prompts start with one of a few shared prefixes, so the prefix cache hits often.
 BASES = [
@@ -61,9 +62,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         block_size=st.integers(1, 4),
         num_swap=st.integers(0, 10),
         prefix_caching=st.sampled_from([True, True, True, False]),
+        num_tier=st.sampled_from([0, 0, 1, 3, 8]),
     )
-    def setup(self, num_blocks: int, block_size: int, num_swap: int, prefix_caching: bool) -> None:
-        self.bm = BlockManager(num_blocks, block_size, num_swap, prefix_caching)
+    def setup(self, num_blocks: int, block_size: int, num_swap: int, prefix_caching: bool, num_tier: int) -> None:
+        tier = PrefixTier(num_tier, TierCost(1e-6, 1e-3)) if num_tier else None
+        self.bm = BlockManager(num_blocks, block_size, num_swap, prefix_caching, tier)
+        # Shadow content of the second tier's slots.
+        self.tier: dict[int, list[int | None]] = {s: [None] * block_size for s in range(num_tier)}
         self.bs = block_size
         self.reqs: dict[str, Req] = {}
         self.next_id = 0
@@ -82,6 +87,16 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for bid in block_ids:
             assert not self._was_used[bid], f"block {bid} handed out while in use"
             self.dev[bid] = [None] * self.bs
+
+    def _run_tier_copies(self) -> None:
+        """Play the executor: demotions read device blocks before anything writes them, then loads."""
+        out, in_ = self.bm.take_tier_copies()
+        for bid, slot in out:
+            self.tier[slot] = list(self.dev[bid])
+            event("demoted to the tier")
+        for slot, bid in in_:
+            self.dev[bid] = list(self.tier[slot])
+            event("loaded from the tier")
 
     def _used_now(self) -> list[bool]:
         return [b.used for b in self.bm.blocks]
@@ -123,10 +138,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return
         self._was_used = self._used_now()
         computed = bm.allocate(rid, prompt, num_tokens)
+        self._run_tier_copies()
         table = bm.table(rid)
         n_hits = computed // self.bs
         assert computed % self.bs == 0
-        assert table[:n_hits] == expected_hits
+        assert len(expected_hits) == n_hits
+        assert all(e is None or e == b for e, b in zip(expected_hits, table))
         if prompt:
             assert computed < len(prompt), "a hit must leave one token to compute"
         else:
@@ -184,6 +201,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         cached_before = dict(bm._hash_to_block)
         self._was_used = self._used_now()
         new = bm.ensure_slots(rid, req.computed + k)
+        self._run_tier_copies()
         assert len(new) == need
         self._fresh(new)
         # Plain free blocks go before cached ones; only the shortfall is evicted from the cache.
@@ -274,6 +292,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return
         self._was_used = self._used_now()
         pairs = bm.swap_in(rid)
+        self._run_tier_copies()
         assert [s for s, _ in pairs] == swap_ids
         device = [d for _, d in pairs]
         self._fresh(device)
@@ -355,6 +374,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for h, b in self.bm._hash_to_block.items():
             prefix = self.hash_prefix[h]
             assert tuple(self.dev[b]) == prefix[-bs:], f"cached block {b} holds wrong content"
+        if self.bm.tier is not None:
+            for h, slot in self.bm.tier._slots.items():
+                assert tuple(self.tier[slot]) == self.hash_prefix[h][-bs:], f"tier slot {slot} holds wrong content"
 
 
 TestBlockManagerMachine = BlockManagerMachine.TestCase

@@ -89,6 +89,29 @@ def test_prefix_cache_hit_matches_reference(make_tiny_engine, tiny_hf):
     assert_matches_reference(tiny_hf, longer, again)
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_second_tier_reload_matches_reference(make_tiny_engine, tiny_hf, tmp_path, on_disk):
+    """A prefix evicted from a pool too small to keep it is demoted to the second tier (host
+    memory, or a file on disk) and loaded back for the next turn: the same logprobs as recompute."""
+    path = str(tmp_path / "kv.tier") if on_disk else None
+    engine = make_tiny_engine(num_blocks=16, num_tier_blocks=32, kv_tier_path=path)
+    base = prompts(1, lo=40, hi=40, seed=21)[0]
+    run_prompts(engine, [base])
+    run_prompts(engine, prompts(2, lo=44, hi=44, seed=22))  # fills the pool: base's blocks are evicted
+    assert None in engine.block_manager.cached_prefix(base), "some of base's blocks left the device pool"
+    tier = engine.block_manager.tier
+    assert tier.demoted_blocks >= 10
+    turn = base + [5, 6, 7, 8, 9]
+    (outs,) = run_prompts(engine, [turn])
+    assert tier.loaded_blocks >= 10, "the next turn's prefix came back from the tier"
+    assert outs[-1].num_cached_tokens >= 40
+    assert_matches_reference(tiny_hf, turn, outs)
+    load = engine.load()
+    assert (load.num_tier_blocks, load.tier_loaded_blocks) == (32, tier.loaded_blocks)
+    if on_disk:
+        assert (tmp_path / "kv.tier").stat().st_size == 32 * engine.kv.data[:, :, :1].numel() * 4
+
+
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_preemption_matches_reference(make_tiny_engine, tiny_hf, mode):
     # 24 blocks of 4 tokens cannot hold 6 requests of up to 52 tokens: preemption is forced.

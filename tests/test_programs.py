@@ -22,6 +22,7 @@ from shoal.model.llama import LlamaModel
 from shoal.model.loader import load_checkpoint
 from shoal.sim.simulator import CostModelExecutor, InstanceSpec, VirtualClock, simulate
 from shoal.sim.validate import real_agent_run
+from tests._cli_util import cli
 
 COST = LinearCostModel.load(default_profile_path())
 BS = 16
@@ -300,14 +301,6 @@ def test_simulator_and_engine_make_the_same_pin_decisions(tiny_model_dir):
 
 
 # ---- the commands ---------------------------------------------------------------------------------
-
-
-def cli(*args: str):
-    from typer.testing import CliRunner
-
-    from shoal.cli import app
-
-    return CliRunner().invoke(app, list(args))
 
 
 def test_agent_trace_command_and_sim_compare_the_two_schedulings(tmp_path):

@@ -12,6 +12,10 @@ found again by their hashes at swap-in (FastSwitch's cheap context switch: a pre
 prefix, or a multi-turn tenant's earlier turns, is still cached copies only its tail). If any of
 them was evicted in between, the request cannot be swapped in and is recomputed instead.
 
+With a second tier (:class:`~shoal.engine.kv_tier.PrefixTier`), an evicted cached block is demoted
+to it rather than lost, and a new request's prefix continues into the blocks the tier holds: those
+are loaded into fresh device blocks (the copies are handed to the step plan by :meth:`take_tier_copies`).
+
 Invariant (checked by :meth:`check`): free + used == total, where a block is used when a request
 references it or it is pinned; when no request is left, used == pinned.
 """
@@ -23,6 +27,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from shoal.engine.kv_tier import PrefixTier
 
 
 HASH_MEMO_SIZE = 64  # prompts whose prefix hash chains are kept
@@ -94,6 +100,7 @@ class BlockManager:
         block_size: int,
         num_swap_blocks: int = 0,
         enable_prefix_caching: bool = True,
+        tier: PrefixTier | None = None,
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
@@ -101,6 +108,7 @@ class BlockManager:
         self.block_size = block_size
         self.num_swap_blocks = num_swap_blocks
         self.enable_prefix_caching = enable_prefix_caching
+        self.tier = tier if enable_prefix_caching else None
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks without content first (a plain list used as a stack), then cached free
         # blocks in least-recently-freed order (evicted from the front).
@@ -117,7 +125,7 @@ class BlockManager:
         self.num_used = 0
         self._num_pinned = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
-        self.prefix_hits = 0  # of which found
+        self.prefix_hits = 0  # of which found (on device or in the tier)
 
     # ---- counts -------------------------------------------------------------------------------
 
@@ -151,6 +159,9 @@ class BlockManager:
             blk = self.blocks[bid]
             if self._hash_to_block.get(blk.hash) == bid:
                 del self._hash_to_block[blk.hash]
+            if self.tier is not None:
+                self.tier.demote(blk.hash, bid)  # type: ignore[arg-type]
+                self.tier.cancel_load(bid)
             blk.hash = None
         else:
             raise NoFreeBlocks("no free KV blocks")
@@ -196,23 +207,30 @@ class BlockManager:
             self._hash_memo.move_to_end(key)
         return list(hashes)
 
-    def cached_prefix(self, token_ids: list[int], salt: int | None = None) -> list[int]:
-        """Device blocks holding the longest cached prefix of ``token_ids`` under ``salt``, leaving
-        at least one token to compute (its logits are needed)."""
+    def cached_prefix(self, token_ids: list[int], salt: int | None = None) -> list[int | None]:
+        """The longest cached prefix of ``token_ids`` under ``salt``, leaving at least one token to
+        compute (its logits are needed): a block's device block id, or None where the second tier
+        holds it instead (then it is loaded, when the tier's cost says loading beats recompute)."""
         if not self.enable_prefix_caching:
             return []
-        hits: list[int] = []
+        hits: list[int | None] = []
+        in_tier = 0
         for h in self.prefix_hashes(token_ids, (len(token_ids) - 1) // self.block_size, salt):
             bid = self._hash_to_block.get(h)
-            if bid is None:
+            if bid is None and (self.tier is None or not self.tier.lookup([h])):
                 break
             hits.append(bid)
+            in_tier += bid is None
+        if in_tier and not self.tier.cost.worth_loading(in_tier, self.block_size):  # type: ignore[union-attr]
+            hits = hits[: hits.index(None)]
         return hits
 
-    def _free_blocks_taken(self, hits: list[int], num_tokens: int) -> int:
-        """Free blocks an allocation of ``num_tokens`` tokens with prefix ``hits`` takes."""
-        reused_free = sum(1 for b in hits if not self.blocks[b].used)
-        return max(0, self.blocks_needed(num_tokens) - len(hits)) + reused_free
+    def _free_blocks_taken(self, hits: list[int | None], num_tokens: int) -> int:
+        """Free blocks an allocation of ``num_tokens`` tokens with prefix ``hits`` takes (a block
+        loaded from the tier takes a fresh one)."""
+        on_device = [b for b in hits if b is not None]
+        reused_free = sum(1 for b in on_device if not self.blocks[b].used)
+        return max(len(hits), self.blocks_needed(num_tokens)) - len(on_device) + reused_free
 
     def can_allocate(self, token_ids: list[int], num_tokens: int, reserve: int = 0, salt: int | None = None) -> bool:
         """Whether a new request can get blocks for its first ``num_tokens`` tokens, keeping
@@ -221,8 +239,8 @@ class BlockManager:
 
     def allocate(self, req_id: str, token_ids: list[int], num_tokens: int, salt: int | None = None) -> int:
         """Give a new request blocks for its first ``num_tokens`` tokens, reusing cached prefix
-        blocks. Returns how many leading tokens are already computed (prefix-cache hit). Raises
-        NoFreeBlocks, changing nothing, when there is no room."""
+        blocks and loading those the second tier holds. Returns how many leading tokens are already
+        computed (prefix-cache hit). Raises NoFreeBlocks, changing nothing, when there is no room."""
         assert req_id not in self.tables, f"{req_id} already has blocks"
         hits = self.cached_prefix(token_ids, salt)
         need = self._free_blocks_taken(hits, num_tokens)
@@ -230,14 +248,49 @@ class BlockManager:
             raise NoFreeBlocks(f"{req_id} needs {need} blocks, {self.num_free} free")
         self.prefix_queries += len(token_ids)
         self.prefix_hits += len(hits) * self.block_size
+        hashes = self.prefix_hashes(token_ids, (len(token_ids) - 1) // self.block_size, salt)[: len(hits)]
+        for bid in hits:  # device hits first: taking blocks for the loads must not evict them
+            if bid is not None:
+                self._acquire(bid)
+        if None in hits:
+            self.tier.protect([h for h, b in zip(hashes, hits) if b is None])  # type: ignore[union-attr]
         table = BlockTable(salt=salt)
-        for bid in hits:
-            self._acquire(bid)
+        for h, bid in zip(hashes, hits):
+            if bid is None:
+                bid = self._take_free()
+                blk = self.blocks[bid]
+                blk.ref_count, blk.hash = 1, h
+                self._hash_to_block[h] = bid
+                self.tier.load(h, bid)  # type: ignore[union-attr]
             table.blocks.append(bid)
-            table.hashes.append(self.blocks[bid].hash)  # type: ignore[arg-type]
+            table.hashes.append(h)
         self.tables[req_id] = table
         self.ensure_slots(req_id, max(num_tokens, len(hits) * self.block_size))
         return len(hits) * self.block_size
+
+    def loading(self, req_id: str) -> bool:
+        """Whether some of the request's blocks wait for a load from the tier in this step's copies."""
+        return self.tier is not None and any(self.tier.loading(b) for b in self.tables[req_id].blocks)
+
+    def take_tier_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """This step's tier copies: (device block, tier slot) demotions, then (tier slot, device
+        block) loads; both must run before anything writes the device blocks."""
+        return ([], []) if self.tier is None else self.tier.take_copies()
+
+    def forget_tier_copies(self, copies_out: list[tuple[int, int]], copies_in: list[tuple[int, int]]) -> None:
+        """Copies that did not run: the tier forgets what it was to receive, and the device blocks
+        that were to be loaded stop being found by their hashes."""
+        if self.tier is None:
+            return
+        self.tier.forget(copies_out)
+        for _, bid in copies_in:
+            blk = self.blocks[bid]
+            if blk.hash is not None and self._hash_to_block.get(blk.hash) == bid:
+                del self._hash_to_block[blk.hash]
+            if bid in self._free_cached:
+                del self._free_cached[bid]
+                self._free_plain.append(bid)
+            blk.hash = None
 
     def slots_needed(self, req_id: str, num_tokens: int) -> int:
         """New blocks a request needs to hold ``num_tokens`` tokens."""
@@ -425,4 +478,6 @@ class BlockManager:
         assert set(self.resident) == set(self.swapped)
         if not self.tables:
             assert used == self.num_pinned, (used, self.num_pinned)
+        if self.tier is not None:
+            self.tier.check()
         assert self._num_pinned == sum(1 for b in self.blocks if b.pin_count > 0)

@@ -24,6 +24,9 @@ class EngineConfig:
     num_blocks: int | None = None  # overrides kv_cache_gb
     swap_space_gb: float = 1.0  # host memory for preempted requests' KV
     num_swap_blocks: int | None = None  # overrides swap_space_gb
+    kv_tier_gb: float = 0.0  # the second prefix tier: evicted prefix blocks kept here (0: none)
+    num_tier_blocks: int | None = None  # overrides kv_tier_gb
+    kv_tier_path: str | None = None  # the tier in this file on local disk (memory-mapped) instead of host memory
     max_model_len: int | None = None  # default: the model's context, bounded by the KV size
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -59,6 +62,8 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
         if self.step_time_limit_s is not None and not self.step_time_limit_s > 0:
             raise ValueError(f"step_time_limit_s must be positive, got {self.step_time_limit_s}")
+        if not self.kv_tier_gb >= 0 or (self.num_tier_blocks is not None and self.num_tier_blocks < 0):
+            raise ValueError("kv_tier_gb and num_tier_blocks must be >= 0")
         if self.preemption_mode not in ("auto", "swap", "recompute"):
             raise ValueError(f"preemption_mode must be auto, swap or recompute, not {self.preemption_mode!r}")
 

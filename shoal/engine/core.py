@@ -193,7 +193,10 @@ class EngineCore:
             req.status, req.finish_reason, req.error, req.finished_time = Status.FINISHED, FinishReason.ERROR, error, now
             outputs.append(self._output(req, [], ""))
         bm, sched = self.block_manager, self.scheduler
-        self.block_manager = BlockManager(bm.num_blocks, bm.block_size, bm.num_swap_blocks, bm.enable_prefix_caching)
+        if bm.tier is not None:
+            bm.tier.clear()
+        self.block_manager = BlockManager(bm.num_blocks, bm.block_size, bm.num_swap_blocks, bm.enable_prefix_caching,
+                                          bm.tier)
         self.block_manager.prefix_queries, self.block_manager.prefix_hits = bm.prefix_queries, bm.prefix_hits
         self.scheduler = Scheduler(sched.config, self.block_manager)
         self.scheduler.num_preemptions = sched.num_preemptions
@@ -231,6 +234,7 @@ class EngineCore:
         except Exception as exc:  # a failed forward fails its batch, not the engine
             log.exception("step failed")
             self._undo_swap_outs(plan)
+            self.block_manager.forget_tier_copies(plan.tier_out, plan.tier_in)
             for c in plan.chunks:
                 req = self.requests.get(c.req_id)
                 if req is not None:
@@ -351,7 +355,7 @@ class EngineCore:
 
     def load(self) -> InstanceLoad:
         bm, s = self.block_manager, self.scheduler
-        pins = s.programs.stats
+        pins, tier = s.programs.stats, bm.tier
         return InstanceLoad(
             num_running=len(s.running),
             num_waiting=len(s.waiting),
@@ -379,6 +383,10 @@ class EngineCore:
             program_pin_hits=pins.pin_hits,
             program_pins_expired=pins.expired,
             program_pins_yielded=pins.yielded + pins.displaced,
+            num_tier_blocks=tier.num_slots if tier else 0,
+            num_tier_used_blocks=tier.num_used if tier else 0,
+            tier_demoted_blocks=tier.demoted_blocks if tier else 0,
+            tier_loaded_blocks=tier.loaded_blocks if tier else 0,
         )
 
     def shed(self, priority: int) -> str | None:
@@ -490,6 +498,14 @@ class EngineCore:
         if req_id not in bm.tables:
             bm.allocate(req_id, [], 0)
         blocks = bm.ensure_slots(req_id, (start_block + n) * bm.block_size)
+        self._write_kv(blocks, kv)
+
+    def _write_kv(self, blocks: list[int], kv: torch.Tensor) -> None:
+        """Write KV into device blocks outside a step; the cached blocks their allocation evicted
+        are demoted to the second tier first."""
+        copies_out, copies_in = self.block_manager.take_tier_copies()
+        if copies_out or copies_in:
+            self.executor.copy_tier(copies_out, copies_in)
         self.executor.write_kv(blocks, kv)
 
     def unstage(self, req_id: str) -> None:
@@ -534,7 +550,7 @@ class EngineCore:
             blocks = bm.ensure_slots(req.req_id, state.num_computed_tokens)
             bm.tables[req.req_id].salt = req.cache_salt  # its blocks join the prefix cache under its own salt
             try:
-                self.executor.write_kv(blocks, state.kv)
+                self._write_kv(blocks, state.kv)
             except Exception:
                 bm.free(req.req_id)
                 raise

@@ -14,6 +14,7 @@ from shoal.engine.block_manager import BlockManager
 from shoal.engine.config import EngineConfig, resolve_device, resolve_dtype
 from shoal.engine.core import EngineCore
 from shoal.engine.executor import ModelExecutor
+from shoal.engine.kv_tier import PrefixTier, TierCost
 from shoal.engine.model_runner import KVCache, ModelRunner
 from shoal.engine.preemption import PreemptionCost, PreemptionMode
 from shoal.engine.sampler import Sampler
@@ -68,16 +69,25 @@ class Engine(EngineCore):
         num_swap = config.num_swap_blocks
         if num_swap is None:
             num_swap = int(config.swap_space_gb * GiB // block_bytes)
+        num_tier = config.num_tier_blocks
+        if num_tier is None:
+            num_tier = int(config.kv_tier_gb * GiB // block_bytes)
         max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings, num_blocks * bs)
-        self.kv = KVCache(self.model_config, num_blocks, bs, num_swap, self.dtype, self.device)
+        self.kv = KVCache(self.model_config, num_blocks, bs, num_swap, self.dtype, self.device, num_tier,
+                          config.kv_tier_path)
+        host_bytes_per_s = 20e9 if self.device.type == "cuda" else 5e9
+        preemption_cost = PreemptionCost(
+            recompute_s_per_token=2.0 * num_params / 400e9,
+            swap_s_per_block=2 * block_bytes / host_bytes_per_s,
+            force=None if config.preemption_mode == "auto" else PreemptionMode(config.preemption_mode),
+        )
+        tier = None if not num_tier else PrefixTier(num_tier, TierCost(
+            load_s_per_block=block_bytes / (1e9 if config.kv_tier_path else host_bytes_per_s),
+            recompute_s_per_token=preemption_cost.recompute_s_per_token))
         sched_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            preemption_cost=PreemptionCost(
-                recompute_s_per_token=2.0 * num_params / 400e9,
-                swap_s_per_block=2 * block_bytes / (20e9 if self.device.type == "cuda" else 5e9),
-                force=None if config.preemption_mode == "auto" else PreemptionMode(config.preemption_mode),
-            ),
+            preemption_cost=preemption_cost,
             priority_aging_s=config.priority_aging_s,
             admission=config.admission,
             policy=config.scheduling_policy,
@@ -92,7 +102,7 @@ class Engine(EngineCore):
         self.runner = ModelRunner(self.model, self.kv, bs, self.device)
         super().__init__(
             ModelExecutor(self.runner, Sampler()),
-            BlockManager(num_blocks, bs, num_swap, config.enable_prefix_caching),
+            BlockManager(num_blocks, bs, num_swap, config.enable_prefix_caching, tier),
             sched_config,
             max_model_len=max_model_len,
             vocab_size=self.model_config.vocab_size,
@@ -102,8 +112,9 @@ class Engine(EngineCore):
             speculative_config=config.speculative_config,
         )
         log.info(
-            "engine ready: %s on %s (%s), %d KV blocks of %d tokens, %d swap blocks, max_model_len %d",
-            self.model_config.name, self.device, self.dtype, num_blocks, bs, num_swap, max_model_len,
+            "engine ready: %s on %s (%s), %d KV blocks of %d tokens, %d swap blocks, %d tier blocks%s, max_model_len %d",
+            self.model_config.name, self.device, self.dtype, num_blocks, bs, num_swap, num_tier,
+            f" in {config.kv_tier_path}" if config.kv_tier_path and num_tier else "", max_model_len,
         )
 
     def _default_num_blocks(self, block_bytes: int) -> int:

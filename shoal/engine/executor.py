@@ -24,6 +24,11 @@ class Executor(Protocol):
 
     def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None: ...
 
+    def copy_tier(self, copies_out: list[tuple[int, int]], copies_in: list[tuple[int, int]]) -> None:
+        """Run second-tier copies outside a step: demotions (device block, slot), then loads (slot,
+        device block). In a step they come with the plan."""
+        ...
+
     def reset(self) -> None:
         """Forget whatever is carried from step to step (the engine starts over)."""
         ...
@@ -52,6 +57,9 @@ class ModelExecutor:
 
     def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
         self.runner.kv.write(block_ids, data)
+
+    def copy_tier(self, copies_out: list[tuple[int, int]], copies_in: list[tuple[int, int]]) -> None:
+        self.runner.kv.tier_copies(copies_out, copies_in)
 
     def reset(self) -> None:
         self.runner.kv.version += 1  # the carried decode K/V buffer no longer matches

@@ -13,8 +13,9 @@ from shoal.model.llama import LlamaModel
 
 class KVCache:
     """Device KV blocks, one tensor ``[layers, 2 * kv_heads, blocks, block_size, head_dim]`` (K's
-    heads then V's; ``k`` and ``v`` are views of its halves), and a swap pool of the same block
-    shape in host memory. Blocks are dimension 2."""
+    heads then V's; ``k`` and ``v`` are views of its halves), a swap pool of the same block shape in
+    host memory, and the second prefix tier (:mod:`shoal.engine.kv_tier`) in the whole tensor's shape:
+    in host memory, or in a file on local disk (``tier_path``, memory-mapped). Blocks are dimension 2."""
 
     def __init__(
         self,
@@ -24,6 +25,8 @@ class KVCache:
         num_swap_blocks: int,
         dtype: torch.dtype,
         device: torch.device,
+        num_tier_blocks: int = 0,
+        tier_path: str | None = None,
     ) -> None:
         hkv = config.num_kv_heads
         self.num_blocks = num_blocks
@@ -34,6 +37,12 @@ class KVCache:
         pin = device.type == "cuda"
         self.swap_k = torch.zeros(swap_shape, dtype=dtype, pin_memory=pin)
         self.swap_v = torch.zeros(swap_shape, dtype=dtype, pin_memory=pin)
+        tier_shape = (config.num_layers, 2 * hkv, num_tier_blocks, block_size, config.head_dim)
+        if tier_path is not None and num_tier_blocks:
+            numel = config.num_layers * 2 * hkv * num_tier_blocks * block_size * config.head_dim
+            self.tier = torch.from_file(tier_path, shared=True, size=numel, dtype=dtype).view(tier_shape)
+        else:
+            self.tier = torch.zeros(tier_shape, dtype=dtype, pin_memory=pin and num_tier_blocks > 0)
         self.layers = list(self.data.unbind(0))
         self.version = 0  # bumped by every write that does not come from a forward pass
 
@@ -54,6 +63,16 @@ class KVCache:
             src, dst = _index(pairs, self.k.device)
             self.k[:, :, dst] = self.swap_k[:, :, src.cpu()].to(self.k.device, non_blocking=True)
             self.v[:, :, dst] = self.swap_v[:, :, src.cpu()].to(self.v.device, non_blocking=True)
+            self.version += 1
+
+    def tier_copies(self, copies_out: list[tuple[int, int]], copies_in: list[tuple[int, int]]) -> None:
+        """Demotions (device block -> tier slot), then loads (tier slot -> device block)."""
+        if copies_out:
+            src, dst = _index(copies_out, self.data.device)
+            self.tier[:, :, dst.cpu()] = self.data[:, :, src].to(self.tier.device)
+        if copies_in:
+            src, dst = _index(copies_in, self.data.device)
+            self.data[:, :, dst] = self.tier[:, :, src.cpu()].to(self.data.device, non_blocking=True)
             self.version += 1
 
     def read(self, block_ids: list[int], swapped: bool = False) -> torch.Tensor:
@@ -100,7 +119,9 @@ class ModelRunner:
         """Run the plan. Returns float32 logits ``[rows, vocab]`` in chunk order: one row per sampled
         chunk, ``1 + num_drafts`` for a chunk with drafts."""
         self.kv.swap_out(plan.swap_out)
+        self.kv.tier_copies(plan.tier_out, [])
         self.kv.swap_in(plan.swap_in)
+        self.kv.tier_copies([], plan.tier_in)
         if not plan.chunks:
             return torch.empty(0, self.model.config.vocab_size)
         input_ids, positions, meta, sample_rows, layers = self._prepare(plan.chunks)

@@ -81,6 +81,10 @@ class InstanceLoad:
     program_pin_hits: int = 0  # next turns admitted onto their pin
     program_pins_expired: int = 0  # pins whose time-to-live ran out
     program_pins_yielded: int = 0  # pins given up under pressure (to running requests or older programs)
+    num_tier_blocks: int = 0  # the second KV tier's capacity (0: no tier)
+    num_tier_used_blocks: int = 0  # of which holding evicted prefix blocks
+    tier_demoted_blocks: int = 0  # blocks copied into the tier so far
+    tier_loaded_blocks: int = 0  # blocks loaded back from it instead of recomputed (tier hits)
 
     @property
     def kv_usage(self) -> float:

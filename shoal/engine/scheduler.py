@@ -105,12 +105,15 @@ class ScheduledChunk:
 
 @dataclass
 class StepPlan:
-    """What one engine step does. Copies run in order: swap-out, swap-in, then the forward pass
-    over ``chunks`` (decodes first)."""
+    """What one engine step does. Copies run in order: swap-out and tier-out (they read device
+    blocks), swap-in and tier-in (they write them), then the forward pass over ``chunks`` (decodes
+    first)."""
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, swap block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (swap block, device block)
+    tier_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, tier slot): demotions
+    tier_in: list[tuple[int, int]] = field(default_factory=list)  # (tier slot, device block): loads
     preempted: list[tuple[str, PreemptionMode]] = field(default_factory=list)
 
     @property
@@ -123,7 +126,7 @@ class StepPlan:
 
     @property
     def empty(self) -> bool:
-        return not (self.chunks or self.swap_out or self.swap_in)
+        return not (self.chunks or self.swap_out or self.swap_in or self.tier_out or self.tier_in)
 
 
 class Scheduler:
@@ -268,6 +271,7 @@ class Scheduler:
             self._admit(plan, budget, now)
         # Decodes first in the batch (the runner batches them together).
         plan.chunks.sort(key=lambda c: not (c.num_tokens == 1 and c.sample))
+        plan.tier_out, plan.tier_in = self.bm.take_tier_copies()
         return plan
 
     def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
@@ -356,6 +360,9 @@ class Scheduler:
         swap_free = 0 if plan.swap_in else self.bm.num_free_swap
         mode = self.config.preemption_cost.choose(
             victim.num_computed_tokens, self.bm.swap_copies(victim.req_id, keep_cached), swap_free)
+        if self.bm.loading(victim.req_id):
+            mode = PreemptionMode.RECOMPUTE  # swap-outs run before its loads from the tier
+
         self.running.remove(victim)
         if mode is PreemptionMode.SWAP:
             copies = self.bm.swap_out(victim.req_id, keep_cached)

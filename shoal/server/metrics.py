@@ -36,6 +36,8 @@ class ServerMetrics:
         self.swapped = gauge("num_requests_swapped", "Preempted requests whose KV is swapped out.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).")
         self.pinned = gauge("kv_pinned_blocks", "KV blocks pinned (agent programs' contexts kept between turns).")
+        self.tier_capacity = gauge("kv_tier_capacity_blocks", "KV blocks the second tier holds at most (0: no tier).")
+        self.tier_used = gauge("kv_tier_used_blocks", "KV blocks the second tier holds now.")
         # counters the engine keeps as running totals: the InstanceLoad field each follows
         self._totals = {
             counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."): "prefix_cache_queries",
@@ -48,6 +50,8 @@ class ServerMetrics:
             counter("program_pin_hits", "Next turns admitted onto their program's pin."): "program_pin_hits",
             counter("program_pins_expired", "Pins whose time-to-live ran out."): "program_pins_expired",
             counter("program_pins_yielded", "Pins given up under pressure."): "program_pins_yielded",
+            counter("kv_tier_demoted_blocks", "KV blocks evicted from the device pool into the second tier."): "tier_demoted_blocks",
+            counter("kv_tier_hit_blocks", "KV blocks loaded back from the second tier instead of recomputed."): "tier_loaded_blocks",
         }
         self._seen: dict[str, int] = {}
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
@@ -93,6 +97,8 @@ class ServerMetrics:
         self._l(self.swapped).set(load.num_swapped)
         self._l(self.kv_usage).set(load.kv_usage)
         self._l(self.pinned).set(load.num_pinned_blocks)
+        self._l(self.tier_capacity).set(load.num_tier_blocks)
+        self._l(self.tier_used).set(load.num_tier_used_blocks)
         for metric, field in self._totals.items():
             total = getattr(load, field)
             self._l(metric).inc(max(0, total - self._seen.get(field, 0)))

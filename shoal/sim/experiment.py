@@ -58,6 +58,7 @@ class SimSetup:
     resident_swap: bool = True  # SchedulerConfig.resident_swap
     programs: ProgramConfig = ProgramConfig()  # SchedulerConfig.programs
     num_blocks: int = 2800
+    num_tier_blocks: int = 0  # the second KV tier per instance (0: none)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     link_gbps: float = 10.0
@@ -78,7 +79,7 @@ class SimSetup:
                             admission="deadline" if self.deadlines else "fcfs",
                             scheduling_policy=self.scheduling_policy, fair_preempt_tokens=self.fair_preempt_tokens,
                             urgent_slack_s=self.urgent_slack_s, resident_swap=self.resident_swap,
-                            programs=self.programs)
+                            programs=self.programs, num_tier_blocks=self.num_tier_blocks)
         return [base if v == 1.0 else replace(base, cost_model=ScaledCostModel(self.cost_model, v)) for v in self.speeds]
 
     def run(self, workload: Workload | AgentWorkload) -> tuple[dict, list[RequestRecord]]:
@@ -99,12 +100,22 @@ class SimSetup:
             **summarize_transfers([tr for s in sims for tr in s.transfers]),
             "preemptions": sum(s.engine.scheduler.num_preemptions for s in sims),
             "swapped_out_bytes": sum(s.engine.scheduler.num_swapped_out_blocks for s in sims) * specs[0].kv_bytes_per_block,
+            "prefix_cache": {"query_tokens": sum(s.engine.block_manager.prefix_queries for s in sims),
+                             "hit_tokens": sum(s.engine.block_manager.prefix_hits for s in sims)},
+            "kv_tier": tier_stats(sims, self.num_tier_blocks),
             "cost_model": {"device": getattr(self.cost_model, "device", "unknown"), "model": model},
             "sim_wall_s": wall})
         if isinstance(workload, AgentWorkload):
             result["programs"] = {**program_summary(workload, records), "scheduling": self.programs.scheduling,
                                   **pin_stats(sims)}
         return result, records
+
+
+def tier_stats(sims, blocks_per_instance: int) -> dict:
+    """The instances' second KV tiers: size, blocks demoted into them and loaded back, summed."""
+    tiers = [s.engine.block_manager.tier for s in sims if s.engine.block_manager.tier is not None]
+    return {"blocks_per_instance": blocks_per_instance, "demoted_blocks": sum(t.demoted_blocks for t in tiers),
+            "loaded_blocks": sum(t.loaded_blocks for t in tiers)}
 
 
 def pin_stats(sims) -> dict:

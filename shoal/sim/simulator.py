@@ -59,6 +59,7 @@ from shoal.control.policies import (
 )
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.core import EngineCore
+from shoal.engine.kv_tier import PrefixTier, TierCost
 from shoal.engine.sampler import SampleResult, SamplingState
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import SchedulerConfig, StepPlan
@@ -85,8 +86,10 @@ class CostModelExecutor:
     size, head dim), so migrated bytes are counted as for the real model."""
 
     def __init__(self, cost_model: CostModel, clock: VirtualClock, token_id: int = 0,
-                 kv_layout: tuple[int, int, int, int] = (30, 3, 16, 64), kv_dtype: torch.dtype = torch.bfloat16) -> None:
+                 kv_layout: tuple[int, int, int, int] = (30, 3, 16, 64), kv_dtype: torch.dtype = torch.bfloat16,
+                 tier_s_per_block: float = 0.0) -> None:
         self.cost_model = cost_model
+        self.tier_s_per_block = tier_s_per_block  # each second-tier copy (the fitted profile has none)
         self.clock = clock
         self.token_id = token_id
         self.kv_layout = kv_layout
@@ -94,7 +97,7 @@ class CostModelExecutor:
         self.busy_s = 0.0
 
     def execute(self, plan: StepPlan, states: list[SamplingState]) -> SampleResult:
-        dt = self.cost_model.step_time(plan)
+        dt = self.cost_model.step_time(plan) + self.tier_s_per_block * (len(plan.tier_out) + len(plan.tier_in))
         self.clock.t += dt
         self.busy_s += dt
         return SampleResult(token_ids=[self.token_id] * len(states), logprobs=[None] * len(states))
@@ -106,6 +109,9 @@ class CostModelExecutor:
     def write_kv(self, block_ids: list[int], data: torch.Tensor) -> None:
         if data.shape[3] != len(block_ids):
             raise ValueError("KV block count mismatch")
+
+    def copy_tier(self, copies_out: list[tuple[int, int]], copies_in: list[tuple[int, int]]) -> None:
+        """Outside a step only migrations write KV; the link's time covers their copies."""
 
     def reset(self) -> None:
         """Nothing is carried between simulated steps."""
@@ -135,6 +141,16 @@ class InstanceSpec:
     urgent_slack_s: float | None = None  # SchedulerConfig.urgent_slack_s
     resident_swap: bool = True  # SchedulerConfig.resident_swap
     programs: ProgramConfig = ProgramConfig()  # SchedulerConfig.programs
+    num_tier_blocks: int = 0  # the second KV tier (evicted prefix blocks; 0: none)
+    tier_bytes_per_s: float = 5e9  # its copy speed (host memory)
+    recompute_s_per_token: float = 5e-4  # what the tier's load-or-recompute choice weighs a block against
+
+    def tier(self) -> PrefixTier | None:
+        """A fresh second tier of this shape, or None."""
+        if not self.num_tier_blocks:
+            return None
+        return PrefixTier(self.num_tier_blocks, TierCost(self.kv_bytes_per_block / self.tier_bytes_per_s,
+                                                         self.recompute_s_per_token))
 
     @property
     def step_time_budget(self) -> StepTimeBudget | None:
@@ -157,10 +173,11 @@ class SimInstance:
         self.clock = VirtualClock()
         self.executor = CostModelExecutor(spec.cost_model, self.clock,
                                           kv_layout=(spec.num_layers, spec.num_kv_heads, spec.block_size, spec.head_dim),
-                                          kv_dtype=spec.kv_dtype)
+                                          kv_dtype=spec.kv_dtype,
+                                          tier_s_per_block=spec.kv_bytes_per_block / spec.tier_bytes_per_s)
         self.engine = EngineCore(
             self.executor,
-            BlockManager(spec.num_blocks, spec.block_size, spec.num_swap_blocks),
+            BlockManager(spec.num_blocks, spec.block_size, spec.num_swap_blocks, tier=spec.tier()),
             SchedulerConfig(max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
                             step_time_budget=spec.step_time_budget, admission=spec.admission,
                             policy=spec.scheduling_policy, fair_preempt_tokens=spec.fair_preempt_tokens,

@@ -60,7 +60,7 @@ def real_run(engine: Engine, workload: Workload) -> tuple[list[RequestRecord], f
 
 
 def spec_of(engine: Engine, cost_model: CostModel) -> InstanceSpec:
-    """The simulated instance shaped like ``engine`` (pool, batch limits, program scheduling)."""
+    """The simulated instance shaped like ``engine`` (pool, second tier, batch limits, program scheduling)."""
     cfg = engine.scheduler.config
     return InstanceSpec(
         cost_model,
@@ -73,6 +73,7 @@ def spec_of(engine: Engine, cost_model: CostModel) -> InstanceSpec:
         vocab_size=engine.vocab_size,
         scheduling_policy=cfg.policy,
         programs=cfg.programs,
+        num_tier_blocks=engine.block_manager.tier.num_slots if engine.block_manager.tier else 0,
     )
 
 
