@@ -10,7 +10,11 @@ pool (``tier = W/3``); its copies cost ``kv_bytes / 5 GB/s`` a block. Both progr
 run (``none``: request-level FCFS, no pins; ``continuum``: pins and program-level FCFS, pin share
 0.5), so the tier's effect is shown alone and beside the pins.
 
-    python benchmarks/kv_tier/sim.py          # writes benchmarks/kv_tier/sim.json (about 1 minute)
+    python benchmarks/kv_tier/sim.py          # writes benchmarks/kv_tier/sim.json (about 20 s)
+
+The real-engine runs beside it (`real/`) are `shoal sim --validate --workload agent:agents.jsonl
+--num-blocks 112 --kv-tier-blocks 0|338 --program-scheduling none|continuum` on the trace of
+`shoal bench agent-trace agents.jsonl --preset swe -n 6 --rate 0.2 --scale-tokens 0.1 --seed 4`.
 """
 
 from __future__ import annotations
