@@ -7,9 +7,11 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
+
+from shoal import logs
 
 app = typer.Typer(help="Shoal: serve, benchmark and simulate LLMs.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
@@ -91,6 +93,7 @@ def generate(
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     model: Optional[str] = ModelOpt,
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
@@ -132,9 +135,12 @@ def serve(
     tool_prompt: str = typer.Option("auto", "--tool-prompt", help="auto | template | system: give tools to the chat template, or describe them in a system message (auto: template if it renders tools)"),
     program_scheduling: str = ProgramSchedulingOpt,
     program_config_json: Optional[str] = ProgramConfigOpt,
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log a line per HTTP request: method, path, status, time, request id (never a prompt or key)"),
 ) -> None:
     """Serve the OpenAI API (completions, chat, models, tokenize, metrics)."""
     import uvicorn
+
+    from shoal.server.listen import listen_socket
 
     from shoal.engine.config import EngineConfig
     from shoal.model.loader import default_model_path
@@ -142,7 +148,8 @@ def serve(
     from shoal.server.lifecycle import Lifecycle, ShoalServer
 
     log = logging.getLogger("shoal.serve")
-    log.setLevel(logging.INFO)
+    opts = ctx.obj or {}
+    logs.configure(opts.get("log_level") or "info", opts.get("log_format", "text"))
     from shoal.engine.metadata import SLO
 
     from shoal.server.tools import FORMATS, PROMPTS
@@ -163,6 +170,7 @@ def serve(
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
     with user_errors():
+        sock = listen_socket(host, port)  # before the model loads: a port in use fails in a second, not after it
         slo = SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3)
         config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
@@ -212,13 +220,17 @@ def serve(
         backend = AsyncEngine(engine, max_waiting=max_waiting, slo=slo)
     lifecycle = Lifecycle(drain_timeout)
     app = create_app(backend, name, api_key, max_body_bytes=max_body_bytes, lifecycle=lifecycle,
-                     tool_parser=tool_call_parser, tool_prompt=tool_prompt, open_metrics=open_metrics)
+                     tool_parser=tool_call_parser, tool_prompt=tool_prompt, open_metrics=open_metrics,
+                     access_log=access_log)
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
 
-    @app.on_event("startup")
-    async def _ready() -> None:
-        log.warning("Shoal ready: model %r at http://%s:%d/v1 (max_model_len %d)", name, host, port, backend.max_model_len)
+    def ready() -> None:
+        hint = " (all interfaces)" if host in ("0.0.0.0", "::") else " (loopback only: --host 0.0.0.0 to serve other machines)" \
+            if host in ("127.0.0.1", "localhost", "::1") else ""
+        log.info("Shoal ready: model %r at %s/v1%s, max_model_len %d", name, url, hint, backend.max_model_len)
 
-    ShoalServer(uvicorn.Config(app, host=host, port=port, log_level="warning"), lifecycle, backend).run()
+    config = uvicorn.Config(app, log_config=None, log_level=(opts.get("log_level") or "info"), access_log=False)
+    ShoalServer(config, lifecycle, backend, on_ready=ready).run(sockets=[sock])
     if lifecycle.exit_code:
         raise typer.Exit(lifecycle.exit_code)
 
@@ -315,7 +327,7 @@ def bench_serve(
         result["programs"] = program_summary(wl, records)
     report.write(out, result, records, queue)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "workload"}, indent=2))
-    typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png")
+    typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png", err=True)
 
 
 @bench_app.command("agent-trace")
@@ -395,7 +407,7 @@ def profile(
     cost = fit_profile(engine, repeats)
     cost.save(out)
     typer.echo(json.dumps({"device": cost.device, "model": cost.model, "dtype": cost.dtype, "fit": cost.fit}, indent=2))
-    typer.echo(f"wrote {out}")
+    typer.echo(f"wrote {out}", err=True)
 
 
 @app.command()
@@ -514,7 +526,7 @@ def sim(
         result, records = setup.run(build(time_scale))
         report.write(out, result, records)
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "workload"}, indent=2))
-    typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png")
+    typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png", err=True)
 
 
 @app.command()
@@ -561,10 +573,60 @@ def plan(
     typer.echo(json.dumps(out, indent=2))
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"shoal {version('shoal')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log engine details")) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+def main(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Same as --log-level debug"),
+    log_level: Optional[Literal[logs.LEVELS]] = typer.Option(None, "--log-level", help="Log records at this level and above, on stderr (default: info for serve, warning otherwise)"),
+    log_format: Literal[logs.FORMATS] = typer.Option("text", "--log-format", help="text, or one JSON object a line"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit"),
+) -> None:
+    """Global options; they may also follow the subcommand (``shoal serve -v``)."""
+    chosen = "debug" if verbose else log_level
+    ctx.obj = {"log_level": chosen, "log_format": log_format}
+    logs.configure(chosen or "warning", log_format)
+
+
+GLOBAL_FLAGS = {"-v": 0, "--verbose": 0, "--log-level": 1, "--log-format": 1}
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """``argv`` with the global options moved before the subcommand, so that ``shoal serve -v`` and
+    ``shoal sim --log-level debug`` work as ``shoal -v serve``. Nothing after ``--`` moves."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        name = arg.split("=", 1)[0]
+        takes = GLOBAL_FLAGS.get(name)
+        if takes is None:
+            rest.append(arg)
+            i += 1
+            continue
+        n = 1 if "=" in arg else 1 + takes
+        front += argv[i : i + n]
+        i += n
+    return front + rest
+
+
+def run() -> None:
+    """The ``shoal`` command (and ``python -m shoal``)."""
+    import sys
+
+    app(args=hoist_global_flags(sys.argv[1:]), prog_name="shoal")
 
 
 if __name__ == "__main__":
-    app()
+    run()

@@ -276,7 +276,8 @@ def invoke_bench(server, out: Path, *args: str):
 def run_bench(server, out: Path, *args: str) -> tuple[dict, list[dict]]:
     result = invoke_bench(server, out, *args)
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert "wrote" in result.output
+    assert "wrote" in result.stderr
+    json.loads(result.stdout)  # stdout carries only the result
     res = json.loads((out / "result.json").read_text())
     records = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
     for name in ("latency_cdf.png", "timeline.png"):

@@ -31,6 +31,7 @@ from shoal.server.middleware import (
     BodyLimit,
     BodyTooLarge,
     InternalErrors,
+    RequestLog,
     error_response,
     too_large_response,
 )
@@ -83,12 +84,14 @@ class APIError(Exception):
 
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lifecycle: Lifecycle | None = None,
-               tool_parser: str | None = None, tool_prompt: str = "auto", open_metrics: bool = False) -> FastAPI:
+               tool_parser: str | None = None, tool_prompt: str = "auto", open_metrics: bool = False,
+               access_log: bool = False) -> FastAPI:
     """Build the app. ``engine`` must already be running; the app shuts it down on exit.
     ``lifecycle`` (kept as ``app.state.lifecycle``) drives the graceful shutdown. ``tool_parser``
     and ``tool_prompt`` override the model's tool-call format and prompt (see :class:`ToolCalling`).
     ``api_key`` is one key or a :class:`KeyRing` (keys naming tenants); with either, ``/metrics``
-    also needs a key unless ``open_metrics``."""
+    also needs a key unless ``open_metrics``. Every response carries ``X-Request-Id``; with
+    ``access_log`` each request is logged (:class:`RequestLog`)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -151,13 +154,14 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
     async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
         return too_large_response(exc)
 
-    # outermost first: bugs, the body limit, the gate (its 503 needs no key), then the key
+    # outermost first: request ids and the access log, bugs, the body limit, the gate (its 503 needs no key), then the key
     if api_key:
         keys = api_key if isinstance(api_key, KeyRing) else KeyRing.single(api_key)
         app.add_middleware(BearerAuth, keys=keys, open_metrics=open_metrics)
     app.add_middleware(AdmissionGate, lifecycle=lifecycle)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(InternalErrors)
+    app.add_middleware(RequestLog, access_log=access_log)
 
     # ---- plain endpoints -------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import uvicorn
 
@@ -59,11 +59,13 @@ class Lifecycle:
 
 class ShoalServer(uvicorn.Server):
     """uvicorn whose first SIGTERM / SIGINT drains through :class:`Lifecycle` and whose process
-    exits 0 afterwards; it also exits (code 1) when the backend's engine is beyond restarting."""
+    exits 0 afterwards; it also exits (code 1) when the backend's engine is beyond restarting.
+    ``on_ready`` runs once the app has started and the socket listens (the "ready" line)."""
 
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, backend: Backend) -> None:
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, backend: Backend,
+                 on_ready: Callable[[], None] | None = None) -> None:
         super().__init__(config)
-        self.lifecycle, self.backend = lifecycle, backend
+        self.lifecycle, self.backend, self.on_ready = lifecycle, backend, on_ready
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._watch: asyncio.Task | None = None
@@ -83,6 +85,8 @@ class ShoalServer(uvicorn.Server):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self.handle_exit)
+        if self.started and self.on_ready is not None:
+            self.on_ready()
 
     def handle_exit(self, sig: int, frame) -> None:
         if self._draining or self._loop is None:

@@ -1,4 +1,5 @@
-"""Plain ASGI middlewares of the OpenAI app: API key, body-size limit, and the admission gate.
+"""Plain ASGI middlewares of the OpenAI app: request ids and the access log, API key, body-size
+limit, and the admission gate.
 
 Plain ASGI rather than ``@app.middleware("http")`` (Starlette's BaseHTTPMiddleware), which would
 hide client disconnects from ``request.is_disconnected()``.
@@ -7,6 +8,9 @@ hide client disconnects from ``request.is_disconnected()``.
 from __future__ import annotations
 
 import logging
+import re
+import time
+import uuid
 
 from fastapi.responses import JSONResponse
 
@@ -14,6 +18,9 @@ from shoal.server.lifecycle import Lifecycle
 from shoal.server.tenants import KeyRing
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("shoal.access")
+
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII, as a log line and a header can carry it
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None,
@@ -138,3 +145,45 @@ class InternalErrors:
                 raise  # mid-response: nothing valid can be sent any more
             response = error_response(500, f"internal error: {type(exc).__name__}", "InternalServerError")
             await response(scope, receive, send)
+
+
+class RequestLog:
+    """Every HTTP request gets an id: its ``X-Request-Id`` header if it sent a valid one (1-128
+    visible ASCII characters; otherwise a 400), else a fresh one. The id is echoed in the response's
+    ``X-Request-Id`` and kept as ``request.state.request_id``. With ``access_log``, one line per
+    request on the ``shoal.access`` logger when its last byte is sent: method, path (no query
+    string), status, milliseconds, request id; never a body, a prompt or a key."""
+
+    def __init__(self, app, access_log: bool = True) -> None:
+        self.app, self.access_log = app, access_log
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = [v for k, v in scope["headers"] if k == b"x-request-id"]
+        request_id = given[0].decode("latin-1") if len(given) == 1 else uuid.uuid4().hex
+        start, status = time.perf_counter(), 0
+
+        async def with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]}
+            await send(message)
+
+        try:
+            if len(given) > 1 or not REQUEST_ID.fullmatch(request_id):
+                request_id = uuid.uuid4().hex
+                message = ("X-Request-Id must be one header of 1-128 visible ASCII characters." if len(given) < 2
+                           else "More than one X-Request-Id header.")
+                await error_response(400, message, "BadRequestError", "X-Request-Id")(scope, receive, with_id)
+                return
+            scope.setdefault("state", {})["request_id"] = request_id
+            await self.app(scope, receive, with_id)
+        finally:
+            if self.access_log:
+                ms = (time.perf_counter() - start) * 1e3
+                access_log.info("%s %s %d %.1f ms id=%s", scope["method"], scope["path"], status, ms, request_id,
+                                extra={"method": scope["method"], "path": scope["path"], "status": status,
+                                       "duration_ms": round(ms, 1), "request_id": request_id})
