@@ -18,7 +18,21 @@ bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
 ModelOpt = typer.Option(None, "--model", help="GGUF file or Hugging Face folder (default: built-in SmolLM2-135M-Instruct)")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32")
+# The choices of options that take one (typer shows and checks them); tests/test_cli.py checks each
+# against the tuple its module keeps, so the two cannot drift apart.
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+Dispatch = Literal["predicted_latency", "round_robin", "least_load", "prefix_aware", "session_affinity"]
+Migration = Literal["llumnix", "none"]
+TokenBudget = Literal["fixed", "slo"]
+Admission = Literal["fcfs", "deadline"]
+SchedulingPolicy = Literal["fcfs", "priority", "vtc"]
+ProgramScheduling = Literal["continuum", "none"]
+PreemptionMode = Literal["auto", "swap", "recompute"]
+ToolCallParser = Literal["hermes", "llama3_json"]
+ToolPrompt = Literal["auto", "template", "system"]
+AgentPreset = Literal["swe", "bfcl"]
+
+DtypeOpt = typer.Option("auto", "--dtype", help="bfloat16 where the device computes it natively, else float32 (auto)")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda")
 ThreadsOpt = typer.Option(None, "--num-threads", help="Torch CPU threads (default: all cores; fewer when other work shares the CPU)")
 
@@ -46,8 +60,27 @@ def parse_json_option(name: str, value: str | None):
         raise ValueError(f"{name} is not valid JSON: {exc}") from None
 
 
-ProgramSchedulingOpt = typer.Option("continuum", "--program-scheduling", help="continuum | none: agent programs' turns (requests sharing a session_id) scheduled program-first with their KV kept between turns, or request-level FCFS")
+ProgramSchedulingOpt = typer.Option("continuum", "--program-scheduling", help="Agent programs' turns (requests sharing a session_id) scheduled program-first with their KV kept between turns, or request-level FCFS")
 ProgramConfigOpt = typer.Option(None, "--program-config", help='JSON tuning of --program-scheduling continuum, e.g. \'{"max_pinned_fraction": 0.5, "aging_s": 10}\' (see the README)')
+
+
+def _read_config(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
+    """``--config FILE``: its values become the command's defaults (the command line and ``SHOAL_*``
+    environment variables still win)."""
+    if value is not None:
+        from shoal.config_file import option_defaults
+
+        names = {p.name for p in ctx.command.params if p.name and p.name != "config_file"}
+        try:
+            values = option_defaults(value, names)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--config") from None
+        ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+ConfigOpt = typer.Option(None, "--config", callback=_read_config, is_eager=True,
+                         help="YAML (or .json) file of options, e.g. 'max_num_seqs: 32' (the command line and SHOAL_SERVE_* variables override it)")
 
 
 def program_config(scheduling: str, options: str | None):
@@ -70,7 +103,7 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed"),
     system: Optional[str] = typer.Option(None, "--system", help="Optional system message"),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template"),
-    dtype: str = DtypeOpt,
+    dtype: Dtype = DtypeOpt,
     device: str = DeviceOpt,
     num_threads: Optional[int] = ThreadsOpt,
 ) -> None:
@@ -94,30 +127,36 @@ def generate(
 @app.command()
 def serve(
     ctx: typer.Context,
+    config_file: Optional[Path] = ConfigOpt,
     model: Optional[str] = ModelOpt,
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Name clients use (default: the model file's name)"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SHOAL_API_KEY", help="Require this bearer token on /v1, /tokenize, /detokenize, /metrics"),
     keys: Optional[Path] = typer.Option(None, "--keys", help="YAML / JSON keys file: API keys, each naming a tenant (weight, priority_ceiling)"),
-    open_metrics: bool = typer.Option(False, "--open-metrics", help="Serve /metrics without a key (a scraper on a private network)"),
-    max_waiting: int = typer.Option(256, "--max-waiting", help="Answer 429 when this many requests wait"),
+    open_metrics: bool = typer.Option(False, "--open-metrics", help="Serve /metrics and /dashboard/state without a key (a scraper on a private network)"),
+    max_waiting: int = typer.Option(1024, "--max-waiting", help="Answer 429 when this many requests wait (size it to the clients' concurrency less --max-num-seqs)"),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs"),
     max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens"),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len"),
     kv_cache_gb: Optional[float] = typer.Option(None, "--kv-cache-gb"),
+    block_size: int = typer.Option(16, "--block-size", min=1, help="Tokens per KV block"),
+    swap_space: float = typer.Option(1.0, "--swap-space", min=0.0, help="GiB of host memory for preempted requests' KV"),
+    enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching", help="Reuse the KV of prompt prefixes already computed"),
+    preemption_mode: PreemptionMode = typer.Option("auto", "--preemption-mode", help="How a preempted request gives up its KV: swap to host memory, recompute later, or the cheaper by the cost model (auto)"),
+    priority_aging_s: Optional[float] = typer.Option(None, "--priority-aging-s", min=0.0, help="A waiting request gains one priority level per this many seconds (default: no aging)"),
     kv_tier_gb: float = typer.Option(0.0, "--kv-tier-gb", min=0.0, help="A second KV tier of this size: prefix blocks evicted from the KV cache are kept there and loaded back on a prefix hit (0: none)"),
     kv_tier_path: Optional[Path] = typer.Option(None, "--kv-tier-path", help="Keep the second tier in this file on local disk (created or overwritten) instead of host memory"),
     instances: int = typer.Option(1, "--instances", help="Engine instances; >1 runs them as Ray actors"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (implies the cluster mode)"),
-    dispatch: str = typer.Option("predicted_latency", "--dispatch", help="predicted_latency | round_robin | least_load | prefix_aware | session_affinity"),
-    migration: str = typer.Option("llumnix", "--migration", help="llumnix | none: live migration between instances"),
+    dispatch: Dispatch = typer.Option("predicted_latency", "--dispatch", help="How the cluster picks an instance for a request"),
+    migration: Migration = typer.Option("llumnix", "--migration", help="Live migration between instances"),
     roles: Optional[str] = typer.Option(None, "--roles", help="Comma-separated per-instance roles: both | prefill | decode"),
     slo_ttft_ms: float = typer.Option(1000.0, "--slo-ttft-ms", help="TTFT objective of requests that bring none (dispatch, deadline admission)"),
     slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms", help="TPOT objective (dispatch; the step time limit of --token-budget slo)"),
-    token_budget: str = typer.Option("fixed", "--token-budget", help="fixed | slo: also cut prefill chunks so a step with decodes stays within the TPOT SLO"),
-    admission: str = typer.Option("fcfs", "--admission", help="fcfs | deadline: at equal priority, admit requests within the TTFT SLO first"),
-    scheduling_policy: str = typer.Option("vtc", "--scheduling-policy", help="fcfs | priority | vtc: admission and preemption order (vtc: priority, then weighted fair share between tenants)"),
+    token_budget: TokenBudget = typer.Option("fixed", "--token-budget", help="slo: also cut prefill chunks so a step with decodes stays within the TPOT SLO"),
+    admission: Admission = typer.Option("fcfs", "--admission", help="deadline: at equal priority, admit requests within the TTFT SLO first"),
+    scheduling_policy: SchedulingPolicy = typer.Option("vtc", "--scheduling-policy", help="Admission and preemption order (vtc: priority, then weighted fair share between tenants)"),
     urgent_slack_ms: Optional[float] = typer.Option(None, "--urgent-slack-ms", min=0.0, help="With --admission deadline: a request whose first token is due within this many ms runs one priority level ahead"),
     cost_model: Optional[str] = typer.Option(None, "--cost-model", help="Profile JSON timing this machine's steps (default: the committed SmolLM2-on-CPU one)"),
     instance_threads: Optional[str] = typer.Option(None, "--instance-threads", help="Comma-separated CPU threads per instance (a heterogeneous cluster)"),
@@ -127,13 +166,13 @@ def serve(
     engine_cpus: Optional[str] = typer.Option(None, "--engine-cpus", help="With --engine-process: comma-separated CPU ids to pin the engine process to"),
     speculative_config: Optional[str] = typer.Option(None, "--speculative-config", help='JSON, as vLLM takes it: n-gram drafting for every request, e.g. \'{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (a request\'s own speculative_config overrides it)'),
     num_threads: Optional[int] = ThreadsOpt,
-    dtype: str = DtypeOpt,
+    dtype: Dtype = DtypeOpt,
     device: str = DeviceOpt,
     max_body_bytes: int = typer.Option(16 << 20, "--max-body-bytes", min=1, help="Answer 413 to a request body larger than this"),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0.0, help="On SIGTERM, seconds to let requests in flight finish before ending them with an error"),
-    tool_call_parser: Optional[str] = typer.Option(None, "--tool-call-parser", help="hermes | llama3_json: the format of the model's tool calls (default: from its chat template)"),
-    tool_prompt: str = typer.Option("auto", "--tool-prompt", help="auto | template | system: give tools to the chat template, or describe them in a system message (auto: template if it renders tools)"),
-    program_scheduling: str = ProgramSchedulingOpt,
+    tool_call_parser: Optional[ToolCallParser] = typer.Option(None, "--tool-call-parser", help="The format of the model's tool calls (default: from its chat template)"),
+    tool_prompt: ToolPrompt = typer.Option("auto", "--tool-prompt", help="Give tools to the chat template, or describe them in a system message (auto: template if it renders tools)"),
+    program_scheduling: ProgramScheduling = ProgramSchedulingOpt,
     program_config_json: Optional[str] = ProgramConfigOpt,
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log a line per HTTP request: method, path, status, time, request id (never a prompt or key)"),
 ) -> None:
@@ -152,14 +191,6 @@ def serve(
     logs.configure(opts.get("log_level") or "info", opts.get("log_format", "text"))
     from shoal.engine.metadata import SLO
 
-    from shoal.server.tools import FORMATS, PROMPTS
-
-    if token_budget not in ("fixed", "slo"):
-        raise typer.BadParameter("--token-budget is fixed or slo")
-    if tool_call_parser is not None and tool_call_parser not in FORMATS:
-        raise typer.BadParameter(f"--tool-call-parser is one of {', '.join(FORMATS)}")
-    if tool_prompt not in PROMPTS:
-        raise typer.BadParameter(f"--tool-prompt is one of {', '.join(PROMPTS)}")
     if keys and api_key:
         raise typer.BadParameter("give --api-key or --keys, not both")
     if keys:
@@ -174,7 +205,9 @@ def serve(
         slo = SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3)
         config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                              kv_cache_gb=kv_cache_gb, kv_tier_gb=kv_tier_gb,
+                              kv_cache_gb=kv_cache_gb, kv_tier_gb=kv_tier_gb, block_size=block_size,
+                              swap_space_gb=swap_space, enable_prefix_caching=enable_prefix_caching,
+                              preemption_mode=preemption_mode, priority_aging_s=priority_aging_s,
                               kv_tier_path=None if kv_tier_path is None else str(kv_tier_path),
                               num_threads=num_threads, admission=admission,
                               scheduling_policy=scheduling_policy,
@@ -192,7 +225,7 @@ def serve(
         try:
             threads = [int(t) for t in instance_threads.split(",")] if instance_threads else None
             backend = ClusterEngine(
-                config, instances, dispatch.replace("-", "_"), tokenizer=load_tokenizer(model or default_model_path()),
+                config, instances, dispatch, tokenizer=load_tokenizer(model or default_model_path()),
                 roles=role_list, migration=make_migration_policy(migration), ray_address=ray_address,
                 autoscaler=Autoscaler(autoscale_min, autoscale_max) if autoscale_max else None, max_waiting=max_waiting,
                 slo=slo, instance_threads=threads,
@@ -244,7 +277,7 @@ def bench_offline(
     output_len: int = typer.Option(128, "--output-len"),
     max_num_batched_tokens: int = typer.Option(512, "--max-num-batched-tokens"),
     baseline: bool = typer.Option(False, "--baseline", help="Also run transformers generate on the same weights and batches"),
-    dtype: str = DtypeOpt,
+    dtype: Dtype = DtypeOpt,
     device: str = DeviceOpt,
     num_threads: Optional[int] = ThreadsOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here"),
@@ -333,7 +366,7 @@ def bench_serve(
 @bench_app.command("agent-trace")
 def bench_agent_trace(
     out: Path = typer.Argument(..., help="The JSON-lines file to write"),
-    preset: str = typer.Option("swe", "--preset", help="swe (SWE-bench software agents) | bfcl (BFCL multi-turn function calling)"),
+    preset: AgentPreset = typer.Option("swe", "--preset", help="swe: SWE-bench software agents; bfcl: BFCL multi-turn function calling"),
     num_programs: int = typer.Option(50, "--num-programs", "-n", min=1),
     rate: float = typer.Option(0.5, "--rate", help="Programs arriving per second"),
     burstiness: float = typer.Option(1.0, "--burstiness", help="Gamma shape of the gaps between programs: <1 bursty, 1 Poisson"),
@@ -395,7 +428,7 @@ def profile(
     out: Path = typer.Option(Path("profile.json"), "--out", help="Where to write the fitted cost model"),
     model: Optional[str] = ModelOpt,
     repeats: int = typer.Option(3, "--repeats"),
-    dtype: str = DtypeOpt,
+    dtype: Dtype = DtypeOpt,
     device: str = DeviceOpt,
 ) -> None:
     """Time the engine's steps over a grid of batch shapes and fit the simulator's cost model."""
@@ -425,13 +458,13 @@ def sim(
     prefix_len: int = typer.Option(256, "--prefix-len", help="Tokens each prefix group shares"),
     instances: int = typer.Option(1, "--instances"),
     cost_model: Optional[Path] = typer.Option(None, "--cost-model", help="Fitted profile JSON (default: the committed SmolLM2-on-CPU one)"),
-    dispatch: str = typer.Option("predicted_latency", "--dispatch", "--policy", help="predicted_latency | round_robin | least_load | prefix_aware | session_affinity (as in serve; --policy is the old name)"),
-    migration: str = typer.Option("none", "--migration", help="none | llumnix: live migration between instances"),
+    dispatch: Dispatch = typer.Option("predicted_latency", "--dispatch", "--policy", help="As in serve (--policy is the old name)"),
+    migration: Migration = typer.Option("none", "--migration", help="Live migration between instances"),
     roles: Optional[str] = typer.Option(None, "--roles", help="Comma-separated per-instance roles: both | prefill | decode"),
     speeds: Optional[str] = typer.Option(None, "--speeds", help="Per-instance speed relative to the cost model, e.g. 8x1,8x0.5 (default: all 1)"),
-    token_budget: str = typer.Option("fixed", "--token-budget", help="fixed: --max-num-batched-tokens per step | slo: also cut prefill chunks so a step with decodes stays within the TPOT SLO"),
-    admission: str = typer.Option("fcfs", "--admission", help="fcfs | deadline: at equal priority, admit requests still within the TTFT SLO before late ones"),
-    scheduling_policy: str = typer.Option("vtc", "--scheduling-policy", help="fcfs | priority | vtc (as in serve)"),
+    token_budget: TokenBudget = typer.Option("fixed", "--token-budget", help="fixed: --max-num-batched-tokens per step; slo: also cut prefill chunks so a step with decodes stays within the TPOT SLO"),
+    admission: Admission = typer.Option("fcfs", "--admission", help="deadline: at equal priority, admit requests still within the TTFT SLO before late ones"),
+    scheduling_policy: SchedulingPolicy = typer.Option("vtc", "--scheduling-policy", help="As in serve"),
     urgent_slack_ms: Optional[float] = typer.Option(None, "--urgent-slack-ms", min=0.0, help="As in serve (with --admission deadline)"),
     tenants: Optional[str] = typer.Option(None, "--tenants", help="Tenant mix by share of the arrivals, e.g. heavy=10,light=1"),
     tenant_weights: Optional[str] = typer.Option(None, "--tenant-weights", help="Fair-share weights of the --tenants, e.g. gold=3,bronze=1 (default 1)"),
@@ -447,7 +480,7 @@ def sim(
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("sim-out"), "--out"),
     validate: bool = typer.Option(False, "--validate", help="Also run the workload on the real engine (one instance) and print the errors"),
-    program_scheduling: str = ProgramSchedulingOpt,
+    program_scheduling: ProgramScheduling = ProgramSchedulingOpt,
     program_config_json: Optional[str] = ProgramConfigOpt,
 ) -> None:
     """Simulate a cluster on the real scheduler code with a cost model; same JSON as bench serve."""
@@ -480,10 +513,8 @@ def sim(
         typer.echo(json.dumps(fidelity, indent=2))
         return
     try:
-        if token_budget not in ("fixed", "slo") or admission not in ("fcfs", "deadline"):
-            raise ValueError("--token-budget is fixed or slo; --admission is fcfs or deadline")
         setup = SimSetup(
-            cost_model=cm, speeds=parse_speeds(speeds, instances), dispatch=dispatch.replace("-", "_"),
+            cost_model=cm, speeds=parse_speeds(speeds, instances), dispatch=dispatch,
             migration=migration, roles=check_roles(roles.split(",") if roles else None, instances),
             slo=SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3), slo_steps=token_budget == "slo",
             deadlines=admission == "deadline", scheduling_policy=scheduling_policy,
@@ -625,7 +656,7 @@ def run() -> None:
     """The ``shoal`` command (and ``python -m shoal``)."""
     import sys
 
-    app(args=hoist_global_flags(sys.argv[1:]), prog_name="shoal")
+    app(args=hoist_global_flags(sys.argv[1:]), prog_name="shoal", auto_envvar_prefix="SHOAL")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from shoal.cli import app
+from tests._cli_util import cli
 
 runner = CliRunner()
 
@@ -46,7 +47,6 @@ def test_bench_offline_prints_throughput_ttft_and_tpot():
 
 @pytest.mark.parametrize("args, message", [
     (("generate", "--prompt", "hi", "--model", "/no/such/model.gguf"), "no such file or directory"),
-    (("generate", "--prompt", "hi", "--dtype", "fp8"), "unknown dtype 'fp8'"),
     (("generate", "--prompt", "hi", "--device", "cuda:7"), "cuda:7' requested but"),
     (("generate", "--prompt", "hi", "--device", "bogus"), "unknown device 'bogus'"),
     (("generate", "--prompt", "hi", "--num-threads", "0"), "num_threads must be None or an integer >= 1, got 0"),
@@ -64,9 +64,30 @@ def test_bad_input_is_one_line_not_a_traceback(args, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("serve", "--tool-call-parser", "mistral"), "hermes, llama3_json"),
-    (("serve", "--tool-prompt", "never"), "auto, template, system"),
+    (("serve", "--tool-call-parser", "mistral"), "'hermes', 'llama3_json'"),
+    (("serve", "--tool-prompt", "never"), "'auto', 'template', 'system'"),
+    (("serve", "--dispatch", "random"), "'predicted_latency', 'round_robin'"),
+    (("sim", "--scheduling-policy", "lifo"), "'fcfs', 'priority', 'vtc'"),
+    (("generate", "--prompt", "hi", "--dtype", "fp8"), "'auto', 'bfloat16', 'float16', 'float32'"),
 ])
-def test_serve_refuses_unknown_tool_options_before_loading(args, message):
-    result = shoal(*args)
-    assert result.exit_code == 2 and message in result.output, result.output
+def test_options_with_choices_refuse_others_before_loading(args, message):
+    result = cli(*args)
+    assert result.exit_code == 2 and "is not one of" in result.output and message in result.output, result.output
+
+
+def test_option_choices_are_the_modules_own():
+    """The choices typer checks are those the code behind each option accepts."""
+    from typing import get_args
+
+    from shoal import cli as c
+    from shoal.bench.agent import PRESETS
+    from shoal.control.policies import DISPATCH_POLICIES
+    from shoal.engine.config import _DTYPES
+    from shoal.engine.scheduler import ADMISSION_ORDERS, SCHEDULING_POLICIES
+    from shoal.server.tools import FORMATS, PROMPTS
+
+    assert get_args(c.Dispatch) == DISPATCH_POLICIES
+    assert get_args(c.Admission) == ADMISSION_ORDERS and get_args(c.SchedulingPolicy) == SCHEDULING_POLICIES
+    assert set(get_args(c.ToolCallParser)) == set(FORMATS) and get_args(c.ToolPrompt) == PROMPTS
+    assert set(get_args(c.AgentPreset)) == set(PRESETS)
+    assert set(get_args(c.Dtype)) - {"auto"} <= set(_DTYPES)

@@ -17,6 +17,7 @@ import pytest
 
 from shoal import logs
 from shoal.cli import hoist_global_flags
+from tests._cli_util import cli
 from tests._server_util import MODEL_NAME, fast_engine, serve
 
 
@@ -130,3 +131,51 @@ def test_a_real_shoal_serve_logs_ready_and_each_request():
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert out == "", "stdout stays empty: logs go to stderr"
+
+
+def test_config_file_and_environment_reach_the_engine(tmp_path):
+    """A value from ``--config`` or ``SHOAL_SERVE_*`` gets to EngineConfig (an invalid one is its
+    error, before any model loads); the command line wins over both; unknown keys are refused."""
+    port = str(free_port())
+    conf = tmp_path / "shoal.yaml"
+    conf.write_text(f"max-num-seqs: 0\nport: {port}\n")
+    r = cli("serve", "--config", str(conf))
+    assert r.exit_code == 2 and "max_num_seqs" in r.output, r.output
+    r = cli("serve", "--port", port, env={"SHOAL_SERVE_DTYPE": "float64"})
+    assert r.exit_code == 2 and "'float64' is not one of" in r.output, r.output
+    conf.write_text(f"max_num_seqs: 4\nport: {port}\npreemption-mode: sometimes\n")
+    r = cli("serve", "--config", str(conf))
+    assert r.exit_code == 2 and "'sometimes' is not one of" in r.output, "a file's value is checked as the option's"
+    conf.write_text(f"max_num_seqs: 4\nport: {port}\n")
+    r = cli("serve", "--config", str(conf), "--max-num-seqs", "0")
+    assert r.exit_code == 2 and "max_num_seqs" in r.output, "the command line overrides the file"
+    r = cli("serve", "--config", str(conf), env={"SHOAL_SERVE_MAX_NUM_SEQS": "0"})
+    assert r.exit_code == 2 and "max_num_seqs" in r.output, "the environment overrides the file"
+    conf.write_text("max_seqs: 4\n")
+    r = cli("serve", "--config", str(conf))
+    assert r.exit_code == 2 and "unknown options max_seqs" in r.output
+    conf.write_text("- 1\n")
+    r = cli("serve", "--config", str(conf))
+    assert r.exit_code == 2 and "expected a mapping" in r.output
+
+
+def test_engine_knobs_from_file_environment_and_flags_reach_engine_config(tmp_path, monkeypatch):
+    """The EngineConfig that ``serve`` builds carries each knob from where it was given."""
+    import shoal.engine.engine
+
+    built = []
+
+    def capture(config, *args, **kwargs):
+        built.append(config)
+        raise ValueError("captured")
+
+    monkeypatch.setattr(shoal.engine.engine, "Engine", capture)
+    conf = tmp_path / "shoal.yaml"
+    conf.write_text(f"port: {free_port()}\nblock-size: 32\nenable_prefix_caching: false\n"
+                    "preemption_mode: swap\npriority_aging_s: 5\nswap_space: 0.5\nmax_num_seqs: 8\n")
+    r = cli("serve", "--config", str(conf), "--max-num-seqs", "12", env={"SHOAL_SERVE_MAX_NUM_BATCHED_TOKENS": "256"})
+    assert r.exit_code == 2 and "captured" in r.output, r.output
+    (c,) = built
+    assert (c.block_size, c.enable_prefix_caching, c.preemption_mode, c.priority_aging_s, c.swap_space_gb) == \
+        (32, False, "swap", 5.0, 0.5)
+    assert c.max_num_seqs == 12 and c.max_num_batched_tokens == 256

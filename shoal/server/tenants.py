@@ -22,10 +22,11 @@ tenant (they then share its limits); they must then agree on its weight, ceiling
 from __future__ import annotations
 
 import hmac
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from shoal.config_file import read_mapping
 
 from shoal.engine.request import PRIORITY_MAX, PRIORITY_MIN
 from shoal.server.quotas import LIMIT_FIELDS, TenantLimits
@@ -67,20 +68,8 @@ class KeyRing:
     def load(cls, path: str | os.PathLike) -> "KeyRing":
         """Read a keys file; ValueError naming the problem (never a key's value)."""
         p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as exc:
-            raise ValueError(f"{p}: {exc.strerror}") from None
-        try:
-            if p.suffix == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text)
-        except Exception as exc:
-            raise ValueError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {type(exc).__name__}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        data = read_mapping(p)
+        if not isinstance(data.get("keys"), list):
             raise ValueError(f"{p}: expected a mapping with a list under 'keys'")
         entries = []
         for i, item in enumerate(data["keys"]):
