@@ -77,7 +77,7 @@ def measure_levels(url: str, tokenizer, levels: dict[int, int], prompt_len: int,
     out: dict = {}
     for c, n in levels.items():
         wl = closed_loop(n, c, prompt_len, output_len)
-        records, _, duration = asyncio.run(run_workload(url, wl, tokenizer, concurrency=c, show_progress=False))
+        records, _, duration = asyncio.run(run_workload(url, wl, tokenizer, concurrency=c))
         r = report.summarize(records, wl.description, 2000, 200, duration_s=duration)
         out[c] = {"tok_s": round(r["output_token_throughput"], 1), "ttft_p50_ms": round(r["ttft_ms"]["p50"], 1),
                   "failed": r["failed"]}

@@ -12,6 +12,7 @@ from typing import Literal, Optional
 import typer
 
 from shoal import logs
+from shoal.extras import require
 
 app = typer.Typer(help="Shoal: serve, benchmark and simulate LLMs.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
@@ -41,11 +42,12 @@ ThreadsOpt = typer.Option(None, "--num-threads", help="Torch CPU threads (defaul
 def user_errors() -> Iterator[None]:
     """Bad input while setting up (a missing or corrupt model file, an unknown dtype or device, an
     invalid engine option) ends the command with one line on stderr and exit code 2, not a traceback."""
+    from shoal.extras import MissingExtra
     from shoal.model.loader import ModelLoadError
 
     try:
         yield
-    except (ValueError, ModelLoadError) as exc:
+    except (ValueError, ModelLoadError, MissingExtra) as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from exc
 
@@ -109,12 +111,13 @@ def generate(
 ) -> None:
     """Answer one prompt with the chat template applied and print the answer."""
     from shoal import LLM, SamplingParams
+    from shoal.progress import bar
 
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    with user_errors():
+    with user_errors(), bar("loading the model"):
         llm = LLM(model=model, dtype=dtype, device=device, num_threads=num_threads)
     if raw:
         out = llm.generate(prompt, params)[0]
@@ -201,6 +204,8 @@ def serve(
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
     with user_errors():
+        if instances > 1 or ray_address or autoscale_max:
+            require("cluster", "shoal serve --instances/--ray-address/--autoscale-max")
         sock = listen_socket(host, port)  # before the model loads: a port in use fails in a second, not after it
         slo = SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3)
         config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
@@ -286,19 +291,22 @@ def bench_offline(
     from shoal.bench.offline import check_offline_args, run_offline_bench, run_transformers_baseline
     from shoal.engine.config import EngineConfig
     from shoal.engine.engine import Engine
+    from shoal.progress import bar
 
     with user_errors():
         check_offline_args(num_requests, concurrency, input_len, output_len)
-        engine = Engine(EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=concurrency,
-                                     max_num_batched_tokens=max_num_batched_tokens, num_threads=num_threads))
-    result = run_offline_bench(
-        engine=engine, num_requests=num_requests, concurrency=concurrency, input_len=input_len, output_len=output_len,
-    )
+        with bar("loading the model"):
+            engine = Engine(EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=concurrency,
+                                         max_num_batched_tokens=max_num_batched_tokens, num_threads=num_threads))
+    with bar("requests", num_requests) as progress:
+        result = run_offline_bench(engine=engine, num_requests=num_requests, concurrency=concurrency,
+                                   input_len=input_len, output_len=output_len, progress=progress)
     if baseline:
-        base = run_transformers_baseline(
-            model=model, num_requests=num_requests, concurrency=concurrency, input_len=input_len,
-            output_len=output_len, dtype=dtype,
-        )
+        with bar("transformers baseline: batches") as progress:
+            base = run_transformers_baseline(
+                model=model, num_requests=num_requests, concurrency=concurrency, input_len=input_len,
+                output_len=output_len, dtype=dtype, progress=progress,
+            )
         result["baseline_transformers"] = base
         result["speedup_vs_transformers"] = result["output_token_throughput"] / base["output_token_throughput"]
     typer.echo(json.dumps(result, indent=2))
@@ -339,28 +347,39 @@ def bench_serve(
 
     from shoal.bench import report
     from shoal.bench.agent import AgentWorkload, program_summary
-    from shoal.bench.serve import run_workload
+    from shoal.bench.serve import Unreachable, check_server, run_workload
     from shoal.model.loader import default_model_path, load_tokenizer
+    from shoal.progress import bar
 
+    try:  # before anything slow: a wrong URL is one line, now
+        info = check_server(url, api_key)
+    except Unreachable as exc:
+        typer.echo(f"Error: cannot reach {url}: {exc}", err=True)
+        raise typer.Exit(2) from None
     if workload.startswith(("trace:", "agent:")) and max_context is None:
         try:
-            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-            info = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=10).json()["data"][0]
             max_context = int(info.get("max_model_len") or 2048)
-        except (httpx.HTTPError, KeyError, IndexError, ValueError):
+        except (TypeError, ValueError):
             max_context = 2048
     wl = _build_workload(workload, rate, burstiness, concurrency, time_scale, trace_start, num_requests,
                          prompt_len, output_len, max_context, seed, prefix_groups, prefix_len, tenants)
-    tok = load_tokenizer(tokenizer or default_model_path())
-    records, queue, duration = asyncio.run(run_workload(
-        url, wl, tok, model=model, concurrency=concurrency, max_duration_s=max_duration, api_key=api_key))
+    with bar("loading the tokenizer"):
+        tok = load_tokenizer(tokenizer or default_model_path())
+    agent = isinstance(wl, AgentWorkload)
+    try:
+        with bar("programs" if agent else "requests") as progress:
+            records, queue, duration = asyncio.run(run_workload(
+                url, wl, tok, model=model or info["id"], concurrency=concurrency, max_duration_s=max_duration,
+                api_key=api_key, progress=progress))
+    except httpx.HTTPError as exc:
+        typer.echo(f"Error: cannot reach {url}: {exc}", err=True)
+        raise typer.Exit(2) from None
     result = report.summarize(records, wl.description, slo_ttft_ms, slo_tpot_ms, duration_s=duration,
                               extra={"url": url})
-    if isinstance(wl, AgentWorkload):
+    if agent:
         result["programs"] = program_summary(wl, records)
-    report.write(out, result, records, queue)
-    typer.echo(json.dumps({k: v for k, v in result.items() if k != "workload"}, indent=2))
-    typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png", err=True)
+    _finish_run(out, result, records, queue, "lower --rate or --concurrency, raise --time-scale, "
+                "or give the server more instances")
 
 
 @bench_app.command("agent-trace")
@@ -388,6 +407,19 @@ def bench_agent_trace(
     turns = [len(p.turns) for p in programs]
     typer.echo(json.dumps({"programs": len(programs), "turns": sum(turns), "turns_per_program_max": max(turns),
                            "span_s": programs[-1].arrival_s, "out": str(out)}))
+
+
+def _finish_run(out: Path, result: dict, records: list, queue: list | None, advice: str) -> None:
+    """End a ``bench serve`` or ``sim`` run: judge it (:func:`report.verdict`, ``advice`` when it was
+    overloaded), write its folder, print the JSON on stdout and the verdict (unless ok) on stderr."""
+    from shoal.bench import report
+
+    result["verdict"] = report.verdict(result, advice)
+    report.write(out, result, records, queue)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "workload"}, indent=2))
+    if result["verdict"]["status"] != "ok":
+        typer.echo(result["verdict"]["message"], err=True)
+    typer.echo(f"wrote {out}/result.json, requests.jsonl, {', '.join(report.PLOTS)}, report.html", err=True)
 
 
 def _build_workload(workload: str, rate: float, burstiness: float, concurrency: Optional[int], time_scale: float,
@@ -434,10 +466,13 @@ def profile(
     """Time the engine's steps over a grid of batch shapes and fit the simulator's cost model."""
     from shoal.engine.config import EngineConfig
     from shoal.engine.engine import Engine
+    from shoal.progress import bar
     from shoal.sim.profile import fit_profile
 
-    engine = Engine(EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=64))
-    cost = fit_profile(engine, repeats)
+    with user_errors(), bar("loading the model"):
+        engine = Engine(EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=64))
+    with bar("profiling: batch shapes") as progress:
+        cost = fit_profile(engine, repeats, progress)
     cost.save(out)
     typer.echo(json.dumps({"device": cost.device, "model": cost.model, "dtype": cost.dtype, "fit": cost.fit}, indent=2))
     typer.echo(f"wrote {out}", err=True)
@@ -484,10 +519,10 @@ def sim(
     program_config_json: Optional[str] = ProgramConfigOpt,
 ) -> None:
     """Simulate a cluster on the real scheduler code with a cost model; same JSON as bench serve."""
-    from shoal.bench import report
     from shoal.control.policies import check_roles
     from shoal.engine.metadata import SLO
     from shoal.engine.cost_model import LinearCostModel, default_profile_path
+    from shoal.progress import bar
     from shoal.sim.experiment import SimSetup, parse_speeds
 
     cm = LinearCostModel.load(cost_model or default_profile_path())
@@ -503,11 +538,14 @@ def sim(
 
         wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
                              output_len, max_context, seed, prefix_groups, prefix_len)
-        engine = Engine(EngineConfig(num_blocks=num_blocks, num_tier_blocks=kv_tier_blocks, max_num_seqs=max_num_seqs,
-                                     scheduling_policy=scheduling_policy,
-                                     max_num_batched_tokens=max_num_batched_tokens, programs=programs))
-        fidelity = (compare_agent(wl, engine, cm) if isinstance(wl, AgentWorkload)
-                    else compare(wl, engine, cm, (slo_ttft_ms, slo_tpot_ms)))
+        with bar("loading the model"):
+            engine = Engine(EngineConfig(num_blocks=num_blocks, num_tier_blocks=kv_tier_blocks,
+                                         max_num_seqs=max_num_seqs, scheduling_policy=scheduling_policy,
+                                         max_num_batched_tokens=max_num_batched_tokens, programs=programs))
+        agent = isinstance(wl, AgentWorkload)
+        with bar(f"real run: {'programs' if agent else 'requests'}") as progress:
+            fidelity = (compare_agent(wl, engine, cm, progress) if agent
+                        else compare(wl, engine, cm, (slo_ttft_ms, slo_tpot_ms), progress))
         out.mkdir(parents=True, exist_ok=True)
         (out / "fidelity.json").write_text(json.dumps(fidelity, indent=2))
         typer.echo(json.dumps(fidelity, indent=2))
@@ -537,14 +575,16 @@ def sim(
         runs: dict[float, list] = {}
 
         def attainment(ts: float) -> dict:
-            result, records = setup.run(build(ts))
+            progress.describe(f"capacity probe {len(runs) + 1}, time scale {ts:.3f}: requests")
+            result, records = setup.run(build(ts), progress)
             runs[ts] = records
             typer.echo(f"time scale {ts:.3f}: rate {result['workload']['rate']:.2f} req/s, "
                        f"attainment {result['slo_attainment']:.3f}", err=True)
             return result
 
         try:
-            found = find_capacity(attainment, capacity)
+            with bar("capacity probe") as progress:
+                found = find_capacity(attainment, capacity)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
         if found is None:
@@ -552,12 +592,12 @@ def sim(
             raise typer.Exit(1)
         result = {**found.result, "capacity": {"target": capacity, "time_scale": found.time_scale,
                                                "rate_rps": found.rate_rps, "probes": found.probes}}
-        report.write(out, result, runs[found.time_scale])
+        records = runs[found.time_scale]
     else:
-        result, records = setup.run(build(time_scale))
-        report.write(out, result, records)
-    typer.echo(json.dumps({k: v for k, v in result.items() if k != "workload"}, indent=2))
-    typer.echo(f"wrote {out}/result.json, requests.jsonl, latency_cdf.png, timeline.png", err=True)
+        wl = build(time_scale)
+        with bar("simulating: requests") as progress:
+            result, records = setup.run(wl, progress)
+    _finish_run(out, result, records, None, "lower --rate, raise --time-scale, or add --instances")
 
 
 @app.command()
@@ -579,8 +619,7 @@ def plan(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Find the cheapest GPU mix meeting the SLO for a workload, and verify it in simulation."""
-    from dataclasses import asdict
-
+    from shoal.progress import bar
     from shoal.sim import catalog as cat
     from shoal.sim.planner import make_plan
 
@@ -593,15 +632,41 @@ def plan(
             raise typer.BadParameter(f"unknown GPU types {sorted(unknown)}; the catalog has {sorted(gpus)}")
         gpus = {g: gpus[g] for g in gpu}
     try:
-        result = make_plan(wl, cat.model_shape(model, catalog), gpus, slo_ttft_ms, slo_tpot_ms, attainment, seed=seed)
+        with bar("planning: capacity searches, then the check") as progress:
+            result = make_plan(wl, cat.model_shape(model, catalog), gpus, slo_ttft_ms, slo_tpot_ms, attainment,
+                               seed=seed, progress=progress)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    out = asdict(result)
+    out = _plan_json(result)
+    if not result.meets_target:
+        met = result.verification["slo_attainment"]
+        better = result.suggestion
+        out["warning"] = (f"the simulated check of this mix met both SLOs for {met:.0%} of requests, below the "
+                          f"{attainment:.0%} asked; " + (
+                              f"{_mix(better.counts)} (${better.cost_per_hour:.2f}/h) meets it: see 'suggestion'"
+                              if better else "no mix tried met it: lower the load, relax the SLO or --attainment"))
+        typer.echo(f"Warning: {out['warning']}", err=True)
+    typer.echo(json.dumps(out, indent=2))
+
+
+def _mix(counts: dict[str, int]) -> str:
+    """``{"L4": 2, "H100": 1}`` -> ``"2 x L4 + 1 x H100"``."""
+    return " + ".join(f"{n} x {g}" for g, n in counts.items())
+
+
+def _plan_json(plan) -> dict:
+    """A :class:`Plan` as ``shoal plan`` prints it: the verification cut to its headline figures,
+    and the suggestion (if any) as a plan of its own."""
+    from dataclasses import asdict
+
+    out = asdict(plan)
     ver = out.pop("verification") or {}
     out["verified"] = {k: ver.get(k) for k in ("goodput_rps", "slo_attainment", "request_throughput", "completed", "num_requests")}
     out["verified"]["ttft_p90_ms"] = ver.get("ttft_ms", {}).get("p90")
     out["verified"]["tpot_p90_ms"] = ver.get("tpot_ms", {}).get("p90")
-    typer.echo(json.dumps(out, indent=2))
+    if plan.suggestion is not None:
+        out["suggestion"] = _plan_json(plan.suggestion)
+    return out
 
 
 def _version(value: bool) -> None:

@@ -210,6 +210,9 @@ def test_live_migration_keeps_tokens_and_rolls_back(ray_runtime, cluster_config)
                     assert (await c.members[other].handle.check.remote())["used"] == 0
             assert got == ref
             assert c.stats.migrations["rolled_back"] == 2
+            moves = [(e["kind"], e["reason"], e["outcome"]) for e in c.events]  # the dashboard's feed
+            assert moves == [("migration", "manual", "done")] + [("migration", "manual", "rolled_back")] * 2
+            assert [(i, state) for i, _, state, _ in c.instance_states()] == [(0, "running"), (1, "running")]
             await check_clean(c)
         finally:
             c.shutdown()
@@ -311,6 +314,8 @@ def test_instance_death_every_request_ends(ray_runtime, cluster_config):
             assert c.live() and c.dead is None
             gauge = lambda state: registry.get_sample_value("shoal:instances", {"state": state})  # noqa: E731
             await wait_for(lambda: gauge("dead") == 1 and gauge("alive") == 1)
+            assert ("instance_died", victim) in [(e["kind"], e.get("instance")) for e in c.events]
+            assert [state for i, _, state, _ in c.instance_states() if i == victim] == ["dead"]
         finally:
             c.shutdown()
 
@@ -328,6 +333,7 @@ def test_autoscaler_adds_and_drains_instances(ray_runtime, cluster_config):
         await up.start()
         try:
             await wait_for(lambda: len(up.live()) == 2, timeout=60)
+            assert [(e["kind"], e["direction"], e["instance"]) for e in up.events] == [("scale", "up", 1)]
             assert len(await collect(await up.submit(PROMPT, SamplingParams(temperature=0.0, max_tokens=5), "u"))) == 5
         finally:
             up.shutdown()
@@ -344,6 +350,7 @@ def test_autoscaler_adds_and_drains_instances(ray_runtime, cluster_config):
             outs = await asyncio.gather(*(collect(s) for s in streams))
             assert all(o == ref for o in outs)
             await wait_for(lambda: len(down.members) == 1, timeout=60)
+            assert [e["direction"] for e in down.events if e["kind"] == "scale"] == ["down"]
         finally:
             down.shutdown()
 

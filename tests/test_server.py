@@ -69,13 +69,13 @@ def aux(srv):
 
 
 def metrics(srv: Srv) -> dict[str, float]:
-    """Every sample of /metrics as {"name{label=value,...}": value} (labels sorted, model_name dropped)."""
+    """Every sample of /metrics as {"name{label=value,...}": value} (labels sorted, model_name and engine dropped)."""
     r = srv.http.get("/metrics")
     assert r.status_code == 200
     out = {}
     for fam in text_string_to_metric_families(r.text):
         for s in fam.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("model_name", "engine"))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
 

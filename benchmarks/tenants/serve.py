@@ -32,7 +32,7 @@ def run(policy: str, workload: Workload, log_dir: Path) -> dict:
     try:
         srv.wait_ready()
         records, _, duration = asyncio.run(run_workload(srv.url, workload, load_tokenizer(default_model_path()),
-                                                        max_duration_s=900, show_progress=False))
+                                                        max_duration_s=900))
     finally:
         srv.stop()
     return report.summarize(records, workload.description, 2000, 200, duration_s=duration)

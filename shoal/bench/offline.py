@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 
 import torch
-from rich.progress import Progress
 
 from shoal.bench.prompts import PromptMaker
 from shoal.bench.report import stats
 from shoal.engine.config import resolve_dtype
 from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
+from shoal.progress import Progress
+
 
 def make_prompts(tokenizer, vocab_size: int, n: int, input_len: int) -> list[list[int]]:
     """``n`` distinct prompts of exactly ``input_len`` tokens, from real text when a tokenizer exists."""
@@ -35,9 +36,9 @@ def check_offline_args(num_requests: int, concurrency: int, input_len: int, outp
 
 
 def run_offline_bench(engine: Engine, *, num_requests: int, concurrency: int, input_len: int,
-                      output_len: int) -> dict:
+                      output_len: int, progress: Progress | None = None) -> dict:
     """Run the benchmark on ``engine`` (its ``max_num_seqs`` at least ``concurrency``); returns a
-    JSON-able dict of throughput and latency figures (ms)."""
+    JSON-able dict of throughput and latency figures (ms). ``progress`` hears of each finished request."""
     check_offline_args(num_requests, concurrency, input_len, output_len)
     prompts = make_prompts(engine.tokenizer, engine.model_config.vocab_size, num_requests, input_len)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
@@ -50,25 +51,26 @@ def run_offline_bench(engine: Engine, *, num_requests: int, concurrency: int, in
     queue = list(prompts)
     in_flight = 0
     start = time.perf_counter()
-    with Progress(transient=True) as progress:
-        task = progress.add_task("requests", total=num_requests)
-        while queue or in_flight:
-            while queue and in_flight < concurrency:
-                engine.add(queue.pop(0), params)
-                in_flight += 1
-            for out in engine.step():
-                if not out.finished:
-                    continue
-                in_flight -= 1
-                progress.advance(task)
-                n = out.num_output_tokens
-                out_tokens += n
-                first = out.first_token_time - out.arrival_time
-                total = out.finished_time - out.arrival_time
-                ttft.append(first * 1e3)
-                e2e.append(total * 1e3)
-                if n > 1:
-                    tpot.append((total - first) / (n - 1) * 1e3)
+    done = 0
+    while queue or in_flight:
+        while queue and in_flight < concurrency:
+            engine.add(queue.pop(0), params)
+            in_flight += 1
+        for out in engine.step():
+            if not out.finished:
+                continue
+            in_flight -= 1
+            done += 1
+            if progress is not None:
+                progress(done, num_requests)
+            n = out.num_output_tokens
+            out_tokens += n
+            first = out.first_token_time - out.arrival_time
+            total = out.finished_time - out.arrival_time
+            ttft.append(first * 1e3)
+            e2e.append(total * 1e3)
+            if n > 1:
+                tpot.append((total - first) / (n - 1) * 1e3)
     duration = time.perf_counter() - start
     return {
         "engine": "shoal",
@@ -89,9 +91,11 @@ def run_offline_bench(engine: Engine, *, num_requests: int, concurrency: int, in
 
 
 def run_transformers_baseline(
-    *, model: str | None, num_requests: int, concurrency: int, input_len: int, output_len: int, dtype: str = "auto"
+    *, model: str | None, num_requests: int, concurrency: int, input_len: int, output_len: int, dtype: str = "auto",
+    progress: Progress | None = None,
 ) -> dict:
-    """transformers ``generate`` on the same weights: batches of ``concurrency``, EOS blocked, greedy."""
+    """transformers ``generate`` on the same weights: batches of ``concurrency``, EOS blocked, greedy.
+    ``progress`` hears of each finished batch."""
     import transformers
 
     from shoal.model.loader import default_model_path, load_checkpoint, load_tokenizer
@@ -119,13 +123,15 @@ def run_transformers_baseline(
     with torch.inference_mode():
         hf.generate(torch.tensor(prompts[:1]), max_new_tokens=2, do_sample=False)  # warm-up
         start = time.perf_counter()
-        for batch in batches:
+        for k, batch in enumerate(batches):
             ids = torch.tensor(batch)
             gen = hf.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len, min_new_tokens=output_len,
                 do_sample=False, pad_token_id=0,
             )
             out_tokens += (gen.shape[1] - ids.shape[1]) * ids.shape[0]
+            if progress is not None:
+                progress(k + 1, len(batches))
     duration = time.perf_counter() - start
     return {
         "engine": "transformers",

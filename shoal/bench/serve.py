@@ -13,14 +13,41 @@ import re
 import time
 
 import httpx
-from rich.progress import Progress
 
 from shoal.bench.agent import AgentProgram, AgentWorkload, TurnRecord
 from shoal.bench.prompts import PromptMaker
 from shoal.bench.report import RequestRecord
 from shoal.bench.workloads import Workload
+from shoal.progress import Progress
 
 _WAITING = re.compile(r"^(?:shoal|vllm):num_requests_waiting(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
+
+
+class Unreachable(Exception):
+    """The server at the URL cannot be benchmarked; ``str()`` says why, in a few words."""
+
+
+def check_server(url: str, api_key: str | None = None, timeout_s: float = 10.0) -> dict:
+    """The first model ``url`` lists at ``/v1/models`` (its ``id``, and its ``max_model_len`` if the
+    server says); :class:`Unreachable` when nothing answers there (refused, unknown host, timeout)
+    or the answer is not an OpenAI model list."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=timeout_s)
+    except httpx.TimeoutException:
+        raise Unreachable(f"no answer within {timeout_s:g} s") from None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise Unreachable(re.sub(r"^\[Errno -?\d+\] ", "", str(exc)) or type(exc).__name__) from None
+    if r.status_code in (401, 403):
+        raise Unreachable(f"HTTP {r.status_code} from /v1/models: give the server's key with --api-key")
+    if r.status_code != 200:
+        raise Unreachable(f"HTTP {r.status_code} from /v1/models: not an OpenAI-compatible server?")
+    try:
+        first = r.json()["data"][0]
+        first["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise Unreachable("/v1/models answered no OpenAI model list: not an OpenAI-compatible server?") from None
+    return first
 
 
 async def discover_model(client: httpx.AsyncClient, url: str) -> str:
@@ -101,13 +128,13 @@ async def run_workload(
     concurrency: int | None = None,
     max_duration_s: float | None = None,
     api_key: str | None = None,
-    show_progress: bool = True,
+    progress: Progress | None = None,
 ) -> tuple[list[RequestRecord], list[tuple[float, float]], float]:
     """Replay ``workload`` against ``url``. Open loop (requests at their arrival times) unless
     ``concurrency`` is set (closed loop: that many in flight); an agent workload's programs start
     at their arrival times and send each turn ``tool_s`` after the previous one ended
-    (:func:`_program`). Returns the per-request records, the server's waiting-queue samples and
-    the run's duration."""
+    (:func:`_program`). ``progress`` hears of each request (program) done. Returns the per-request
+    records, the server's waiting-queue samples and the run's duration."""
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -124,8 +151,11 @@ async def run_workload(
         t0 = time.perf_counter()
         sampler = asyncio.create_task(_sample_queue(client, url, t0, queue_samples))
         slots = asyncio.Semaphore(concurrency) if concurrency else None
+        n = len(workload.programs) if agent else len(records)
+        done = 0
 
         async def launch(i: int) -> None:
+            nonlocal done
             if agent:
                 await _program(client, url, model, workload.programs[i], maker, tokenizer, records, t0)
             elif slots is None:
@@ -134,16 +164,15 @@ async def run_workload(
             else:
                 async with slots:
                     await _one(client, url, model, prompts[i], records[i], t0)
-            progress.advance(task)
+            done += 1
+            if progress is not None:
+                progress(done, n)
 
-        with Progress(transient=True, disable=not show_progress) as progress:
-            n = len(workload.programs) if agent else len(records)
-            task = progress.add_task("programs" if agent else "requests", total=n)
-            jobs = [asyncio.create_task(launch(i)) for i in range(n)]
-            done, pending = await asyncio.wait(jobs, timeout=max_duration_s)
-            for job in pending:
-                job.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        jobs = [asyncio.create_task(launch(i)) for i in range(n)]
+        _, pending = await asyncio.wait(jobs, timeout=max_duration_s)
+        for job in pending:
+            job.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         duration = time.perf_counter() - t0
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import ray
@@ -153,6 +154,8 @@ class ClusterEngine:
         self._next_member = 0
         self._tasks: list[asyncio.Task] = []
         self.info: dict = {}
+        self.events: deque[dict] = deque(maxlen=256)  # moves, scaling, deaths as they happen (the dashboard's feed)
+        self._starting: dict[int, str] = {}  # instances starting up: id -> role
         cpus = os.cpu_count() or 1
         if instance_threads is not None and (len(instance_threads) != num_instances or min(instance_threads) < 1):
             raise ValueError(f"instance threads must be {num_instances} positive counts")
@@ -178,10 +181,14 @@ class ClusterEngine:
         self._next_member += 1
         threads = threads or min(self._threads)
         actor = ray.remote(num_cpus=0, max_concurrency=16)(Instance)
-        handle = actor.remote(self.config, f"instance-{mid}", threads)
-        info = await handle.info.remote()
-        self.info = self.info or info
-        self.scheduler.add_instance(mid, role, await handle.load.remote(), self._profile(threads))
+        self._starting[mid] = role
+        try:
+            handle = actor.remote(self.config, f"instance-{mid}", threads)
+            info = await handle.info.remote()
+            self.info = self.info or info
+            self.scheduler.add_instance(mid, role, await handle.load.remote(), self._profile(threads))
+        finally:
+            del self._starting[mid]
         member = Member(mid, handle, role)
         self.members[mid] = member
         member.pump = asyncio.create_task(self._pump(member))
@@ -225,6 +232,19 @@ class ClusterEngine:
     def load(self) -> InstanceLoad:
         """The cluster's load: every live instance's snapshot summed."""
         return self.scheduler.total_load()
+
+    def instance_states(self) -> list[tuple[int, str, str, InstanceLoad | None]]:
+        """Each instance's id, role, state (starting, running, draining or dead) and load (None
+        when starting or dead), for the dashboard."""
+        rows = [(mid, role, "starting", None) for mid, role in self._starting.items()]
+        for m in self.members.values():
+            view = self.scheduler.instances.get(m.id)
+            state = "dead" if not m.alive or view is None else "draining" if view.draining else "running"
+            rows.append((m.id, m.role, state, view.load if state != "dead" else None))
+        return sorted(rows, key=lambda row: row[0])
+
+    def _event(self, kind: str, **fields) -> None:
+        self.events.append({"time": time.time(), "kind": kind, **fields})
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -322,6 +342,7 @@ class ClusterEngine:
         self.scheduler.remove_instance(member.id)
         self.dead = None if self.live() else "all instances died"
         log.error("instance %d died: %s", member.id, exc)
+        self._event("instance_died", instance=member.id)
         ray.kill(member.handle)  # a broken instance's actor may still be alive
         for tracked in [t for t in self.requests.values() if t.member == member.id]:
             error = f"instance {member.id} died mid-request"
@@ -329,6 +350,7 @@ class ClusterEngine:
                 tracked.redispatches += 1
                 if self.metrics:
                     self.metrics.redispatched.inc()
+                self._event("redispatch", **{"from": member.id})
                 try:
                     await self._dispatch(tracked)
                     continue
@@ -370,7 +392,7 @@ class ClusterEngine:
             tracked.migrating = False
         if dst_id is None:
             await src.handle.restore.remote(tracked.req_id)
-            self._count_move("pd", "rolled_back")
+            self._count_move("pd", "rolled_back", src.id, None)
             return
         await self._move(tracked, src, self.members[dst_id], pd_handoff(tracked.req_id, state), "pd")
 
@@ -423,12 +445,14 @@ class ClusterEngine:
             return outcome == "done"
         finally:
             tracked.migrating = False
-            self._count_move(reason, outcome)
+            self._count_move(reason, outcome, src.id, dst.id)
 
-    def _count_move(self, reason: str, outcome: str) -> None:
+    def _count_move(self, reason: str, outcome: str, src: int, dst: int | None) -> None:
         self.stats.migrations[outcome] = self.stats.migrations.get(outcome, 0) + 1
         if self.metrics:
             self.metrics.migrations.labels(reason=reason, outcome=outcome).inc()
+        self._event("pd_transfer" if reason == "pd" else "migration", reason=reason, outcome=outcome,
+                    **{"from": src, "to": dst})
 
     async def drain(self, member_id: int) -> None:
         """Stop sending work to an instance, migrate its requests away, then remove it. A prefill
@@ -449,6 +473,7 @@ class ClusterEngine:
         del self.members[member_id]
         if self.metrics:
             self.metrics.scale_events.labels(direction="down").inc()
+        self._event("scale", direction="down", instance=member_id)
 
     async def _control_loop(self) -> None:
         ticks = 0
@@ -483,9 +508,10 @@ class ClusterEngine:
         if ticks % 4 == 0:
             direction, victim = self.scheduler.scale()
             if direction > 0:
-                await self._add_member()
+                added = await self._add_member()
                 if self.metrics:
                     self.metrics.scale_events.labels(direction="up").inc()
+                self._event("scale", direction="up", instance=added.id)
             elif victim is not None:
                 self._tasks.append(asyncio.create_task(self.drain(victim)))
         self._tasks = [t for t in self._tasks if not t.done()]

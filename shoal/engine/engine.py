@@ -50,6 +50,7 @@ class Engine(EngineCore):
         packing = can_pack(self.device, self.dtype)
         if model is None:
             path = config.model or default_model_path()
+            log.info("loading %s (%s on %s)", path, self.dtype, self.device)
             # Packing needs full-precision weights (to find exactly-4-bit ones); cast afterwards.
             model_config, state = load_checkpoint(path, dtype=torch.float32 if packing else self.dtype)
             model = LlamaModel.from_state_dict(model_config, state)

@@ -23,8 +23,9 @@ from shoal.engine.guided import GrammarCompiler, StructuredOutputs
 from shoal.engine.metadata import DEFAULT_SLO, SLO, RequestMetadata
 from shoal.engine.outputs import SHED_ERROR, RequestOutput
 from shoal.server.async_engine import AsyncEngine
+from shoal.server.dashboard import RollingHistory, add_dashboard
 from shoal.server.lifecycle import Lifecycle
-from shoal.server.metrics import ServerMetrics
+from shoal.server.metrics import HttpMetrics, ServerMetrics
 from shoal.server.middleware import (
     AdmissionGate,
     BearerAuth,
@@ -90,13 +91,14 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
     ``lifecycle`` (kept as ``app.state.lifecycle``) drives the graceful shutdown. ``tool_parser``
     and ``tool_prompt`` override the model's tool-call format and prompt (see :class:`ToolCalling`).
     ``api_key`` is one key or a :class:`KeyRing` (keys naming tenants); with either, ``/metrics``
-    also needs a key unless ``open_metrics``. Every response carries ``X-Request-Id``; with
+    and ``/dashboard/state`` also need a key unless ``open_metrics``. Every response carries ``X-Request-Id``; with
     ``access_log`` each request is logged (:class:`RequestLog`)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if hasattr(engine, "start"):  # the cluster starts its instances inside the event loop
             await engine.start()
+        metrics.set_max_model_len(engine.max_model_len)  # a cluster knows it once started
         try:
             yield
         finally:
@@ -113,22 +115,17 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
 
     app.openapi = openapi  # type: ignore[method-assign]
     metrics = ServerMetrics(model_name)
+    history = RollingHistory()  # the dashboard's charts
     quotas = QuotaGate()  # per-tenant limits of the keys file
     tokenizer = engine.tokenizer
     prompts = PromptBuilder(tokenizer, lambda: engine.max_model_len)  # a cluster knows it once started
     tool_calling = ToolCalling(tokenizer, tool_parser, tool_prompt)
     grammars: list[GrammarCompiler] = []  # the in-process engine's own (shared cache), else one here
-    last_token: dict[str, float] = {}
 
-    def on_step(outputs: list[RequestOutput]) -> None:  # runs on the engine thread
+    def on_step(outputs: list[RequestOutput]) -> None:  # runs on the event loop
         now = time.monotonic()
-        for out in outputs:
-            metrics.observe_output(out, now, last_token.get(out.req_id))
-            if out.finished:
-                last_token.pop(out.req_id, None)
-            elif out.new_token_ids:
-                last_token[out.req_id] = now
-        metrics.observe_load(engine.load())
+        metrics.observe_step(outputs, engine.load(), now)
+        history.observe(outputs, now)
 
     engine.step_listeners.append(on_step)
     if hasattr(engine, "register_metrics"):  # the cluster adds its own series
@@ -154,14 +151,16 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
     async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
         return too_large_response(exc)
 
-    # outermost first: request ids and the access log, bugs, the body limit, the gate (its 503 needs no key), then the key
+    # outermost first: request ids, the access log and HTTP metrics, bugs, the body limit, the gate
+    # (its 503 needs no key), then the key
     if api_key:
         keys = api_key if isinstance(api_key, KeyRing) else KeyRing.single(api_key)
         app.add_middleware(BearerAuth, keys=keys, open_metrics=open_metrics)
     app.add_middleware(AdmissionGate, lifecycle=lifecycle)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(InternalErrors)
-    app.add_middleware(RequestLog, access_log=access_log)
+    http_metrics = HttpMetrics(metrics.registry, app.router.routes)
+    app.add_middleware(RequestLog, access_log=access_log, observe=http_metrics.observe)
 
     # ---- plain endpoints -------------------------------------------------------------------------
 
@@ -182,6 +181,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
         200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    add_dashboard(app, engine, history, lifecycle, model_name)
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "shoal",
@@ -330,14 +331,17 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
             cache_salt="\0".join(s for s in (tenant and tenant.cache_salt, req.cache_salt) if s) or None,
             slo=request_slo(req, getattr(engine, "slo", None)))
         streams = []
+        req_ids = [f"{base_id}-{index}" for index in range(len(prompts) * req.n)]
         try:
             for p_i, ids in enumerate(prompts):
+                metrics.expect(req_ids[p_i * req.n:(p_i + 1) * req.n], max_tokens[p_i])
                 for j in range(req.n):
                     index = p_i * req.n + j
                     params = build_params(req, max_tokens[p_i], logprobs, j, structured)
-                    stream = await start(ids, params, f"{base_id}-{index}", metadata)
+                    stream = await start(ids, params, req_ids[index], metadata)
                     streams.append(stream if claims is None else LimitedStream(stream, quotas, claims[index]))
         except BaseException:
+            metrics.forget(req_ids[len(streams):])
             for s in streams:
                 await s.aclose()
             for claim in claims or ():

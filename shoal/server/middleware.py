@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from typing import Callable
 
 from fastapi.responses import JSONResponse
 
@@ -33,14 +34,15 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 class BearerAuth:
     """Require exactly one ``Authorization: Bearer <key>`` header (scheme case-insensitive, keys
     compared in constant time) on ``/v1/*``, ``/tokenize``, ``/detokenize`` and, unless
-    ``open_metrics``, ``/metrics``; a 401 says ``WWW-Authenticate: Bearer``. The key's tenant
-    rides on the request as ``request.state.tenant``."""
+    ``open_metrics``, ``/metrics`` and ``/dashboard/state`` (the dashboard page itself is public);
+    a 401 says ``WWW-Authenticate: Bearer``. The key's tenant rides on the request as
+    ``request.state.tenant``."""
 
     PROTECTED = ("/v1", "/tokenize", "/detokenize")
 
     def __init__(self, app, keys: KeyRing, open_metrics: bool = False) -> None:
         self.app, self.keys = app, keys
-        self.protected = self.PROTECTED + (() if open_metrics else ("/metrics",))
+        self.protected = self.PROTECTED + (() if open_metrics else ("/metrics", "/dashboard/state"))
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(self.protected):
@@ -152,10 +154,12 @@ class RequestLog:
     visible ASCII characters; otherwise a 400), else a fresh one. The id is echoed in the response's
     ``X-Request-Id`` and kept as ``request.state.request_id``. With ``access_log``, one line per
     request on the ``shoal.access`` logger when its last byte is sent: method, path (no query
-    string), status, milliseconds, request id; never a body, a prompt or a key."""
+    string), status, milliseconds, request id; never a body, a prompt or a key. ``observe(scope,
+    status, seconds)`` is told of every request as it ends (the HTTP metrics; status 0: none sent)."""
 
-    def __init__(self, app, access_log: bool = True) -> None:
-        self.app, self.access_log = app, access_log
+    def __init__(self, app, access_log: bool = True,
+                 observe: Callable[[dict, int, float], None] | None = None) -> None:
+        self.app, self.access_log, self.observe = app, access_log, observe
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -182,8 +186,11 @@ class RequestLog:
             scope.setdefault("state", {})["request_id"] = request_id
             await self.app(scope, receive, with_id)
         finally:
+            seconds = time.perf_counter() - start
+            if self.observe is not None:
+                self.observe(scope, status, seconds)
             if self.access_log:
-                ms = (time.perf_counter() - start) * 1e3
+                ms = seconds * 1e3
                 access_log.info("%s %s %d %.1f ms id=%s", scope["method"], scope["path"], status, ms, request_id,
                                 extra={"method": scope["method"], "path": scope["path"], "status": status,
                                        "duration_ms": round(ms, 1), "request_id": request_id})

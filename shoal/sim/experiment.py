@@ -19,6 +19,7 @@ from shoal.engine.metadata import SLO
 from shoal.engine.cost_model import CostModel, ScaledCostModel
 from shoal.engine.programs import ProgramConfig
 from shoal.engine.scheduler import SCHEDULING_POLICIES
+from shoal.progress import Progress
 from shoal.sim.simulator import InstanceSpec, simulate
 from shoal.sim.transfer import Link, summarize_transfers
 
@@ -82,12 +83,15 @@ class SimSetup:
                             programs=self.programs, num_tier_blocks=self.num_tier_blocks)
         return [base if v == 1.0 else replace(base, cost_model=ScaledCostModel(self.cost_model, v)) for v in self.speeds]
 
-    def run(self, workload: Workload | AgentWorkload) -> tuple[dict, list[RequestRecord]]:
+    def run(self, workload: Workload | AgentWorkload,
+            progress: Progress | None = None) -> tuple[dict, list[RequestRecord]]:
+        """Simulate ``workload`` (``progress`` hears of each request ended); the result JSON and the records."""
         specs = self.specs()
         link = Link(self.link_gbps, self.link_latency_ms / 1e3)
         t = time.perf_counter()
         records, duration, sims = simulate(workload, specs, self.dispatch, self.seed, roles=self.roles, link=link,
-                                           migration=make_migration_policy(self.migration), slo=self.slo)
+                                           migration=make_migration_policy(self.migration), slo=self.slo,
+                                           progress=progress)
         wall = time.perf_counter() - t
         model = getattr(self.cost_model, "model", "unknown")
         result = report.summarize(records, workload.description, self.slo.ttft_s * 1e3, self.slo.tpot_s * 1e3,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from rich.progress import Progress
 
 from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.cost_model import LinearCostModel, plan_features
+from shoal.progress import Progress
 
 DECODES = (0, 1, 2, 4, 8, 16, 32)
 CONTEXTS = (64, 256, 768)
@@ -24,47 +24,47 @@ def _timed_step(engine: Engine) -> tuple[list[float], float]:
 
 
 def profile_engine(engine: Engine, repeats: int = 3, decodes=DECODES, contexts=CONTEXTS,
-                   prefills=PREFILLS) -> tuple[np.ndarray, np.ndarray]:
+                   prefills=PREFILLS, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Measure steps with ``d`` running decodes at context ``c`` plus a prefill chunk of ``p``
-    tokens, for every grid point. Returns (features, seconds)."""
+    tokens, for every grid point (``progress`` hears of each). Returns (features, seconds)."""
     vocab = engine.vocab_size
     rng = np.random.default_rng(0)
     feats, secs = [], []
     long = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     grid = [(d, c) for d in decodes for c in contexts if d or c == contexts[0]]
-    with Progress(transient=True) as progress:
-        task = progress.add_task("profiling", total=len(grid))
-        for d, c in grid:
-            ids = [engine.add(rng.integers(1, vocab, c).tolist(), long) for _ in range(d)]
-            while any(engine.requests[i].is_prefilling or engine.requests[i].num_computed_tokens == 0 for i in ids):
-                engine.step()
-            for p in prefills:
-                for _ in range(repeats):
-                    if p == 0:
-                        if d == 0:
-                            continue
-                        f, s = _timed_step(engine)
-                    else:
-                        rid = engine.add(rng.integers(1, vocab, p + 1).tolist(), one)
-                        f, s = _timed_step(engine)
-                        while rid in engine.requests:
-                            engine.step()
-                    feats.append(f)
-                    secs.append(s)
-            for i in ids:
-                engine.abort(i)
+    for k, (d, c) in enumerate(grid):
+        ids = [engine.add(rng.integers(1, vocab, c).tolist(), long) for _ in range(d)]
+        while any(engine.requests[i].is_prefilling or engine.requests[i].num_computed_tokens == 0 for i in ids):
             engine.step()
-            progress.advance(task)
+        for p in prefills:
+            for _ in range(repeats):
+                if p == 0:
+                    if d == 0:
+                        continue
+                    f, s = _timed_step(engine)
+                else:
+                    rid = engine.add(rng.integers(1, vocab, p + 1).tolist(), one)
+                    f, s = _timed_step(engine)
+                    while rid in engine.requests:
+                        engine.step()
+                feats.append(f)
+                secs.append(s)
+        for i in ids:
+            engine.abort(i)
+        engine.step()
+        if progress is not None:
+            progress(k + 1, len(grid))
     return np.asarray(feats), np.asarray(secs)
 
 
-def fit_profile(engine: Engine, repeats: int = 3) -> LinearCostModel:
+def fit_profile(engine: Engine, repeats: int = 3, progress: Progress | None = None) -> LinearCostModel:
+    """Profile ``engine`` over the grid (``progress`` hears of each point) and fit the cost model."""
     # Warm up once so one-time costs do not land in the samples.
     engine.add(list(range(1, 65)), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
-    feats, secs = profile_engine(engine, repeats)
+    feats, secs = profile_engine(engine, repeats, progress=progress)
     cost = LinearCostModel.fit_samples(
         feats, secs, device=_device_name(engine), model=engine.model_config.name, dtype=str(engine.dtype).removeprefix("torch.")
     )

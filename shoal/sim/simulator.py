@@ -66,6 +66,7 @@ from shoal.engine.scheduler import SchedulerConfig, StepPlan
 from shoal.engine.step_budget import StepTimeBudget
 from shoal.engine.cost_model import CostModel
 from shoal.engine.programs import ProgramConfig
+from shoal.progress import Progress
 from shoal.sim.fast_forward import advance, steady_decode_steps, step_times
 from shoal.sim.transfer import Link, Transfer, kv_bytes
 
@@ -210,7 +211,8 @@ class _Cluster:
 
     def __init__(self, workload: Workload | AgentWorkload, specs: list[InstanceSpec], dispatch: DispatchPolicy | str,
                  seed: int, fast_forward: bool, migration: MigrationPolicy | None, roles: list[str] | None, link: Link,
-                 control_interval_s: float, max_migration_stages: int, slo: SLO | None) -> None:
+                 control_interval_s: float, max_migration_stages: int, slo: SLO | None,
+                 progress: Progress | None = None) -> None:
         self.sims = [SimInstance(s, r) for s, r in zip(specs, check_roles(roles, len(specs)))]
         self.arrivals = [] if isinstance(workload, AgentWorkload) else workload.requests
         self.records: list[RequestRecord] = [
@@ -241,6 +243,10 @@ class _Cluster:
         self.ticks = 0  # index of the last tick scheduled
         self.tick_pending = False
         self.turns: dict[str, tuple[AgentProgram, int, list[int]]] = {}  # turn in flight -> program, index, prompt
+        self.progress = progress
+        self.ended = 0  # requests (turns) finished or refused
+        self.total = (sum(len(p.turns) for p in workload.programs) if isinstance(workload, AgentWorkload)
+                      else len(self.arrivals))
         if isinstance(workload, AgentWorkload):
             for prog in workload.programs:
                 self._at(prog.arrival_s, self._turn, (prog, 0, []))
@@ -255,6 +261,8 @@ class _Cluster:
             if self.free:
                 nxt.append((self.free[0][0], 2))
             if not nxt:
+                if self.progress is not None:
+                    self.progress(self.total, self.total)  # a failed turn ends its program's later turns
                 return
             t, kind = min(nxt)
             if kind == 0:
@@ -319,11 +327,17 @@ class _Cluster:
         except ValueError as exc:
             self.scheduler.undo_dispatch(target, request)
             rec.error = str(exc)
+            self._ended()
             return
         if self.sims[target].role == "prefill":
             self.sims[target].hold.add(rid)
         self._wake(target, now)
         self._maybe_tick(now)
+
+    def _ended(self) -> None:
+        self.ended += 1
+        if self.progress is not None:
+            self.progress(self.ended, self.total)
 
     def _observe(self, roles: tuple[str, ...]) -> None:
         """Hand the scheduler these instances' snapshots, as the cluster's pumps do after a step
@@ -386,6 +400,7 @@ class _Cluster:
                     if not out.finished and out.req_id not in self.moving:  # a migration moves it anyway
                         self._handoff(i, out.req_id, end)
             if out.finished:
+                self._ended()
                 rec.end_s = end
                 rec.output_tokens = out.num_output_tokens
                 if out.error:
@@ -494,6 +509,7 @@ def simulate(
     control_interval_s: float = 0.25,
     max_migration_stages: int = 4,
     slo: SLO | None = None,
+    progress: Progress | None = None,
 ) -> tuple[list[RequestRecord], float, list[SimInstance]]:
     """Run the workload to completion. Returns per-request records, the simulated duration and
     the instances (for their statistics: ``transfers``, ``tokens``, ``executor.busy_s``).
@@ -501,9 +517,9 @@ def simulate(
     ``migration``, ``roles``, ``control_interval_s`` and ``max_migration_stages`` are as in
     ``ClusterEngine``; ``link`` times the KV copies (default :class:`Link`). A ``dispatch`` given
     by name is built over the instances' profiles and ``slo``, which every request carries in its
-    metadata (engines with deadline admission order by it)."""
+    metadata (engines with deadline admission order by it). ``progress`` hears of each request ended."""
     run = _Cluster(workload, instances, dispatch, seed, fast_forward, migration, roles, link or Link(),
-                   control_interval_s, max_migration_stages, slo)
+                   control_interval_s, max_migration_stages, slo, progress)
     run.run()
     duration = max((r.end_s for r in run.records if r.end_s is not None), default=0.0)
     return run.records, duration, run.sims

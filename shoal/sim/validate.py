@@ -22,11 +22,14 @@ from shoal.engine.core import EngineCore
 from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.cost_model import CostModel
+from shoal.progress import Progress
 from shoal.sim.simulator import InstanceSpec, simulate
 
 
-def real_run(engine: Engine, workload: Workload) -> tuple[list[RequestRecord], float]:
-    """Replay ``workload`` on the engine in real time; returns the records and the duration."""
+def real_run(engine: Engine, workload: Workload,
+             progress: Progress | None = None) -> tuple[list[RequestRecord], float]:
+    """Replay ``workload`` on the engine in real time (``progress`` hears of each request ended);
+    returns the records and the duration."""
     maker = PromptMaker(engine.tokenizer) if engine.tokenizer is not None else None
     rng = np.random.default_rng(0)
     groups: dict[int, list[int]] = {}
@@ -35,7 +38,7 @@ def real_run(engine: Engine, workload: Workload) -> tuple[list[RequestRecord], f
     records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len) for r in workload.requests]
     by_id: dict[str, RequestRecord] = {}
     t0 = time.perf_counter()
-    nxt = 0
+    nxt = ended = 0
     while nxt < len(records) or engine.has_unfinished():
         now = time.perf_counter() - t0
         while nxt < len(records) and records[nxt].arrival_s <= now:
@@ -56,6 +59,9 @@ def real_run(engine: Engine, workload: Workload) -> tuple[list[RequestRecord], f
                 rec.token_times_s.append(end)
             if out.finished:
                 rec.end_s, rec.output_tokens, rec.error = end, out.num_output_tokens, out.error
+                ended += 1
+                if progress is not None:
+                    progress(ended, len(records))
     return records, time.perf_counter() - t0
 
 
@@ -77,9 +83,11 @@ def spec_of(engine: Engine, cost_model: CostModel) -> InstanceSpec:
     )
 
 
-def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000.0, 100.0)) -> dict:
-    """Real vs simulated p50 / p90 of TTFT, TPOT and E2E, with relative errors."""
-    real, real_dur = real_run(engine, workload)
+def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000.0, 100.0),
+            progress: Progress | None = None) -> dict:
+    """Real vs simulated p50 / p90 of TTFT, TPOT and E2E, with relative errors (``progress``
+    follows the real run, the long part)."""
+    real, real_dur = real_run(engine, workload, progress)
     sim, sim_dur = simulate(workload, [spec_of(engine, cost_model)], LeastLoad())[:2]
     r = summarize(real, workload.description, *slo, real_dur)
     s = summarize(sim, workload.description, *slo, sim_dur)
@@ -93,11 +101,12 @@ def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000
 
 
 def real_agent_run(engine: EngineCore, workload: AgentWorkload, clock: Callable[[], float] | None = None,
-                   seed: int = 0) -> tuple[list[TurnRecord], float]:
+                   seed: int = 0, progress: Progress | None = None) -> tuple[list[TurnRecord], float]:
     """Replay an agent workload on the engine: each program's turns in order, the next one sent
     ``tool_s`` after the previous one ended, its prompt the real previous prompt and reply plus
     new (random) tokens. Times come from ``clock`` (default: the wall clock; it must be the
-    engine's own clock); while nothing is due, the run sleeps on the wall clock."""
+    engine's own clock); while nothing is due, the run sleeps on the wall clock. ``progress`` hears
+    of each program ended."""
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     now = clock or (lambda: time.perf_counter() - t0)
@@ -106,6 +115,7 @@ def real_agent_run(engine: EngineCore, workload: AgentWorkload, clock: Callable[
     for i, prog in enumerate(workload.programs):
         heapq.heappush(due, (start + prog.arrival_s, i, prog, 0, []))
     order = len(workload.programs)
+    programs_ended = 0
     records: list[TurnRecord] = []
     live: dict[str, tuple[TurnRecord, AgentProgram, int, list[int], list[int]]] = {}
     while due or engine.has_unfinished():
@@ -140,13 +150,19 @@ def real_agent_run(engine: EngineCore, workload: AgentWorkload, clock: Callable[
                 if out.error is None and k + 1 < len(prog.turns):
                     order += 1
                     heapq.heappush(due, (start + end + prog.turns[k].tool_s, order, prog, k + 1, prompt + reply))
+                else:
+                    programs_ended += 1
+                    if progress is not None:
+                        progress(programs_ended, len(workload.programs))
     return records, now() - start
 
 
-def compare_agent(workload: AgentWorkload, engine: Engine, cost_model: CostModel) -> dict:
+def compare_agent(workload: AgentWorkload, engine: Engine, cost_model: CostModel,
+                  progress: Progress | None = None) -> dict:
     """Real vs simulated job completion time (mean, p50, p90) and recomputed prefill of an agent
-    workload on one instance shaped like ``engine``, with relative errors."""
-    real, _ = real_agent_run(engine, workload)
+    workload on one instance shaped like ``engine``, with relative errors (``progress`` follows
+    the real run's programs)."""
+    real, _ = real_agent_run(engine, workload, progress=progress)
     sim = simulate(workload, [spec_of(engine, cost_model)], LeastLoad())[0]
     r, s = program_summary(workload, real), program_summary(workload, sim)  # type: ignore[arg-type]
     rows = {}
