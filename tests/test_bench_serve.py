@@ -6,9 +6,11 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import socket
 from pathlib import Path
 from unittest import mock
 
+import httpx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -251,6 +253,33 @@ def test_report_write(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# ---- a URL that is not a server ------------------------------------------------------------------
+
+
+def refused_url() -> str:
+    """A port bound but not listening: connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("answer, reason", [
+    (None, "Connection refused"),
+    (httpx.Response(200, text="<html>a web page</html>"), "not an OpenAI-compatible server"),
+    (httpx.Response(404, text="not found"), "HTTP 404 from /v1/models"),
+    (httpx.Response(401, json={"error": "no key"}), "give the server's key with --api-key"),
+])
+def test_bench_serve_against_no_server_is_one_line_naming_the_url(tmp_path, monkeypatch, answer, reason):
+    url = refused_url()
+    if answer is not None:
+        monkeypatch.setattr(httpx, "get", lambda *args, **kwargs: answer)
+    result = CliRunner().invoke(cli_app, ["bench", "serve", "--url", url, "-n", "2", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"Error: cannot reach {url}: ") and reason in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
 # ---- end to end against a real server ------------------------------------------------------------
 
 
@@ -354,8 +383,10 @@ def test_bench_serve_closed_loop(server, tmp_path):
     starts = sorted(r["start_s"] for r in records)
     ends = sorted(r["end_s"] for r in records)
     assert starts[2] >= ends[0] - 1e-6 and starts[3] >= ends[1] - 1e-6
-    # an impossible TTFT SLO: nothing is good
+    # an impossible TTFT SLO: nothing is good, and the verdict says so
     assert res["goodput_rps"] == 0 and res["slo_attainment"] == 0
+    assert res["verdict"]["status"] == "overloaded" and "for an SLO of 0.001 ms" in res["verdict"]["message"]
+    assert (tmp_path / "report.html").is_file()
 
 
 def test_bench_serve_counts_mid_stream_failures(server, tmp_path, monkeypatch):

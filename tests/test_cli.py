@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -91,3 +94,73 @@ def test_option_choices_are_the_modules_own():
     assert set(get_args(c.ToolCallParser)) == set(FORMATS) and get_args(c.ToolPrompt) == PROMPTS
     assert set(get_args(c.AgentPreset)) == set(PRESETS)
     assert set(get_args(c.Dtype)) - {"auto"} <= set(_DTYPES)
+
+
+# ---- what long commands print where --------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_shows_on_a_terminal_only_and_on_stderr(monkeypatch, capsys):
+    from shoal.progress import bar
+
+    with bar("quiet work", 3) as progress:
+        progress(1, 3)
+        progress(3, 3)
+    assert capsys.readouterr() == ("", "")  # a pipe or a CI log gets nothing
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with bar("loud work", 2) as progress:
+        progress(2, 2)
+        print("the result")
+    assert "loud work" in terminal.getvalue() and "the result" not in terminal.getvalue()
+    assert capsys.readouterr().out == "the result\n"
+
+
+def test_sim_prints_only_json_and_a_one_line_verdict_when_overloaded(tmp_path):
+    result = cli("sim", "-n", "60", "--rate", "50", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)  # the whole of stdout
+    assert printed["verdict"]["status"] == "overloaded"
+    lines = result.stderr.splitlines()
+    assert lines[0] == printed["verdict"]["message"] and lines[0].startswith("Overloaded: ")
+    assert "add --instances" in lines[0] and lines[1].startswith("wrote ") and "report.html" in lines[1]
+    assert (tmp_path / "report.html").is_file()
+    calm = cli("sim", "-n", "5", "--rate", "1", "--out", str(tmp_path))
+    assert json.loads(calm.stdout)["verdict"]["status"] == "ok" and calm.stderr.startswith("wrote ")
+
+
+def test_plan_prints_only_json():
+    """A real ``shoal plan`` in its own process (the solver's C code writes to the real stdout)."""
+    r = subprocess.run([sys.executable, "-m", "shoal", "plan", "-n", "40", "--gpu", "L4"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["counts"] and plan["meets_target"] is True and "warning" not in plan
+
+
+def test_plan_warns_when_its_check_misses_and_names_a_mix_that_meets_it(monkeypatch):
+    from shoal.sim import planner
+
+    def plan(counts: dict[str, int], cost: float, attainment: float, headroom: float = 1.0) -> planner.Plan:
+        check = {"goodput_rps": 1.0, "slo_attainment": attainment, "request_throughput": 1.0, "completed": 10,
+                 "num_requests": 10, "ttft_ms": {"p90": 900.0}, "tpot_ms": {"p90": 90.0}}
+        return planner.Plan(counts, cost, {}, {}, [(1, 2)], [1.0], {}, headroom, check, attainment >= 0.9)
+
+    missed = plan({"L4": 1}, 0.7, 0.62)
+    missed.suggestion = plan({"L4": 3}, 2.1, 0.93, headroom=0.61)
+    monkeypatch.setattr(planner, "make_plan", lambda *args, **kwargs: missed)
+    result = cli("plan", "-n", "10")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["meets_target"] is False and out["verified"]["slo_attainment"] == 0.62
+    assert out["suggestion"]["counts"] == {"L4": 3} and out["suggestion"]["verified"]["slo_attainment"] == 0.93
+    assert out["suggestion"]["headroom"] == 0.61
+    assert result.stderr == f"Warning: {out['warning']}\n"
+    assert "62% of requests, below the 90% asked; 3 x L4 ($2.10/h) meets it" in out["warning"]
+    missed.suggestion = None
+    out = json.loads(cli("plan", "-n", "10").stdout)
+    assert out["suggestion"] is None and "no mix tried met it" in out["warning"]

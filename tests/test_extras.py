@@ -40,3 +40,16 @@ def test_a_missing_extra_is_named(monkeypatch):
     r = cli("serve", "--instances", "2", "--port", "1")
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
     assert r.output.startswith("Error: shoal serve --instances") and "pip install 'shoal[cluster]'" in r.output
+
+
+@pytest.mark.parametrize("args, module, extra", [
+    (("sim", "-n", "2"), "matplotlib", "sim"),
+    (("plan", "-n", "2"), "scipy", "sim"),
+    (("profile",), "scipy", "sim"),
+    (("bench", "serve", "--url", "http://127.0.0.1:1"), "matplotlib", "bench"),
+])
+def test_each_command_names_the_extra_it_lacks(monkeypatch, args, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)
+    r = cli(*args)
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert f"needs {module}: pip install 'shoal[{extra}]'" in r.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 
 import numpy as np
@@ -139,6 +140,42 @@ def test_plan_picks_a_mix_that_meets_the_slo():
     for shares in zip(*plan.shares.values()):
         assert sum(shares) == pytest.approx(1.0)
     assert plan.verification["slo_attainment"] >= 0.8
+    assert plan.meets_target == (plan.verification["slo_attainment"] >= 0.9)
+
+
+def test_a_plan_that_misses_its_check_comes_with_a_dearer_mix_that_meets_it():
+    """Capacities six times too high make the integer program pick too few instances; solving again
+    with less headroom finds a mix whose simulation meets the target (or says none within the tries)."""
+    from shoal.sim import planner
+
+    wl = synthetic("poisson", 100, rate=8.0, prompt_len=512, output_len=128, seed=1)
+    l4, model = gpus()["L4"], model_shape("llama-3-8b")
+    found = planner.Capacities(buckets=[(640, 640)], bucket_rps=[8.0], caps={"L4": [20.0]},
+                               configs={"L4": planner.CONFIGS[0]},
+                               specs={"L4": planner.instance_spec(l4, model, planner.CONFIGS[0])})
+    slo = (1000.0, 100.0)
+    plan = planner.solve(found, {"L4": l4})
+    assert plan.counts == {"L4": 1} and plan.headroom == 1.0
+    planner.verify(plan, wl, found, slo, 0.9)
+    assert plan.meets_target is False and plan.verification["slo_attainment"] < 0.9
+    better = planner.meet_target(plan, wl, found, {"L4": l4}, slo, 0.9)
+    assert better is not None and better.meets_target and better.verification["slo_attainment"] >= 0.9
+    assert better.counts["L4"] > 1 and better.headroom < 1 and better.cost_per_hour > plan.cost_per_hour
+    assert planner.meet_target(plan, wl, found, {"L4": l4}, (1.0, 100.0), 0.9, tries=2) is None  # a 1 ms TTFT: never
+
+
+def test_the_solver_prints_nothing_on_stdout(capfd):
+    """HiGHS prints debug lines from C whatever ``disp`` says; stdout carries only the result."""
+    import ctypes
+
+    from shoal.sim.planner import _c_stdout_silenced
+
+    with _c_stdout_silenced():
+        ctypes.CDLL(None).printf(b"HighsMipSolverData::debug\n")
+        os.write(1, b"more noise\n")
+    print("result")
+    out, _ = capfd.readouterr()
+    assert out == "result\n"
 
 
 # ---- live migration and P/D disaggregation ------------------------------------------------------

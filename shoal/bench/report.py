@@ -1,8 +1,9 @@
 """One result format for real and simulated serving runs, its verdict, plots and HTML page.
 
 ``summarize`` turns per-request records into the JSON object of ``design.md``; ``verdict`` judges
-it in one line (overloaded, failing, or ok); ``plot`` draws the latency CDFs and the throughput /
-queue timelines; ``write`` puts them all, with a self-contained ``report.html``, in a folder.
+it in one line (overloaded, failing, or ok); ``latency_figure`` and ``timeline_figure`` draw the
+latency CDFs and the throughput / queue timelines; ``write`` puts them all, with a self-contained
+``report.html``, in a folder.
 ``shoal bench serve`` and ``shoal sim`` both use them, so a real run and a simulated one compare
 line by line.
 """

@@ -9,7 +9,7 @@ import math
 import re
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -22,6 +22,8 @@ import shoal
 from shoal.engine.guided import GrammarCompiler, StructuredOutputs
 from shoal.engine.metadata import DEFAULT_SLO, SLO, RequestMetadata
 from shoal.engine.outputs import SHED_ERROR, RequestOutput
+from shoal.gateway.embeddings import EmbeddingError, EmbeddingRequest, embeddings_response
+from shoal.gateway.layer import Gateway, GatewayLayer
 from shoal.server.async_engine import AsyncEngine
 from shoal.server.dashboard import RollingHistory, add_dashboard
 from shoal.server.lifecycle import Lifecycle
@@ -86,13 +88,14 @@ class APIError(Exception):
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lifecycle: Lifecycle | None = None,
                tool_parser: str | None = None, tool_prompt: str = "auto", open_metrics: bool = False,
-               access_log: bool = False) -> FastAPI:
+               access_log: bool = False, gateway: Gateway | None = None) -> FastAPI:
     """Build the app. ``engine`` must already be running; the app shuts it down on exit.
     ``lifecycle`` (kept as ``app.state.lifecycle``) drives the graceful shutdown. ``tool_parser``
     and ``tool_prompt`` override the model's tool-call format and prompt (see :class:`ToolCalling`).
     ``api_key`` is one key or a :class:`KeyRing` (keys naming tenants); with either, ``/metrics``
     and ``/dashboard/state`` also need a key unless ``open_metrics``. Every response carries ``X-Request-Id``; with
-    ``access_log`` each request is logged (:class:`RequestLog`)."""
+    ``access_log`` each request is logged (:class:`RequestLog`). ``gateway`` adds the other pools,
+    routers, the semantic cache and ``/v1/embeddings`` (:mod:`shoal.gateway`)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -100,7 +103,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
             await engine.start()
         metrics.set_max_model_len(engine.max_model_len)  # a cluster knows it once started
         try:
-            yield
+            async with gateway.running() if gateway else nullcontext():
+                yield
         finally:
             engine.shutdown()
 
@@ -153,6 +157,9 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
 
     # outermost first: request ids, the access log and HTTP metrics, bugs, the body limit, the gate
     # (its 503 needs no key), then the key
+    if gateway is not None:  # innermost: after the key check, so a request's tenant is known
+        gateway.attach(metrics.registry)
+        app.add_middleware(GatewayLayer, gateway=gateway)
     if api_key:
         keys = api_key if isinstance(api_key, KeyRing) else KeyRing.single(api_key)
         app.add_middleware(BearerAuth, keys=keys, open_metrics=open_metrics)
@@ -188,14 +195,31 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | KeyRing | No
         return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "shoal",
                 "max_model_len": engine.max_model_len}
 
+    def model_cards() -> list[dict]:
+        return gateway.cards(model_card()) if gateway else [model_card()]
+
     @app.get("/v1/models", responses={401: ERROR_RESPONSES[401]})
     async def models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": model_cards()}
 
     @app.get("/v1/models/{model_id:path}", responses={401: ERROR_RESPONSES[401], 404: ERROR_RESPONSES[404]})
     async def model(model_id: str) -> dict:
-        check_model(model_id)
-        return model_card()
+        card = next((c for c in model_cards() if c["id"] == model_id), None)
+        if card is None:
+            raise APIError(404, f"The model `{model_id}` does not exist.", "NotFoundError", "model")
+        return card
+
+    if gateway is not None and gateway.embedder is not None:
+        @app.post("/v1/embeddings", responses=ERROR_RESPONSES)
+        async def embeddings(req: EmbeddingRequest) -> dict:
+            try:
+                body = await embeddings_response(gateway.embedder, req)
+            except EmbeddingError as exc:
+                raise APIError(exc.status, str(exc), "NotFoundError" if exc.status == 404 else "BadRequestError",
+                               exc.param) from exc
+            gateway.metrics.embedding_inputs.inc(len(body["data"]))
+            gateway.metrics.embedding_tokens.inc(body["usage"]["prompt_tokens"])
+            return body
 
     @app.post("/tokenize", responses=ERROR_RESPONSES)
     async def tokenize(req: TokenizeRequest) -> dict:
