@@ -165,7 +165,7 @@ def serve(
     instance_threads: Optional[str] = typer.Option(None, "--instance-threads", help="Comma-separated CPU threads per instance (a heterogeneous cluster)"),
     autoscale_max: Optional[int] = typer.Option(None, "--autoscale-max", help="Enable autoscaling up to this many instances"),
     autoscale_min: int = typer.Option(1, "--autoscale-min"),
-    engine_process: bool = typer.Option(False, "--engine-process/--engine-thread", help="Run the engine core in its own process (the API process then does HTTP and tokenization beside it) or in a thread of the server"),
+    engine_process: bool = typer.Option(True, "--engine-process/--engine-thread", help="Run the engine core in its own process (the API process then does HTTP and tokenization beside it) or in a thread of the server"),
     engine_cpus: Optional[str] = typer.Option(None, "--engine-cpus", help="With --engine-process: comma-separated CPU ids to pin the engine process to"),
     speculative_config: Optional[str] = typer.Option(None, "--speculative-config", help='JSON, as vLLM takes it: n-gram drafting for every request, e.g. \'{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}\' (a request\'s own speculative_config overrides it)'),
     num_threads: Optional[int] = ThreadsOpt,
@@ -253,7 +253,8 @@ def serve(
             cpus = [int(c) for c in engine_cpus.split(",")] if engine_cpus else None
             backend = EngineProcess(partial(Engine, config), load_tokenizer(model or default_model_path()),
                                     max_waiting=max_waiting, slo=slo, cpus=cpus,
-                                    adaptive_threads=num_threads is None and cpus is None)
+                                    adaptive_threads=num_threads is None and cpus is None,
+                                    log_level=opts.get("log_level") or "info", log_format=opts.get("log_format", "text"))
     else:
         from shoal.engine.engine import Engine
         from shoal.server.async_engine import AsyncEngine
@@ -418,6 +419,46 @@ def bench_agent_trace(
                            "span_s": programs[-1].arrival_s, "out": str(out)}))
 
 
+@bench_app.command("gateway-trace")
+def bench_gateway_trace(
+    out: Path = typer.Argument(..., help="The JSON-lines file to write"),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="Texts to draw from: a JSON-lines file of {category, query, candidate, match} (e.g. benchmarks/gateway/paraphrases.jsonl; matching pairs are paraphrases); default: the cache categories' examples"),
+    num_queries: int = typer.Option(200, "--num-queries", "-n", min=1),
+    rate: float = typer.Option(2.0, "--rate", help="Queries arriving per second (Poisson)"),
+    repeat: float = typer.Option(0.3, "--repeat", min=0.0, max=1.0, help="Share of queries repeating an earlier one"),
+    paraphrase: float = typer.Option(0.5, "--paraphrase", min=0.0, max=1.0, help="Share of repeats that are a paraphrase (where the texts have one) instead of verbatim"),
+    output_len: int = typer.Option(128, "--output-len", min=1, help="Median output tokens (lognormal)"),
+    tenants: Optional[str] = typer.Option(None, "--tenants", help="Tenant mix by share of the queries, e.g. a=3,b=1"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="GGUF or HF folder whose chat template counts prompt tokens (default: built-in SmolLM2)"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write a gateway trace (queries with their text) for sim --gateway CONFIG --workload gateway:PATH."""
+    from shoal.bench import gateway_trace as gt
+    from shoal.bench.workloads import parse_shares
+    from shoal.gateway.semantic_cache import load_categories
+    from shoal.model.loader import default_model_path, load_tokenizer
+
+    try:
+        source = gt.paraphrase_source(queries) if queries else gt.category_source(load_categories())
+        shares = parse_shares(tenants, "--tenants") if tenants else None
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    with user_errors():
+        tok = load_tokenizer(tokenizer or default_model_path())
+
+    def count(text: str) -> int:
+        chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return len(tok.encode(chat, add_special_tokens=False))
+
+    try:
+        trace = gt.generate(source, num_queries, rate, repeat, paraphrase, count, output_len, shares, seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    gt.dump(trace, out)
+    typer.echo(json.dumps({"queries": len(trace), "distinct": len({q.query for q in trace}),
+                           "span_s": trace[-1].arrival_s, "out": str(out)}))
+
+
 def _finish_run(out: Path, result: dict, records: list, queue: list | None, advice: str) -> None:
     """End a ``bench serve`` or ``sim`` run: judge it (:func:`report.verdict`, ``advice`` when it was
     overloaded), write its folder, print the JSON on stdout and the verdict (unless ok) on stderr."""
@@ -491,7 +532,7 @@ def profile(
 
 @app.command()
 def sim(
-    workload: str = typer.Option("poisson", "--workload", help="poisson | gamma | trace:PATH (Azure or BurstGPT CSV) | agent:PATH (agent programs, JSON lines: bench agent-trace)"),
+    workload: str = typer.Option("poisson", "--workload", help="poisson | gamma | trace:PATH (Azure or BurstGPT CSV) | agent:PATH (agent programs, JSON lines: bench agent-trace) | gateway:PATH (queries with their text, JSON lines: bench gateway-trace; with --gateway)"),
     rate: float = typer.Option(1.0, "--rate"),
     burstiness: float = typer.Option(0.5, "--burstiness"),
     time_scale: float = typer.Option(1.0, "--time-scale"),
@@ -528,6 +569,12 @@ def sim(
     validate: bool = typer.Option(False, "--validate", help="Also run the workload on the real engine (one instance) and print the errors"),
     program_scheduling: ProgramScheduling = ProgramSchedulingOpt,
     program_config_json: Optional[str] = ProgramConfigOpt,
+    gateway_file: Optional[Path] = typer.Option(None, "--gateway", help="With --workload gateway:PATH: the gateway config (pools, routers, cache; as serve --gateway) whose cache and router decide each query; the served pool is the cluster the other options describe"),
+    gateway_model: Optional[str] = typer.Option(None, "--gateway-model", help="The pool or router the trace's queries ask for (default: the first router, else the served model)"),
+    small_pass_rate: str = typer.Option("0.8", "--small-pass-rate", help="Share of a router's small answers that pass its checks, for queries whose trace line has no small_ok: RATE or CATEGORY=RATE,... (drawn with --seed)"),
+    pool_speed: Optional[str] = typer.Option(None, "--pool-speed", help="A pool's speed relative to the cost model, e.g. big=0.25 (every step 4x as long; default 1)"),
+    pool_instances: Optional[str] = typer.Option(None, "--pool-instances", help="Simulated instances of a local pool, e.g. llama-8b=2 (default: --instances for the served pool, 1 for others)"),
+    lookup_ms: float = typer.Option(12.0, "--lookup-ms", help="The gateway's time to embed a query and search the cache, before a hit is answered or a miss reaches its pool"),
 ) -> None:
     """Simulate a cluster on the real scheduler code with a cost model; same JSON as bench serve."""
     with user_errors():
@@ -543,6 +590,12 @@ def sim(
         programs = program_config(program_scheduling, program_config_json)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    gateway_run = workload.startswith("gateway:")
+    if gateway_run != (gateway_file is not None):
+        raise typer.BadParameter("--workload gateway:PATH and --gateway go together")
+    if gateway_run and (validate or capacity is not None or tenants or prefix_groups):
+        raise typer.BadParameter("--validate, --capacity, --tenants and --prefix-groups do not apply to a gateway "
+                                 "trace (it carries its own tenants)")
     if validate:
         from shoal.bench.agent import AgentWorkload
         from shoal.engine.config import EngineConfig
@@ -575,6 +628,21 @@ def sim(
         setup.check()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if gateway_run:
+        from shoal.gateway.embedder import Embedder
+        from shoal.sim.gateway import prepare_trace
+
+        with user_errors():
+            trace_run = prepare_trace(workload[8:], gateway_file, setup, target=gateway_model, pass_rates=small_pass_rate,
+                                      pool_speed=pool_speed, pool_instances=pool_instances, lookup_ms=lookup_ms,
+                                      seed=seed)
+            with bar("loading the embedding model"):
+                embedder = Embedder()
+        with bar("simulating the gateway: embedding the trace, then its queries"):
+            result, records = trace_run.run(embedder.embed)
+        _finish_run(out, result, records, None, "lower the trace's rate, or add --instances, --pool-instances "
+                    "or --pool-speed")
+        return
 
     def build(ts: float):
         return _build_workload(workload, rate, burstiness, None, ts, trace_start, num_requests, prompt_len,

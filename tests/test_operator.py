@@ -173,7 +173,8 @@ def test_engine_knobs_from_file_environment_and_flags_reach_engine_config(tmp_pa
     conf = tmp_path / "shoal.yaml"
     conf.write_text(f"port: {free_port()}\nblock-size: 32\nenable_prefix_caching: false\n"
                     "preemption_mode: swap\npriority_aging_s: 5\nswap_space: 0.5\nmax_num_seqs: 8\n")
-    r = cli("serve", "--config", str(conf), "--max-num-seqs", "12", env={"SHOAL_SERVE_MAX_NUM_BATCHED_TOKENS": "256"})
+    r = cli("serve", "--engine-thread", "--config", str(conf), "--max-num-seqs", "12",
+            env={"SHOAL_SERVE_MAX_NUM_BATCHED_TOKENS": "256"})
     assert r.exit_code == 2 and "captured" in r.output, r.output
     (c,) = built
     assert (c.block_size, c.enable_prefix_caching, c.preemption_mode, c.priority_aging_s, c.swap_space_gb) == \

@@ -326,7 +326,7 @@ def test_agent_trace_command_and_sim_compare_the_two_schedulings(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--program-scheduling", "lru"], "program scheduling must be one of"),
+    (["--program-scheduling", "lru"], "'lru' is not one of 'continuum', 'none'"),
     (["--program-config", '{"max_pinned": 1}'], "unknown program option"),
     (["--program-config", '[1]'], "JSON object"),
     (["--program-config", '{"aging_s": '], "not valid JSON"),

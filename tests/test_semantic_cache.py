@@ -144,6 +144,15 @@ def test_no_answer_crosses_tenants(cache: SemanticCache) -> None:
     assert cache.stats().entries == 2
 
 
+def test_the_exact_layer_answers_without_a_vector(cache: SemanticCache, clock: Clock) -> None:
+    cache.store("a", "pool", "key", vec(1.0), STRICT, {"answer": 1})
+    assert cache.exact("a", "pool", "key").value == {"answer": 1}
+    assert cache.exact("b", "pool", "key") is None and cache.exact("a", "pool", "other") is None
+    assert cache.stats().lookups == 1 and cache.stats().exact_hits == 1, "a miss there is not a lookup yet"
+    clock.now = 10.0
+    assert cache.exact("a", "pool", "key") is None
+
+
 def test_no_answer_crosses_scopes(cache: SemanticCache) -> None:
     cache.store("a", "small-pool", "key", vec(1.0), LENIENT, {"answer": "small"})
     assert cache.lookup("a", "large-pool", "key", vec(1.0), LENIENT) is None
@@ -233,7 +242,7 @@ GOOD = {"categories": [{"name": "a", "threshold": 0.8, "ttl_s": 60, "max_entries
 def test_categories_from_a_mapping() -> None:
     config = categories_from_dict(GOOD)
     assert config.categories == (Category("a", 0.8, 60, 10, ("x",)),)
-    assert config.default == Category("default", 0.9, 60, 10) and config.min_similarity == 0.3
+    assert config.default == Category("default", 0.9, 60, 10) and config.min_similarity == 0.15
     assert config.category("a").threshold == 0.8
     with pytest.raises(ValueError, match="unknown cache category 'b' \\(known: a, default\\)"):
         config.category("b")

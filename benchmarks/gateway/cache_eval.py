@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from shoal.gateway.embedder import Embedder
-from shoal.gateway.semantic_cache import Category, CategoryClassifier, CategoryConfig, SemanticCache, load_categories
+from shoal.gateway.semantic_cache import CategoryClassifier, CategoryConfig, SemanticCache, load_categories
 
 HERE = Path(__file__).parent
 SEED = 0

@@ -1,7 +1,7 @@
 """How much faster a semantic-cache hit answers a 128-token chat request than generating it.
 
 Starts `shoal serve` (built-in SmolLM2 and all-MiniLM-L6-v2), then for each of N questions sends,
-one at a time: the question with `semantic_cache: true` (a miss: generated, 128 tokens, EOS
+one at a time over one kept-alive connection: the question with `semantic_cache: true` (a miss: generated, 128 tokens, EOS
 ignored), the same request again (an exact hit) and a paraphrase (a semantic hit). Prints and writes
 the medians of whole-request time and the ratios (`cache_speed.json`). Run it on an idle machine:
 
@@ -34,11 +34,11 @@ PAIRS = [
 ]
 
 
-def timed(url: str, text: str) -> tuple[float, str, int]:
+def timed(client: httpx.Client, text: str) -> tuple[float, str, int]:
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": 128, "ignore_eos": True,
             "temperature": 0, "semantic_cache": True}
     t = time.perf_counter()
-    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+    r = client.post("/v1/chat/completions", json=body)
     r.raise_for_status()
     return time.perf_counter() - t, r.headers.get("x-shoal-cache", ""), r.json()["usage"]["completion_tokens"]
 
@@ -49,16 +49,17 @@ def main() -> None:
         server = Server(log_dir=Path(logs), name="shoal")
         try:
             server.wait_ready()
-            timed(server.url, "Warm up the engine and the embedder.")
+            client = httpx.Client(base_url=server.url, timeout=300)  # one connection: no set-up in the times
+            timed(client, "Warm up the engine and the embedder.")
             miss, exact, semantic = [], [], []
             for question, paraphrase in PAIRS:
-                t, state, tokens = timed(server.url, question)
+                t, state, tokens = timed(client, question)
                 assert state == "miss" and tokens == 128, (state, tokens)
                 miss.append(t)
-                t, state, _ = timed(server.url, question)
+                t, state, _ = timed(client, question)
                 assert state == "hit", state
                 exact.append(t)
-                t, state, _ = timed(server.url, paraphrase)
+                t, state, _ = timed(client, paraphrase)
                 if state == "hit":
                     semantic.append(t)
                 else:

@@ -39,7 +39,7 @@ def spin() -> None:
 
 
 def served(mode: str, log_dir: Path, levels: dict[int, int], neighbour: bool = False, extra: tuple[str, ...] = ()) -> dict:
-    args = (["--engine-process"] if mode == "process" else []) + list(extra)
+    args = ["--engine-process" if mode == "process" else "--engine-thread", *extra]
     t0 = time.monotonic()
     srv = Server(*args, "--max-num-seqs", "64", log_dir=log_dir, name=f"{mode}{'-busy' if neighbour else ''}")
     hog = None

@@ -124,6 +124,18 @@ def parse_program(obj, where: str) -> AgentProgram:
     return AgentProgram(pid, float(obj["arrival_s"]), tuple(parsed), tenant, prio)
 
 
+def json_lines(path: Path):
+    """``(path:line, object)`` for each non-blank line of a JSON-lines trace; TraceError at a line
+    that is not JSON."""
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{n}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TraceError(f"{path}:{n}: not JSON ({exc.msg})") from None
+
+
 def load(path: str | Path, time_scale: float = 1.0, max_context: int | None = None) -> AgentWorkload:
     """Read a JSON-lines agent trace (programs sorted by arrival). ``time_scale`` multiplies arrival
     times (not pauses: tools take as long as they take). A program whose context would outgrow
@@ -134,15 +146,9 @@ def load(path: str | Path, time_scale: float = 1.0, max_context: int | None = No
     if not time_scale > 0:
         raise TraceError("time_scale must be positive")
     programs, seen = [], set()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{path}:{n}: not JSON ({exc.msg})") from None
-        prog = parse_program(obj, f"{path}:{n}")
-        _check(prog.program_id not in seen, f"{path}:{n}", f"program_id {prog.program_id!r} appears twice")
+    for where, obj in json_lines(path):
+        prog = parse_program(obj, where)
+        _check(prog.program_id not in seen, where, f"program_id {prog.program_id!r} appears twice")
         seen.add(prog.program_id)
         programs.append(prog)
     _check(bool(programs), str(path), "no programs")

@@ -65,14 +65,16 @@ class Embedder:
 
     def __init__(self, path: str | os.PathLike | None = None, *, device: str = "cpu", batch_size: int = 32) -> None:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar among a server's log lines
         folder = Path(path) if path is not None else default_embedding_model_path()
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            self._model = AutoModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+            self._model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         except Exception as exc:
             raise ModelLoadError(f"{folder}: could not load the embedding model: {type(exc).__name__}: {exc}") from exc
-        self._model.to(device).eval()
+        self._model.to(device=device, dtype=torch.float32).eval()
         self._device = torch.device(device)
         self._batch_size = batch_size
         self._lock = threading.Lock()

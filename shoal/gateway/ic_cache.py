@@ -4,6 +4,8 @@ the small pool gets the most similar past (query, answer) pairs of its tenant as
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Callable
 
 from shoal.gateway.embedder import Embedder
 from shoal.gateway.semantic_cache import Category, SemanticCache
@@ -15,9 +17,9 @@ _SCOPE = "ic-examples"
 class ExampleStore:
     """Per-tenant (query, large answer) pairs searched by the query's embedding."""
 
-    def __init__(self, embedder: Embedder, max_chars: int = 2000) -> None:
+    def __init__(self, embedder: Embedder, max_chars: int = 2000, clock: Callable[[], float] = time.monotonic) -> None:
         self.embedder, self.max_chars = embedder, max_chars
-        self.cache = SemanticCache(embedder.dim, [EXAMPLES], EXAMPLES)
+        self.cache = SemanticCache(embedder.dim, [EXAMPLES], EXAMPLES, clock=clock)
 
     def add(self, tenant: str, query: str | None, answer: str) -> None:
         """Keep a pair (once per query; an answer longer than ``max_chars`` is not a useful example)."""

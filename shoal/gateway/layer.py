@@ -6,15 +6,15 @@ the router's small-first cascade, and otherwise lets the served model's own app 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import asdict
 from typing import AsyncIterator
 
 from shoal.gateway.answers import CHAT, Answer, StreamCapture
+from shoal.gateway import decisions
 from shoal.gateway.config import GatewayConfig, RouterConfig
+from shoal.gateway.decisions import OPT_IN, query_text
 from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.pools import LocalPool, Pool, Reply, error_reply, send_reply
 from shoal.gateway import router as routing
@@ -22,9 +22,6 @@ from shoal.gateway import router as routing
 log = logging.getLogger(__name__)
 
 COMPLETIONS = (CHAT, "/v1/completions")
-OPT_IN = "semantic_cache"  # the body field by which a request asks for the cache (stripped here)
-# Fields that do not change the answer: left out of the cache key.
-_VOLATILE = {"stream", "stream_options", "user", OPT_IN, "model"}
 
 
 class Gateway:
@@ -91,16 +88,15 @@ class GatewayLayer:
     async def completion(self, scope, receive, send, path: str) -> None:
         raw = await _read(receive)
         body = _json(raw)
-        if body is None:  # not JSON: the served model's app says why
-            await self.default.call_raw(path, raw, scope, receive, send)
+        if body is None or not isinstance(body.get("model", ""), (str, type(None))):
+            await self.default.call_raw(path, raw, scope, receive, send)  # the served model's app says why
             return
         opted = body.pop(OPT_IN, False)
         if not isinstance(opted, bool):
             await send_reply(error_reply(400, f"{OPT_IN} must be true or false", "BadRequestError"), send)
             return
         name = body.get("model")
-        router = self.g.routers.get(name) if isinstance(name, str) else None
-        pool = self.pools.get(name) if isinstance(name, str) else None
+        router, pool = self.g.routers.get(name), self.pools.get(name)
         if name is not None and router is None and pool is None:
             known = ", ".join(self.pools) + "".join(f", {r}" for r in self.g.routers)
             await send_reply(error_reply(404, f"The model `{name}` does not exist (models: {known}).", "NotFoundError"), send)
@@ -108,7 +104,7 @@ class GatewayLayer:
         pool = pool or self.default
         target = router.name if router else pool.name
         chat = path == CHAT
-        lookup = await self._cache_lookup(scope, body, chat, target, opted and (router is not None or pool.config.cache))
+        lookup = await self._cache_lookup(scope, body, chat, target, decisions.wants_cache(self.g.config, target, opted))
         if isinstance(lookup, Answer):
             self.g.metrics.routes.labels(model=target, pool=target, route="cache").inc()
             await self._answer(lookup, body, target, send, [(b"x-shoal-cache", b"hit")])
@@ -135,9 +131,9 @@ class GatewayLayer:
             answer = Answer.of_response(reply.json(), chat) if reply.status == 200 else None
         self._account(pool, asked, route, answer)
         if answer is not None and store is not None:
-            store(answer)
+            store(answer, pool.name)
         if answer is not None and route in ("escalated", "upfront") and self.g.examples is not None and chat:
-            await asyncio.to_thread(self.g.examples.add, _tenant(scope, body), _query_text(body, chat), answer.content)
+            await asyncio.to_thread(self.g.examples.add, _tenant(scope, body), query_text(body, chat), answer.content)
 
     async def cascade(self, router: RouterConfig, scope, receive, send, path: str, body: dict, chat: bool, store) -> None:
         """Small pool first; the large one when the small reply fails a check, or up front by category."""
@@ -159,6 +155,7 @@ class GatewayLayer:
         reason = routing.escalation(router, body, reply.status, data, chat)
         if reason is not None:
             self.g.metrics.escalations.labels(router=router.name, reason=reason).inc()
+            self._bill(small, (data or {}).get("usage"))  # the small pool's work was spent all the same
             await self.forward(large, scope, receive, send, path, body, chat, store, "escalated", router.name,
                                [(b"x-shoal-escalation", reason.encode())])
             return
@@ -169,7 +166,7 @@ class GatewayLayer:
         answer = Answer.of_response(data, chat)
         self._account(small, router.name, "small", answer)
         if answer is not None and store is not None:
-            store(answer)
+            store(answer, small.name)
         headers = [(b"x-shoal-pool", small.name.encode()), (b"x-shoal-route", b"small")]
         if body.get("stream") and answer is not None:
             include = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -178,11 +175,14 @@ class GatewayLayer:
             await send_reply(Reply(200, [(b"content-type", b"application/json")], json.dumps(data).encode()), send, headers)
 
     def _account(self, pool: Pool, asked: str, route: str, answer: Answer | None) -> None:
+        self.g.metrics.routes.labels(model=asked, pool=pool.name, route=route).inc()
+        if answer is not None:
+            self._bill(pool, answer.usage)
+
+    def _bill(self, pool: Pool, usage: dict | None) -> None:
+        """Count a reply's tokens and price them at the pool's prices."""
         m = self.g.metrics
-        m.routes.labels(model=asked, pool=pool.name, route=route).inc()
-        if answer is None:
-            return
-        prompt, completion = answer.usage.get("prompt_tokens", 0), answer.usage.get("completion_tokens", 0)
+        prompt, completion = _tokens(usage)
         m.tokens.labels(pool=pool.name, kind="prompt").inc(prompt)
         m.tokens.labels(pool=pool.name, kind="completion").inc(completion)
         m.cost.labels(pool=pool.name).inc(pool.config.cost(prompt, completion))
@@ -200,7 +200,7 @@ class GatewayLayer:
     async def _category(self, body: dict, chat: bool) -> str | None:
         if self.g.embedder is None or self.g.classifier is None:
             return None
-        text = _query_text(body, chat)
+        text = query_text(body, chat)
         if not text:
             return None
         vector = (await asyncio.to_thread(self.g.embedder.embed, [text]))[0]
@@ -212,35 +212,29 @@ class GatewayLayer:
         cache, m = self.g.cache, self.g.metrics
         if not opted:
             return None
-        text = _query_text(body, chat)
-        if cache is None or self.g.classifier is None or not self.g.config.cache.enabled or not text \
-                or not _cacheable(body, self.g.config.cache.max_temperature):
+        if cache is None or self.g.classifier is None or decisions.bypasses_cache(self.g.config, body, chat):
             m.cache_lookups.labels(result="bypass").inc()
             return None
         tenant = _tenant(scope, body)
-        rest = {k: v for k, v in body.items() if k not in _VOLATILE}
-        key = _digest({"target": target, "body": rest})
-        if chat:
-            rest["messages"] = rest["messages"][:-1]  # the conversation before the query
-        else:
-            rest.pop("prompt")
-        scope_key = _digest({"target": target, "chat": chat, "context": rest})
-        vector = (await asyncio.to_thread(self.g.embedder.embed, [text]))[0]
-        category = self.g.classifier.classify(vector)
-        hit = cache.lookup(tenant, scope_key, key, vector, category)
+        scope_key, key = decisions.cache_keys(body, chat, target)
+        vector = category = None
+        hit = cache.exact(tenant, scope_key, key)  # no embedding for a repeat
+        if hit is None:
+            vector = (await asyncio.to_thread(self.g.embedder.embed, [query_text(body, chat)]))[0]
+            category = self.g.classifier.classify(vector)
+            hit = cache.lookup(tenant, scope_key, key, vector, category)
         if hit is not None:
             m.cache_lookups.labels(result="exact" if hit.exact else "semantic").inc()
-            answer = Answer(**hit.value)
-            pool = self.pools.get(target)
+            answer, produced_by = decisions.cached_answer(hit.value)
+            pool = self.pools.get(produced_by)
             if pool is not None:
-                m.saved_cost.labels(pool=pool.name).inc(pool.config.cost(answer.usage.get("prompt_tokens", 0),
-                                                                         answer.usage.get("completion_tokens", 0)))
+                m.saved_cost.labels(pool=pool.name).inc(pool.config.cost(*_tokens(answer.usage)))
             return answer
         m.cache_lookups.labels(result="miss").inc()
 
-        def store(answer: Answer) -> None:
-            if answer.finish_reason in ("stop", "length"):
-                cache.store(tenant, scope_key, key, vector, category, asdict(answer))
+        def store(answer: Answer, pool: str) -> None:
+            if decisions.storable(answer):
+                cache.store(tenant, scope_key, key, vector, category, decisions.cache_value(answer, pool))
                 m.cache_entries.set(cache.stats().entries)
 
         return store
@@ -248,58 +242,26 @@ class GatewayLayer:
     async def _examples(self, router: RouterConfig, scope, body: dict, chat: bool) -> list[dict]:
         """IC-Cache: past large-pool answers to similar queries, as earlier turns of the chat."""
         store = self.g.examples
-        if not chat or router.ic_examples <= 0 or store is None or (text := _query_text(body, chat)) is None:
+        if not chat or router.ic_examples <= 0 or store is None or (text := query_text(body, chat)) is None:
             return []
         found = await asyncio.to_thread(store.nearest, _tenant(scope, body), text, router.ic_examples,
                                         router.ic_min_similarity)
-        kept, room = [], router.ic_max_chars
-        for query, answer in reversed(found):  # the most similar first, while they fit
-            room -= len(query) + len(answer)
-            if room < 0:
-                break
-            kept.insert(0, (query, answer))
+        kept = decisions.fit_examples(found, router.ic_max_chars)
         self.g.metrics.ic_examples.inc(len(kept))
         return [m for query, answer in kept for m in ({"role": "user", "content": query},
                                                        {"role": "assistant", "content": answer})]
 
 
 def _tenant(scope, body: dict) -> str:
-    """Whose cache: the API key's tenant, else the body's ``user`` (self-declared without a keys file)."""
     tenant = (scope.get("state") or {}).get("tenant")
-    name = getattr(tenant, "name", None)
-    return name or str(body.get("user") or "")
+    return decisions.tenant(getattr(tenant, "name", None), body)
 
 
-def _query_text(body: dict, chat: bool) -> str | None:
-    """The text the cache and the classifier look at: the last user message, or the prompt."""
-    if not chat:
-        prompt = body.get("prompt")
-        return prompt if isinstance(prompt, str) else None
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
-        return None
-    last = messages[-1]
-    if last.get("role") != "user":
-        return None
-    content = last.get("content")
-    if isinstance(content, list):
-        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content if isinstance(content, str) and content.strip() else None
-
-
-def _cacheable(body: dict, max_temperature: float) -> bool:
-    """Greedy-ish, one choice, no log-probabilities, no tool results in the conversation."""
-    temperature = body.get("temperature", 1.0)
-    if not isinstance(temperature, (int, float)) or temperature > max_temperature:
-        return False
-    if body.get("n", 1) != 1 or body.get("logprobs") or body.get("echo"):
-        return False
-    messages = body.get("messages") or []
-    return not any(isinstance(m, dict) and m.get("role") == "tool" for m in messages)
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+def _tokens(usage: dict | None) -> tuple[int, int]:
+    """A reply's (prompt, completion) tokens from its usage (an upstream's: anything not a count is 0)."""
+    usage = usage if isinstance(usage, dict) else {}
+    return tuple(n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0  # type: ignore[return-value]
+                 for n in (usage.get("prompt_tokens"), usage.get("completion_tokens")))
 
 
 def _json(raw: bytes) -> dict | None:

@@ -59,7 +59,7 @@ class CategoryConfig:
 
     categories: tuple[Category, ...]
     default: Category
-    min_similarity: float = 0.3
+    min_similarity: float = 0.15
 
     def category(self, name: str) -> Category:
         """The category called ``name``; ValueError naming the known ones otherwise."""
@@ -146,7 +146,7 @@ class CacheStats:
     entries: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     id: int
     tenant: str
@@ -154,7 +154,7 @@ class _Entry:
     key: str
     category: Category
     value: dict
-    in_index: bool
+    vector: np.ndarray | None  # the unit vector, float32 (the index holds an int8 copy)
     expires_at: float
 
 
@@ -164,6 +164,10 @@ class SemanticCache:
 
     A semantic hit needs a similarity of at least the thresholds of both the query's category and
     the stored entry's. Quotas count entries per (tenant, category). Thread-safe (one lock).
+
+    The index (usearch HNSW, one per tenant and scope) holds int8 copies of the vectors to find
+    candidates fast; their similarities are then computed exactly from the float32 vectors, so the
+    thresholds apply to true cosine similarities.
     """
 
     def __init__(self, embedder_dim: int, categories: Sequence[Category], default_category: Category,
@@ -189,18 +193,34 @@ class SemanticCache:
         with self._lock:
             now = self._clock()
             self._stats.lookups += 1
-            entry = self._exact.get((tenant, scope, key))
-            if entry is not None and entry.expires_at <= now:
-                self._expire(entry)
-            elif entry is not None:
-                self._stats.exact_hits += 1
-                return CacheHit(copy.deepcopy(entry.value), 1.0, True, entry.category)
+            if (hit := self._exact_hit(tenant, scope, key, now)) is not None:
+                return hit
             for entry, similarity in self._search(tenant, scope, q, now):
                 if similarity >= max(category.threshold, entry.category.threshold):
                     self._stats.semantic_hits += 1
                     return CacheHit(copy.deepcopy(entry.value), similarity, False, entry.category)
             self._stats.misses += 1
             return None
+
+    def exact(self, tenant: str, scope: str, key: str) -> CacheHit | None:
+        """The live entry stored for exactly ``key`` (a lookup that needs no embedding); a miss here
+        is not counted: the caller goes on to :meth:`lookup`."""
+        with self._lock:
+            now = self._clock()
+            entry = self._exact.get((tenant, scope, key))
+            if entry is None or entry.expires_at <= now:
+                return None
+            self._stats.lookups += 1
+            return self._exact_hit(tenant, scope, key, now)
+
+    def _exact_hit(self, tenant: str, scope: str, key: str, now: float) -> CacheHit | None:
+        entry = self._exact.get((tenant, scope, key))
+        if entry is not None and entry.expires_at <= now:
+            self._expire(entry)
+        elif entry is not None:
+            self._stats.exact_hits += 1
+            return CacheHit(copy.deepcopy(entry.value), 1.0, True, entry.category)
+        return None
 
     def nearest(self, tenant: str, scope: str, vector: np.ndarray, k: int, min_similarity: float) -> list[CacheHit]:
         """Up to ``k`` live entries of the tenant and scope at least ``min_similarity`` similar to
@@ -222,13 +242,13 @@ class SemanticCache:
             old = self._exact.get((tenant, scope, key))
             if old is not None:
                 self._remove(old)
-            queue = self._queues.setdefault((tenant, category.name), OrderedDict())
+            queue = self._queues.get((tenant, category.name), OrderedDict())
             while queue and self._entries[next(iter(queue))].expires_at <= now:
                 self._expire(self._entries[next(iter(queue))])
             while len(queue) >= category.max_entries:
                 self._remove(self._entries[next(iter(queue))])
                 self._stats.evictions += 1
-            entry = _Entry(self._next_id, tenant, scope, key, category, value, v is not None, now + category.ttl_s)
+            entry = _Entry(self._next_id, tenant, scope, key, category, value, v, now + category.ttl_s)
             self._next_id += 1
             self._entries[entry.id] = entry
             self._exact[(tenant, scope, key)] = entry
@@ -236,7 +256,7 @@ class SemanticCache:
             if v is not None:
                 index = self._indexes.get((tenant, scope))
                 if index is None:
-                    index = self._indexes[(tenant, scope)] = Index(ndim=self._dim, metric="ip", dtype="f32")
+                    index = self._indexes[(tenant, scope)] = Index(ndim=self._dim, metric="ip", dtype="i8")
                 index.add(entry.id, v)
 
     def purge_expired(self) -> int:
@@ -258,15 +278,14 @@ class SemanticCache:
         index = self._indexes.get((tenant, scope))
         if q is None or index is None:
             return []
-        matches = index.search(q, k or self._search_k)
         found = []
-        for key, distance in zip(matches.keys.tolist(), matches.distances.tolist()):
+        for key in index.search(q, k or self._search_k).keys.tolist():
             entry = self._entries[key]
             if entry.expires_at <= now:
                 self._expire(entry)
             else:
-                found.append((entry, 1.0 - distance))  # usearch's "ip" distance is 1 - dot
-        return found
+                found.append((entry, float(entry.vector @ q)))
+        return sorted(found, key=lambda pair: -pair[1])
 
     def _expire(self, entry: _Entry) -> None:
         self._remove(entry)
@@ -280,7 +299,7 @@ class SemanticCache:
         del queue[entry.id]
         if not queue:
             del self._queues[(entry.tenant, entry.category.name)]
-        if entry.in_index:
+        if entry.vector is not None:
             index = self._indexes[(entry.tenant, entry.scope)]
             index.remove(entry.id)
             if len(index) == 0:

@@ -22,6 +22,7 @@ import pickle
 import threading
 from typing import Callable
 
+from shoal import logs
 from shoal.engine.guided import GrammarCompiler
 from shoal.engine.metadata import SLO
 from shoal.server.async_engine import EngineFront
@@ -36,11 +37,13 @@ class EngineProcess(EngineFront):
     """An engine core built by ``factory()`` in a child process; ``tokenizer`` serves the API here."""
 
     def __init__(self, factory: Callable[[], object], tokenizer, max_waiting: int | None = None,
-                 slo: SLO | None = None, cpus: list[int] | None = None, adaptive_threads: bool = False) -> None:
+                 slo: SLO | None = None, cpus: list[int] | None = None, adaptive_threads: bool = False,
+                 log_level: str = "warning", log_format: str = "text") -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        self.proc = ctx.Process(target=engine_main, args=(pickle.dumps(factory), max_waiting, child, env, cpus, adaptive_threads),
+        self.proc = ctx.Process(target=engine_main, args=(pickle.dumps(factory), max_waiting, child, env, cpus, adaptive_threads,
+                                                      log_level, log_format),
                                 name="shoal-engine-core", daemon=True)
         self.proc.start()
         child.close()
@@ -109,13 +112,15 @@ class EngineProcess(EngineFront):
 
 
 def engine_main(factory_bytes: bytes, max_waiting: int | None, conn, env: dict[str, str],
-                cpus: list[int] | None, adaptive_threads: bool = False) -> None:
-    """The engine process: set its thread environment, build the engine, run the loop."""
+                cpus: list[int] | None, adaptive_threads: bool = False, log_level: str = "warning",
+                log_format: str = "text") -> None:
+    """The engine process: set its thread environment and logging (the server's), build the engine,
+    run the loop."""
     for key, value in env.items():
         os.environ.setdefault(key, value)
     if cpus:
         os.sched_setaffinity(0, cpus)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(log_level, log_format)
     try:
         engine = pickle.loads(factory_bytes)()
     except BaseException as exc:  # the model or the config failed: say why, then exit

@@ -20,7 +20,7 @@ from shoal.engine.cost_model import CostModel, ScaledCostModel
 from shoal.engine.programs import ProgramConfig
 from shoal.engine.scheduler import SCHEDULING_POLICIES
 from shoal.progress import Progress
-from shoal.sim.simulator import InstanceSpec, simulate
+from shoal.sim.simulator import Cluster, InstanceSpec, simulate
 from shoal.sim.transfer import Link, summarize_transfers
 
 
@@ -82,6 +82,12 @@ class SimSetup:
                             urgent_slack_s=self.urgent_slack_s, resident_swap=self.resident_swap,
                             programs=self.programs, num_tier_blocks=self.num_tier_blocks)
         return [base if v == 1.0 else replace(base, cost_model=ScaledCostModel(self.cost_model, v)) for v in self.speeds]
+
+    def cluster(self, workload: Workload) -> Cluster:
+        """A simulated cluster of this set-up, not yet run (the gateway's simulator steps it and adds
+        arrivals as they come)."""
+        return Cluster(workload, self.specs(), self.dispatch, self.seed, migration=make_migration_policy(self.migration),
+                       roles=self.roles, link=Link(self.link_gbps, self.link_latency_ms / 1e3), slo=self.slo)
 
     def run(self, workload: Workload | AgentWorkload,
             progress: Progress | None = None) -> tuple[dict, list[RequestRecord]]:

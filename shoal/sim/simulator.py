@@ -42,7 +42,7 @@ import torch
 
 from shoal.bench.agent import AgentProgram, AgentWorkload, TurnRecord
 from shoal.bench.report import RequestRecord
-from shoal.bench.workloads import Workload
+from shoal.bench.workloads import RequestSpec, Workload
 from shoal.control.global_scheduler import ENTRY_ROLES, GlobalScheduler
 from shoal.control.moves import SRC, RequestGone, live_migration, pd_handoff
 from shoal.control.moves import Protocol as MoveProtocol
@@ -204,15 +204,18 @@ class _Move:
     protocol: MoveProtocol
 
 
-class _Cluster:
+class Cluster:
     """The event loop. Events: arrivals (in workload order), control events (ticks, migration
     stages, KV landing; a heap) and instances finishing a step (a heap); at equal times in that
-    order."""
+    order. :func:`simulate` runs it to the end; a driver with events of its own (the gateway's
+    simulator) steps it with :meth:`next_time` / :meth:`advance`, adds arrivals as they come
+    (:meth:`add_arrival`), hears of each request ended (``on_end``) and bounds fast-forwarding by
+    its own next event (``horizon``)."""
 
     def __init__(self, workload: Workload | AgentWorkload, specs: list[InstanceSpec], dispatch: DispatchPolicy | str,
-                 seed: int, fast_forward: bool, migration: MigrationPolicy | None, roles: list[str] | None, link: Link,
-                 control_interval_s: float, max_migration_stages: int, slo: SLO | None,
-                 progress: Progress | None = None) -> None:
+                 seed: int = 0, fast_forward: bool = True, migration: MigrationPolicy | None = None,
+                 roles: list[str] | None = None, link: Link | None = None, control_interval_s: float = 0.25,
+                 max_migration_stages: int = 4, slo: SLO | None = None, progress: Progress | None = None) -> None:
         self.sims = [SimInstance(s, r) for s, r in zip(specs, check_roles(roles, len(specs)))]
         self.arrivals = [] if isinstance(workload, AgentWorkload) else workload.requests
         self.records: list[RequestRecord] = [
@@ -230,7 +233,7 @@ class _Cluster:
         for i, (sim, spec) in enumerate(zip(self.sims, specs)):
             self.scheduler.add_instance(i, sim.role, sim.engine.load(), spec.profile)
         self.slo = slo
-        self.migration, self.link = migration, link
+        self.migration, self.link = migration, link or Link()
         self.fast_forward = fast_forward
         self.interval = control_interval_s
         self.max_stages = max_migration_stages
@@ -244,6 +247,8 @@ class _Cluster:
         self.tick_pending = False
         self.turns: dict[str, tuple[AgentProgram, int, list[int]]] = {}  # turn in flight -> program, index, prompt
         self.progress = progress
+        self.on_end: Callable[[str, RequestRecord], None] | None = None  # hears of each request ended
+        self.horizon: Callable[[], float] | None = None  # a driver's next event: fast-forward no further
         self.ended = 0  # requests (turns) finished or refused
         self.total = (sum(len(p.turns) for p in workload.programs) if isinstance(workload, AgentWorkload)
                       else len(self.arrivals))
@@ -252,28 +257,54 @@ class _Cluster:
                 self._at(prog.arrival_s, self._turn, (prog, 0, []))
 
     def run(self) -> None:
-        while True:
-            nxt = []
-            if self.ai < len(self.arrivals):
-                nxt.append((self.arrivals[self.ai].arrival_s, 0))
-            if self.control:
-                nxt.append((self.control[0][0], 1))
-            if self.free:
-                nxt.append((self.free[0][0], 2))
-            if not nxt:
-                if self.progress is not None:
-                    self.progress(self.total, self.total)  # a failed turn ends its program's later turns
-                return
-            t, kind = min(nxt)
-            if kind == 0:
-                self._arrive(t)
-            elif kind == 1:
-                _, _, handler, arg = heapq.heappop(self.control)
-                handler(t, arg)
-            else:
-                _, _, i = heapq.heappop(self.free)
-                self.sims[i].busy = False
-                self._wake(i, t)
+        while self.advance():
+            pass
+        if self.progress is not None:
+            self.progress(self.total, self.total)  # a failed turn ends its program's later turns
+
+    def _next(self) -> tuple[float, int] | None:
+        """The earliest pending event: (time, kind), or None."""
+        nxt = []
+        if self.ai < len(self.arrivals):
+            nxt.append((self.arrivals[self.ai].arrival_s, 0))
+        if self.control:
+            nxt.append((self.control[0][0], 1))
+        if self.free:
+            nxt.append((self.free[0][0], 2))
+        return min(nxt, default=None)
+
+    def next_time(self) -> float:
+        """When the next event happens (inf: none is pending)."""
+        nxt = self._next()
+        return float("inf") if nxt is None else nxt[0]
+
+    def advance(self) -> bool:
+        """Carry out the earliest event; False when there was none."""
+        nxt = self._next()
+        if nxt is None:
+            return False
+        t, kind = nxt
+        if kind == 0:
+            self._arrive(t)
+        elif kind == 1:
+            _, _, handler, arg = heapq.heappop(self.control)
+            handler(t, arg)
+        else:
+            _, _, i = heapq.heappop(self.free)
+            self.sims[i].busy = False
+            self._wake(i, t)
+        return True
+
+    def add_arrival(self, spec: RequestSpec) -> tuple[str, RequestRecord]:
+        """Append a request arriving at ``spec.arrival_s`` (no earlier than the last arrival, nor
+        than an event already carried out); its id and record."""
+        if self.arrivals and spec.arrival_s < self.arrivals[-1].arrival_s:
+            raise ValueError("arrivals must be added in time order")
+        self.arrivals.append(spec)
+        rec = RequestRecord(spec.arrival_s, spec.prompt_len, spec.output_len, start_s=spec.arrival_s, tenant=spec.tenant)
+        self.records.append(rec)
+        self.total += 1
+        return f"r{len(self.arrivals) - 1}", rec
 
     def _at(self, t: float, handler: Callable[[float, Any], None], arg: Any) -> None:
         self.order += 1
@@ -327,17 +358,19 @@ class _Cluster:
         except ValueError as exc:
             self.scheduler.undo_dispatch(target, request)
             rec.error = str(exc)
-            self._ended()
+            self._ended(rid)
             return
         if self.sims[target].role == "prefill":
             self.sims[target].hold.add(rid)
         self._wake(target, now)
         self._maybe_tick(now)
 
-    def _ended(self) -> None:
+    def _ended(self, rid: str) -> None:
         self.ended += 1
         if self.progress is not None:
             self.progress(self.ended, self.total)
+        if self.on_end is not None:
+            self.on_end(rid, self.by_id[rid])
 
     def _observe(self, roles: tuple[str, ...]) -> None:
         """Hand the scheduler these instances' snapshots, as the cluster's pumps do after a step
@@ -360,6 +393,8 @@ class _Cluster:
         h = self.arrivals[self.ai].arrival_s if self.ai < len(self.arrivals) else float("inf")
         if self.control:
             h = min(h, self.control[0][0])
+        if self.horizon is not None:
+            h = min(h, self.horizon())
         if self.pd and self.sims[i].role != "prefill":  # a prefill step not yet started may hand over a request
             h = min([h] + [s.busy_until + self.link.latency_s for s in self.sims if s.busy and s.role == "prefill"])
         return h
@@ -400,11 +435,11 @@ class _Cluster:
                     if not out.finished and out.req_id not in self.moving:  # a migration moves it anyway
                         self._handoff(i, out.req_id, end)
             if out.finished:
-                self._ended()
                 rec.end_s = end
                 rec.output_tokens = out.num_output_tokens
                 if out.error:
                     rec.error = out.error
+                self._ended(out.req_id)
                 if isinstance(rec, TurnRecord):
                     rec.cached_tokens = out.num_cached_tokens
                     self._turn_ended(i, out.req_id, end, out.error)
@@ -518,8 +553,8 @@ def simulate(
     ``ClusterEngine``; ``link`` times the KV copies (default :class:`Link`). A ``dispatch`` given
     by name is built over the instances' profiles and ``slo``, which every request carries in its
     metadata (engines with deadline admission order by it). ``progress`` hears of each request ended."""
-    run = _Cluster(workload, instances, dispatch, seed, fast_forward, migration, roles, link or Link(),
-                   control_interval_s, max_migration_stages, slo, progress)
+    run = Cluster(workload, instances, dispatch, seed, fast_forward, migration, roles, link,
+                  control_interval_s, max_migration_stages, slo, progress)
     run.run()
     duration = max((r.end_s for r in run.records if r.end_s is not None), default=0.0)
     return run.records, duration, run.sims
