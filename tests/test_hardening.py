@@ -482,3 +482,17 @@ def test_openapi_describes_errors_streams_and_bounds(srv):
     assert props["priority"]["maximum"] == PRIORITY_MAX and props["priority"]["minimum"] == PRIORITY_MIN
     seed = next(s for s in props["seed"]["anyOf"] if s.get("type") == "integer")
     assert seed["maximum"] == pytest.approx(2**63 - 1)  # FastAPI writes it as a float
+
+
+def test_guided_prompts_in_a_batch_with_an_extreme_penalty_are_answered(srv):
+    """Found by the schemathesis fuzz on a fresh install: ten guided prompts in one request with a
+    repetition penalty of 3e-170. It failed the whole step (500) twice over: the penalty made logits
+    infinite, and llguidance's torch.compile'd mask kernel failed to compile for that batch shape."""
+    prompts = ["\u00c7", "num_draft_tokens", "\u00e5", "\u00e3\u00f3", "/\u00bf", "c\u00f3f\u0000D", "\u00ea",
+               "\u000ed", "\u009b7~(sO", "\u00a9t"]
+    choices = ["<|", "\u00f8n\u00dbD\u00a1r"]
+    r = srv.http.post("/v1/completions", json={"prompt": prompts, "guided_choice": choices,
+                                               "repetition_penalty": 3.0580674168558494e-170})
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] and all(c["text"] in choices for c in r.json()["choices"])
+    assert_serves(srv)

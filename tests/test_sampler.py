@@ -139,6 +139,17 @@ def test_penalties_follow_formulas():
     assert torch.equal(logits[0], expected[1])  # input not modified
 
 
+@pytest.mark.parametrize("penalty", [3e-170, 5e-324, 1e300])
+def test_extreme_repetition_penalties_keep_logits_finite(penalty):
+    """A penalty near 0 or huge (fuzzed bodies send them) must not make a row of infinities whose
+    softmax is NaN: every later stage, a grammar's mask included, needs finite logits to choose from."""
+    logits = torch.tensor([[2.0, 3.0, -1.0, 0.5]])
+    out = apply_penalties(logits, [state(prompt=[0, 1, 2], repetition_penalty=penalty, temperature=1.0)])
+    assert torch.isfinite(out).all()
+    token = sampler(logits, [state(prompt=[0, 1, 2], repetition_penalty=penalty, temperature=1.0)]).token_ids[0]
+    assert 0 <= token < 4
+
+
 def test_penalty_changes_greedy_choice():
     logits = torch.tensor([[3.0, 2.9, 0.0]])
     assert sampler(logits, [state(output=[0], temperature=0.0)]).token_ids == [0]

@@ -25,7 +25,7 @@ import llguidance
 import llguidance.hf
 from llguidance.gbnf_to_lark import any_to_lark
 import torch
-from llguidance.torch import apply_token_bitmask_inplace, fill_next_token_bitmask
+from llguidance.torch import fill_next_token_bitmask
 
 CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped)
 COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -115,12 +115,19 @@ def replay(matcher: llguidance.LLMatcher, token_ids: list[int]) -> None:
             raise ValueError(f"the request's output does not follow its grammar: {matcher.get_error()}")
 
 
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
 def mask_logits(logits: torch.Tensor, matchers: list[Any]) -> None:
     """Set to -inf, in place, every token row ``i`` of ``logits`` may not take next under
-    ``matchers[i]`` (None: unconstrained)."""
-    n, vocab = logits.shape
-    bitmask = torch.full((n, (vocab + 31) // 32), -1, dtype=torch.int32)
-    for i, m in enumerate(matchers):
-        if m is not None:
-            fill_next_token_bitmask(m, bitmask, i)
-    apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
+    ``matchers[i]`` (None: unconstrained). The bitmask is unpacked with plain tensor ops, not
+    llguidance's ``torch.compile`` kernel: that one compiles C++ at run time on the first request
+    of each shape (seconds; and for some batch shapes the compile fails, failing the whole step)."""
+    vocab = logits.shape[1]
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    bitmask = torch.full((len(rows), (vocab + 31) // 32), -1, dtype=torch.int32)
+    for j, i in enumerate(rows):
+        fill_next_token_bitmask(matchers[i], bitmask, j)
+    allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).reshape(len(rows), -1)[:, :vocab].bool()
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))

@@ -74,6 +74,9 @@ def _padded(seqs: list[list[int]], pad: int, device: torch.device) -> torch.Tens
     return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
 
 
+LOGIT_LIMIT = 1e4  # penalised logits stay within +-this: far past any real logit gap, never infinite
+
+
 def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """Apply repetition (prompt+output), frequency and presence (output only) penalties.
 
@@ -93,7 +96,9 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.
         )
         seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=dev).scatter_(1, seen_ids, True)[:, :vocab]
         penalty = torch.where(seen, torch.tensor(rep, device=dev).unsqueeze(1), 1.0)
-        logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+        # A penalty near 0 (or huge) would send logits to +-inf, and a row of infinities to NaN;
+        # kept finite, every stage after (the grammar's mask included) still has a token to pick.
+        logits = torch.where(logits > 0, logits / penalty, logits * penalty).clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
     if any(f != 0.0 or p != 0.0 for f, p in zip(freq, pres)):
         out_ids = _padded(
             [s.output_token_ids if f != 0.0 or p != 0.0 else [] for s, f, p in zip(states, freq, pres)], vocab, dev
