@@ -1,22 +1,24 @@
-"""The engine process's thread governor, on scripted ``procs_running`` readings."""
+"""The engine process's thread governor: its rule on scripted readings, and the reading itself
+(the CPU time other processes take) against a real spinning neighbour."""
 
 from __future__ import annotations
 
-import os
+import multiprocessing
+import time
 
-from shoal.server.thread_governor import ThreadGovernor, read_procs_running, running_tasks, threads_for
+from shoal.server.thread_governor import CpuOfOthers, ThreadGovernor, threads_for
 
 
 def test_threads_follow_the_cores_other_tasks_leave():
     assert threads_for(0.0, cores=2, max_threads=2) == 2
-    assert threads_for(0.3, cores=2, max_threads=2) == 2  # the API process, now and then
+    assert threads_for(0.3, cores=2, max_threads=2) == 2  # a client reading its tokens, now and then
     assert threads_for(1.0, cores=2, max_threads=2) == 1  # a neighbour spinning on one core
     assert threads_for(3.0, cores=2, max_threads=2) == 1  # never fewer than one
     assert threads_for(1.0, cores=8, max_threads=4) == 4  # never more than asked for
 
 
-def test_the_governor_decides_once_a_window_and_only_on_a_change():
-    readings = iter([1] * 4 + [0] * 4 + [0] * 4)  # one other task, then none
+def test_the_governor_reads_once_a_window_and_sets_only_on_a_change():
+    readings = iter([1.0, 0.1, 0.0])  # a neighbour on one core, then (almost) none
     calls = []
     gov = ThreadGovernor(2, calls.append, window=4, cores=2, read=lambda: next(readings))
     for _ in range(3):
@@ -29,10 +31,31 @@ def test_the_governor_decides_once_a_window_and_only_on_a_change():
     assert calls == [1, 2]  # back to two once the neighbour left; not set again while unchanged
 
 
-def test_without_proc_stat_nothing_changes():
+def test_without_a_reading_nothing_changes():
     calls = []
     gov = ThreadGovernor(2, calls.append, window=1, cores=2, read=lambda: None)
     gov.observe()
     assert calls == [] and gov.threads == 2
-    assert read_procs_running() is None or read_procs_running() >= 1
-    assert running_tasks(os.getpid()) in (0, 1)  # this thread, reading (0 without /proc)
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_a_spinning_neighbour_reads_as_about_one_core_and_this_process_as_none():
+    others = CpuOfOthers()
+    _spin(0.4)  # this process's own work is not another's
+    mine = others()
+    neighbour = multiprocessing.get_context("spawn").Process(target=_spin, args=(1.5,))
+    neighbour.start()
+    time.sleep(0.5)  # past its start-up
+    others()
+    time.sleep(0.8)
+    spinning = others()
+    neighbour.join()
+    if mine is None:  # no /proc here
+        return
+    assert mine < 0.6, mine
+    assert 0.6 < spinning < 1.6, spinning
