@@ -169,9 +169,8 @@ class GatewayLayer:
             store(answer, small.name)
         headers = [(b"x-shoal-pool", small.name.encode()), (b"x-shoal-route", b"small")]
         if body.get("stream") and answer is not None:
-            include = bool((body.get("stream_options") or {}).get("include_usage"))
-            await _send_events(answer.events(small.name, include), send, headers)
-        else:  # a tool call or several choices: as a whole reply
+            await self._answer(answer, body, small.name, send, headers)
+        else:  # the small pool's whole reply (a tool call or several choices included)
             await send_reply(Reply(200, [(b"content-type", b"application/json")], json.dumps(data).encode()), send, headers)
 
     def _account(self, pool: Pool, asked: str, route: str, answer: Answer | None) -> None:

@@ -135,10 +135,9 @@ class UpstreamPool(Pool):
         headers = {"content-type": "application/json"}
         if key := self.config.api_key():
             headers["authorization"] = f"Bearer {key}"
-        for name in (b"x-request-id",):
-            for k, v in scope["headers"]:
-                if k == name:
-                    headers[name.decode()] = v.decode("latin-1")
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":  # the client's id, so the upstream's logs name the same request
+                headers["x-request-id"] = v.decode("latin-1")
         url = self.config.url.rstrip("/") + path.removeprefix("/v1")
         return self.client.build_request("POST", url, content=json.dumps(self.model_for(body)), headers=headers)
 

@@ -90,7 +90,7 @@ def _required_tools(body: dict) -> dict[str, dict] | None:
     """The offered tools' parameter schemas by name, when the request requires a call."""
     choice = body.get("tool_choice")
     tools = body.get("tools") or []
-    if not tools or choice not in ("required",) and not isinstance(choice, dict):
+    if not tools or (choice != "required" and not isinstance(choice, dict)):
         return None
     named = choice["function"]["name"] if isinstance(choice, dict) else None
     return {t["function"]["name"]: t["function"].get("parameters") or _ANY_OBJECT
