@@ -23,7 +23,7 @@ ModelOpt = typer.Option(None, "--model", help="GGUF file or Hugging Face folder 
 # against the tuple its module keeps, so the two cannot drift apart.
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Dispatch = Literal["predicted_latency", "round_robin", "least_load", "prefix_aware", "session_affinity"]
-Migration = Literal["llumnix", "none"]
+Migration = Literal["llumnix", "llumnix_ungated", "none"]
 TokenBudget = Literal["fixed", "slo"]
 Admission = Literal["fcfs", "deadline"]
 SchedulingPolicy = Literal["fcfs", "priority", "vtc"]
@@ -153,7 +153,7 @@ def serve(
     instances: int = typer.Option(1, "--instances", help="Engine instances; >1 runs them as Ray actors"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (implies the cluster mode)"),
     dispatch: Dispatch = typer.Option("predicted_latency", "--dispatch", help="How the cluster picks an instance for a request"),
-    migration: Migration = typer.Option("llumnix", "--migration", help="Live migration between instances"),
+    migration: Migration = typer.Option("llumnix", "--migration", help="Live migration between instances: llumnix keeps Llumnix's moves where they are predicted to raise SLO attainment; llumnix_ungated makes them all"),
     roles: Optional[str] = typer.Option(None, "--roles", help="Comma-separated per-instance roles: both | prefill | decode"),
     slo_ttft_ms: float = typer.Option(1000.0, "--slo-ttft-ms", help="TTFT objective of requests that bring none (dispatch, deadline admission)"),
     slo_tpot_ms: float = typer.Option(100.0, "--slo-tpot-ms", help="TPOT objective (dispatch; the step time limit of --token-budget slo)"),
@@ -546,7 +546,7 @@ def sim(
     instances: int = typer.Option(1, "--instances"),
     cost_model: Optional[Path] = typer.Option(None, "--cost-model", help="Fitted profile JSON (default: the committed SmolLM2-on-CPU one)"),
     dispatch: Dispatch = typer.Option("predicted_latency", "--dispatch", "--policy", help="As in serve (--policy is the old name)"),
-    migration: Migration = typer.Option("none", "--migration", help="Live migration between instances"),
+    migration: Migration = typer.Option("llumnix", "--migration", help="As in serve"),
     roles: Optional[str] = typer.Option(None, "--roles", help="Comma-separated per-instance roles: both | prefill | decode"),
     speeds: Optional[str] = typer.Option(None, "--speeds", help="Per-instance speed relative to the cost model, e.g. 8x1,8x0.5 (default: all 1)"),
     token_budget: TokenBudget = typer.Option("fixed", "--token-budget", help="fixed: --max-num-batched-tokens per step; slo: also cut prefill chunks so a step with decodes stays within the TPOT SLO"),

@@ -84,12 +84,12 @@ def test_option_choices_are_the_modules_own():
 
     from shoal import cli as c
     from shoal.bench.agent import PRESETS
-    from shoal.control.policies import DISPATCH_POLICIES
+    from shoal.control.policies import DISPATCH_POLICIES, MIGRATION_POLICIES
     from shoal.engine.config import _DTYPES
     from shoal.engine.scheduler import ADMISSION_ORDERS, SCHEDULING_POLICIES
     from shoal.server.tools import FORMATS, PROMPTS
 
-    assert get_args(c.Dispatch) == DISPATCH_POLICIES
+    assert get_args(c.Dispatch) == DISPATCH_POLICIES and get_args(c.Migration) == MIGRATION_POLICIES
     assert get_args(c.Admission) == ADMISSION_ORDERS and get_args(c.SchedulingPolicy) == SCHEDULING_POLICIES
     assert set(get_args(c.ToolCallParser)) == set(FORMATS) and get_args(c.ToolPrompt) == PROMPTS
     assert set(get_args(c.AgentPreset)) == set(PRESETS)

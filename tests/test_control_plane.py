@@ -4,6 +4,7 @@ heterogeneous fleets, and request metadata through the engine, a migration and t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -125,6 +126,79 @@ def test_a_session_turn_that_meets_its_slo_nowhere_stays_with_its_kv():
 def test_predicted_latency_needs_profiles():
     with pytest.raises(ValueError, match="profiles"):
         policies.make_dispatch_policy("predicted_latency")
+
+
+# ---- migrations gated by predicted benefit ------------------------------------------------------
+
+GATE_SLO = SLO(1.0, 0.1)
+
+
+def gated_scheduler(src: InstanceLoad, dst: InstanceLoad, cm, migration: str = "llumnix") -> GlobalScheduler:
+    gs = GlobalScheduler(policies.LeastLoad(), policies.make_migration_policy(migration), slo=GATE_SLO)
+    for i, l in enumerate((src, dst)):
+        gs.add_instance(i, "both", l, InstanceProfile(cm, max_num_batched_tokens=104))
+    return gs
+
+
+def batch(n: int, tokens: int) -> tuple[policies.RunningRequest, ...]:
+    return tuple(policies.RunningRequest(f"r{k}", 0, tokens) for k in range(n))
+
+
+def with_batch(l: InstanceLoad, reqs) -> InstanceLoad:
+    return dataclasses.replace(l, running=reqs, num_running=len(reqs), tokens_in_flight=sum(r.num_tokens for r in reqs))
+
+
+def test_a_rebalance_between_instances_that_both_meet_the_slo_is_declined():
+    """Llumnix's rule sees an imbalance (a queue beside an idle instance, freeness 0.6 vs 100); the
+    predictor sees both meet the SLO (10 ms + 1 ms a token: the queued 228 tokens take 3 steps of
+    113 ms), so the move could only cost a copy. Ungated, it is made."""
+    cm = linear(intercept=0.010, tokens=0.001)
+    src = with_batch(load(free=10, waiting=1, waiting_tokens=100), batch(3, 100))
+    assert gated_scheduler(src, load(), cm, "llumnix_ungated").migration_plan()[0].reason == "rebalance"
+    gs = gated_scheduler(src, load(), cm)
+    assert gs.migration_plan() == []
+    assert gs.declined == {"rebalance": {"slo_met": 1}}
+
+
+def test_a_move_off_an_instance_whose_decodes_miss_the_tpot_slo_is_kept():
+    """0.1 ms a token of decode context: three 2,000-token requests make a 613 ms decode step
+    there (TPOT 6x the SLO); moving one leaves 412 ms there and 222 ms on the idle instance."""
+    cm = linear(intercept=0.010, tokens=0.001, ctx=0.0001)
+    src = with_batch(load(free=10, waiting=1, waiting_tokens=100, total=400), batch(3, 2000))
+    gs = gated_scheduler(src, load(free=400, total=400), cm)
+    assert [(m.req_id, m.src, m.dst) for m in gs.migration_plan()] == [("r0", 0, 1)]
+    assert gs.declined == {}
+
+
+def test_a_drain_is_always_kept_and_a_relief_into_a_worse_instance_is_not():
+    cm = linear(intercept=0.010, tokens=0.001, ctx=0.0001)
+    src = with_batch(load(free=10, waiting=1, waiting_tokens=100), batch(3, 100))
+    gs = gated_scheduler(src, load(), cm)
+    gs.set_draining(0)
+    assert [m.reason for m in gs.migration_plan()] == ["drain", "drain"]  # two a round; all meet the SLO
+    # the source is about to preempt (1 free block for 3 decodes), but the destination already
+    # decodes 9,000 tokens of context (925 ms a step): moving a 2,000-token request there makes it worse
+    src = with_batch(load(free=1, total=1000), batch(3, 2000))
+    dst = with_batch(load(free=400, total=1000), batch(2, 4500))
+    gs = gated_scheduler(src, dst, cm)
+    assert gs.migration_plan() == []
+    assert gs.declined == {"relieve": {"dst_would_miss": 1}}
+    assert [m.reason for m in gated_scheduler(src, dst, cm, "llumnix_ungated").migration_plan()] == ["relieve"]
+
+
+def test_a_prefilled_request_decodes_where_its_tpot_is_predicted_to_meet_the_slo():
+    """0.1 ms a token of decode context: instance 2 has the most free blocks but decodes 8,000
+    tokens (0.8 s a step); instance 1 has less room and meets the SLO. When every decode instance
+    is predicted worse than the prefill instance itself, the request stays there."""
+    cm = linear(intercept=0.010, tokens=0.001, ctx=0.0001)
+    gs = GlobalScheduler(policies.LeastLoad(), slo=GATE_SLO)
+    loads = [load(), with_batch(load(free=40), batch(1, 100)), with_batch(load(free=120, total=1000), batch(2, 4000))]
+    for i, (role, l) in enumerate(zip(("prefill", "decode", "decode"), loads)):
+        gs.add_instance(i, role, l, InstanceProfile(cm))
+    assert gs.pd_destination(0, 300) == 1
+    assert GlobalScheduler(policies.LeastLoad()).pd_destination() is None  # no decode instance at all
+    gs.observe(1, with_batch(load(free=40, total=1000), batch(2, 4000)))
+    assert gs.pd_destination(0, 300) is None and gs.declined == {"pd": {"no_gain": 1}}
 
 
 # ---- SLO-sized steps ----------------------------------------------------------------------------

@@ -22,11 +22,13 @@ from shoal.sim.capacity import find_capacity
 from shoal.sim.experiment import SimSetup, parse_speeds
 
 TRACE = Path(__file__).resolve().parents[2].parent / "shared/data/traces/azure_conv_2023.csv"
-CONFIGS = {  # name: (dispatch, SLO-sized steps, deadline admission)
-    "baseline: round_robin, fixed 512 budget": ("round_robin", False, False),
-    "predicted_latency": ("predicted_latency", False, False),
-    "slo budget (round_robin)": ("round_robin", True, False),
-    "predicted_latency + slo budget + deadline admission": ("predicted_latency", True, True),
+CONFIGS = {  # name: (dispatch, SLO-sized steps, deadline admission, live migration)
+    "baseline: round_robin, fixed 512 budget": ("round_robin", False, False, "none"),
+    "predicted_latency": ("predicted_latency", False, False, "none"),
+    "slo budget (round_robin)": ("round_robin", True, False, "none"),
+    "predicted_latency + slo budget + deadline admission": ("predicted_latency", True, True, "none"),
+    "... + llumnix migration, every move": ("predicted_latency", True, True, "llumnix_ungated"),
+    "... + llumnix migration, moves gated by predicted benefit (default)": ("predicted_latency", True, True, "llumnix"),
 }
 
 
@@ -45,9 +47,9 @@ def main() -> None:
                  "slo_ms": [5000, 200], "attainment_target": 0.9, "fleets": {}}
     for fleet, speeds in (("homogeneous", "16x1"), ("heterogeneous (8 at half speed)", "8x1,8x0.5")):
         rows, base_ts = {}, None
-        for name, (dispatch, steps, deadlines) in CONFIGS.items():
-            setup = SimSetup(cm, parse_speeds(speeds, 16), dispatch, slo=slo, slo_steps=steps, deadlines=deadlines,
-                             num_blocks=800)
+        for name, (dispatch, steps, deadlines, migration) in CONFIGS.items():
+            setup = SimSetup(cm, parse_speeds(speeds, 16), dispatch, migration=migration, slo=slo, slo_steps=steps,
+                             deadlines=deadlines, num_blocks=800)
             found = find_capacity(lambda ts: setup.run(workload(ts))[0], 0.9, lo=0.5, hi=4.0, rel_tol=0.05)
             rows[name] = {"setup": setup, "time_scale": found.time_scale if found else None,
                           "rate_rps": found.rate_rps if found else 0.0}
@@ -62,10 +64,14 @@ def main() -> None:
                 "capacity_rps": row["rate_rps"], "capacity_time_scale": row["time_scale"],
                 "capacity_x_baseline": row["rate_rps"] / base["rate_rps"] if base["rate_rps"] else None,
                 "at_baseline_capacity": {k: at_base[k] for k in ("slo_attainment", "goodput_rps", "ttft_ms", "tpot_ms")},
+                "migrations_at_baseline_capacity": {"done": at_base["migrations"]["done"],
+                                                    "by_reason": at_base["migrations"]["by_reason"],
+                                                    "declined": at_base["migrations_declined"]},
             }
             p99 = table[name]["at_baseline_capacity"]["ttft_ms"]["p99"]
             print(f"  at the baseline's capacity: {name:55s} attainment {at_base['slo_attainment']:.3f} "
-                  f"TTFT p99 {p99:.0f} ms", flush=True)
+                  f"TTFT p99 {p99:.0f} ms, migrations {at_base['migrations']['done']} "
+                  f"(declined {sum(sum(w.values()) for w in at_base['migrations_declined'].values())})", flush=True)
         base_p99 = table[next(iter(CONFIGS))]["at_baseline_capacity"]["ttft_ms"]["p99"]
         for row in table.values():
             row["ttft_p99_x_lower_than_baseline"] = base_p99 / row["at_baseline_capacity"]["ttft_ms"]["p99"]

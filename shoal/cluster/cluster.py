@@ -138,7 +138,7 @@ class ClusterEngine:
         profiles: dict[int, InstanceProfile] = {}
         if isinstance(dispatch, str):
             dispatch = make_dispatch_policy(dispatch, profiles, slo)
-        self.scheduler = GlobalScheduler(dispatch, migration, autoscaler, profiles)
+        self.scheduler = GlobalScheduler(dispatch, migration, autoscaler, profiles, slo)
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
         self.control_interval_s = control_interval_s
@@ -376,12 +376,13 @@ class ClusterEngine:
         return await self._move(tracked, src, dst, protocol, reason)
 
     async def _pd_transfer(self, tracked: Tracked, src: Member) -> None:
-        """Move a request parked on a prefill instance (after its first token) to the freest
-        decode instance; if that fails it continues on the prefill instance."""
+        """Move a request parked on a prefill instance (after its first token) to the decode
+        instance the global scheduler picks; if it picks none, or the move fails, it continues on
+        the prefill instance."""
         tracked.migrating = True
         try:
             state = await src.handle.take_handoff.remote(tracked.req_id)
-            dst_id = self.scheduler.pd_destination()
+            dst_id = self.scheduler.pd_destination(src.id, len(state.prompt_token_ids) + len(state.output_token_ids))
         except Exception as exc:  # not parked after all (the instance restarted, or died): never leave it hanging
             log.warning("P/D hand-off of %s failed: %s", tracked.req_id, exc)
             if self.requests.get(tracked.req_id) is tracked:  # not already ended by _member_died

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Container, Sequence
 
+from shoal.control.migration_gate import MigrationGate, moved
 from shoal.control.predictor import InstanceProfile
 from shoal.control.policies import (
     MIGRATION_ROLES,
@@ -28,6 +29,7 @@ from shoal.control.policies import (
     decode_room,
     priority_view,
 )
+from shoal.engine.metadata import SLO
 from shoal.engine.outputs import InstanceLoad
 
 ENTRY_ROLES = ("both", "prefill")  # instances that take new requests
@@ -64,13 +66,18 @@ class GlobalScheduler:
     """Dispatch, migration, P/D destination, drain target and scaling over instances by id."""
 
     def __init__(self, dispatch: DispatchPolicy, migration: MigrationPolicy | None = None,
-                 autoscaler: Autoscaler | None = None, profiles: dict[int, InstanceProfile] | None = None) -> None:
+                 autoscaler: Autoscaler | None = None, profiles: dict[int, InstanceProfile] | None = None,
+                 slo: SLO | None = None) -> None:
         self.dispatch_policy = dispatch
         self.migration_policy = migration
         self.autoscaler = autoscaler
         self.instances: dict[int, InstanceView] = {}
         # each instance's cost profile (the very dict a predicted-latency policy reads)
         self.profiles: dict[int, InstanceProfile] = {} if profiles is None else profiles
+        # moves are judged against ``slo`` (the requests' default): a gated migration policy's, and P/D hand-offs
+        self.gate = MigrationGate(self.profiles, slo) if slo is not None else None
+        self.declined: dict[str, dict[str, int]] = {}  # moves the gate declined: reason ("pd" too) -> why -> count
+        self._prompts = [0, 0]  # prompts dispatched, their tokens: the gate's typical request
 
     # ---- membership and snapshots ---------------------------------------------------------------
 
@@ -108,6 +115,8 @@ class GlobalScheduler:
         loads = {i: priority_view(load, request.priority) for i, load in loads.items()}
         chosen = self.dispatch_policy.choose(loads, request)
         self._count_queued(chosen, len(request.prompt_token_ids), +1)
+        self._prompts[0] += 1
+        self._prompts[1] += len(request.prompt_token_ids)
         return chosen
 
     def undo_dispatch(self, instance_id: int, request: DispatchRequest) -> None:
@@ -124,10 +133,26 @@ class GlobalScheduler:
         elif prompt_len in view.recent_prompts:
             view.recent_prompts.remove(prompt_len)
 
-    def pd_destination(self) -> int | None:
-        """Where a request prefilled on a prefill instance decodes: the most decode room."""
+    def pd_destination(self, src: int | None = None, context_len: int = 0) -> int | None:
+        """Where a request of ``context_len`` tokens prefilled on prefill instance ``src`` decodes:
+        with an SLO and profiles, among the instances predicted to keep its TPOT within the SLO the
+        most decode room, else the one predicted to miss it least — or None (it stays on ``src``)
+        when decoding there is predicted better than anywhere else. Without them, the most room."""
         loads = self.loads(("decode", "both"))
-        return max(loads, key=lambda i: (decode_room(loads[i]), -i)) if loads else None
+        if not loads:
+            return None
+        room = lambda i: (decode_room(loads[i]), -i)  # noqa: E731
+        if self.gate is None or not self.profiles or src not in self.instances:
+            return max(loads, key=room)
+        misses = {i: self.gate.decode_violation(i, load, context_len) for i, load in loads.items()}
+        meets = [i for i, v in misses.items() if v <= 1.0]
+        if meets:
+            return max(meets, key=room)
+        best = min(misses, key=lambda i: (misses[i], i))
+        if self.gate.gains(misses[best], self.gate.decode_violation(src, self.instances[src].load, context_len)):
+            return best
+        self._decline("pd", "no_gain")
+        return None
 
     def drain_target(self, source: int) -> int | None:
         """Where a draining instance's requests move (None: a prefill instance hands off instead,
@@ -147,7 +172,28 @@ class GlobalScheduler:
             return []
         running = {i: [r for r in load.running if r.req_id not in exclude] for i, load in loads.items()}
         draining = frozenset(i for i in loads if self.instances[i].draining)
-        return self.migration_policy.plan(loads, running, draining)
+        plan = self.migration_policy.plan(loads, running, draining)
+        if self.gate is None or not getattr(self.migration_policy, "gated", False) or not self.profiles or not plan:
+            return plan
+        return self._gated(plan, dict(loads))
+
+    def _gated(self, plan: list[Migration], loads: dict[int, InstanceLoad]) -> list[Migration]:
+        """The planned moves the gate keeps, each judged on the loads the kept ones before it leave."""
+        probe_len = self._prompts[1] // self._prompts[0] if self._prompts[0] else 128
+        kept = []
+        for m in plan:
+            req = next(r for r in loads[m.src].running if r.req_id == m.req_id)
+            why = self.gate.judge(m.reason, req, m.src, m.dst, loads, probe_len)
+            if why is None:
+                kept.append(m)
+                loads[m.src], loads[m.dst] = moved(loads[m.src], req, -1), moved(loads[m.dst], req, +1)
+            else:
+                self._decline(m.reason, why)
+        return kept
+
+    def _decline(self, reason: str, why: str) -> None:
+        counts = self.declined.setdefault(reason, {})
+        counts[why] = counts.get(why, 0) + 1
 
     def scale(self) -> tuple[int, int | None]:
         """(+1, None) to add an instance, (-1, victim id) to drain one, (0, None) to hold. The

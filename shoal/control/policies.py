@@ -260,6 +260,7 @@ class Migration:
 
 class MigrationPolicy(Protocol):
     name: str
+    gated: bool  # the global scheduler keeps only the moves predicted to raise SLO attainment
 
     def plan(self, loads: Loads, running: Mapping[int, Sequence[RunningRequest]],
              draining: frozenset[int] = frozenset()) -> list[Migration]:
@@ -275,13 +276,14 @@ class LlumnixMigration:
 
     Each decision moves the cheapest request (fewest tokens, lowest priority) from the least free
     instance to the freest one that is not draining, if its KV fits there; at most
-    ``max_per_round`` at a time."""
+    ``max_per_round`` at a time. ``gated``: the global scheduler keeps only the moves predicted to
+    raise SLO attainment (:mod:`shoal.control.migration_gate`); ungated, every move is made."""
 
-    name = "llumnix"
-
-    def __init__(self, gap: float = 4.0, max_per_round: int = 2) -> None:
+    def __init__(self, gap: float = 4.0, max_per_round: int = 2, gated: bool = True) -> None:
         self.gap = gap
         self.max_per_round = max_per_round
+        self.gated = gated
+        self.name = "llumnix" if gated else "llumnix_ungated"
 
     def plan(self, loads, running, draining=frozenset()):
         loads = dict(loads)
@@ -341,13 +343,18 @@ class LlumnixMigration:
         return out
 
 
+MIGRATION_POLICIES = ("llumnix", "llumnix_ungated", "none")
+DEFAULT_MIGRATION = "llumnix"
+
+
 def make_migration_policy(name: str) -> MigrationPolicy | None:
-    """``none`` or ``llumnix``."""
+    """One of :data:`MIGRATION_POLICIES`: Llumnix's moves kept where predicted to raise SLO
+    attainment, all of Llumnix's moves, or none."""
     if name == "none":
         return None
-    if name == "llumnix":
-        return LlumnixMigration()
-    raise ValueError(f"unknown migration policy {name!r}; choose one of none, llumnix")
+    if name in ("llumnix", "llumnix_ungated"):
+        return LlumnixMigration(gated=name == "llumnix")
+    raise ValueError(f"unknown migration policy {name!r}; choose one of {', '.join(MIGRATION_POLICIES)}")
 
 
 # ---- prefill/decode disaggregation ---------------------------------------------------------------

@@ -31,7 +31,11 @@ log = logging.getLogger(__name__)
 
 
 class EngineCore:
-    """Continuous batching over one executor. Times come only from ``clock``."""
+    """Continuous batching over one executor. Times come only from ``clock``.
+
+    With a tokenizer it turns generated tokens into text; with ``detokenize_all`` set False (before
+    any request) it decodes only the requests with stop strings, whose text it must see to stop at
+    one: the others' outputs carry no text, for an API process to decode."""
 
     def __init__(
         self,
@@ -58,6 +62,7 @@ class EngineCore:
         self.last_plan: StepPlan | None = None
         self._sampling: dict[str, SamplingState] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self.detokenize_all = True
         self._pending: list[RequestOutput] = []  # outputs of requests ended outside step()
         self._eos = set(eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -165,7 +170,7 @@ class EngineCore:
             matcher=matcher,
             speculative=speculates(req.params, self.speculative_config),
         )
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and (self.detokenize_all or req.params.stop):
             self._detok[req.req_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params)
 
     def abort(self, req_id: str) -> bool:

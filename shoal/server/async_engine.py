@@ -4,7 +4,8 @@
 The engine core stays single-threaded: an :class:`~shoal.server.engine_loop.EngineLoop` drives it
 either in a thread of this process (:class:`AsyncEngine`) or alone in its own process
 (:class:`~shoal.server.engine_process.EngineProcess`: the step loop then never waits on HTTP,
-tokenization or detokenization). Either way messages cross to the loop, and the loop's events
+tokenization or detokenization, which happens here but for requests with stop strings, whose text
+the engine needs). Either way messages cross to the loop, and the loop's events
 (admissions, each step's outputs batched with a load snapshot) come back to the event loop here.
 """
 
@@ -15,6 +16,7 @@ import queue
 import threading
 from typing import Callable
 
+from shoal.engine.detokenizer import IncrementalDetokenizer
 from shoal.engine.engine import Engine
 from shoal.engine.guided import GrammarCompiler
 from shoal.engine.metadata import SLO, RequestMetadata, with_slo
@@ -26,7 +28,12 @@ from shoal.streams import RequestStream
 
 class EngineFront:
     """What the API sees of an engine core, wherever its loop runs: subclasses say how a message
-    reaches the loop (:meth:`_send`) and pass the loop's events to :meth:`_post` (any thread)."""
+    reaches the loop (:meth:`_send`) and pass the loop's events to :meth:`_post` (any thread).
+
+    A front that ``detokenizes`` decodes the text of requests without stop strings here, before
+    step listeners and streams see their outputs (its engine core decodes only the others)."""
+
+    detokenizes: bool = False
 
     def __init__(self, max_waiting: int | None, slo: SLO | None, max_model_len: int, vocab_size: int,
                  load: InstanceLoad) -> None:
@@ -38,6 +45,7 @@ class EngineFront:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._admissions: dict[str, asyncio.Future[None]] = {}
+        self._detoks: dict[str, IncrementalDetokenizer] = {}  # open requests whose text is decoded here
         self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
         self.dead: str | None = None  # why the engine stopped for good, if it did
 
@@ -64,11 +72,14 @@ class EngineFront:
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         admitted = self._admissions[req_id] = self._loop.create_future()
         self._streams[req_id] = outputs
+        if self.detokenizes and not params.stop:
+            self._detoks[req_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
         self._send(AddRequest(req_id, list(prompt_token_ids), params, with_slo(metadata, self.slo)))
         try:
             await admitted
         except BaseException:
             self._streams.pop(req_id, None)
+            self._detoks.pop(req_id, None)
             raise
         return RequestStream(self.abort, req_id, outputs)
 
@@ -95,6 +106,7 @@ class EngineFront:
             if fut is not None and not fut.done():
                 fut.set_result(None) if event.error is None else fut.set_exception(event.error)
         elif isinstance(event, Stepped):
+            self._detokenize(event.outputs)
             # Listeners (metrics) first: a client that reads /metrics after its answer sees it counted.
             for listener in self.step_listeners:
                 listener(event.outputs)
@@ -110,11 +122,26 @@ class EngineFront:
                 if not fut.done():
                     fut.set_exception(RuntimeError(error))
             self._admissions.clear()
+            self._detoks.clear()
             outputs = [failed_output(req_id, error) for req_id in self._streams]
             for listener in self.step_listeners:
                 listener(outputs)
             for out in outputs:
                 self._streams.pop(out.req_id).put_nowait(out)
+
+    def _detokenize(self, outputs: list[RequestOutput]) -> None:
+        """Fill in the text of the outputs of requests decoded here; forget those that ended."""
+        for out in outputs:
+            detok = self._detoks.get(out.req_id)
+            if detok is None:
+                continue
+            for token in out.new_token_ids:
+                detok.update(token)
+            if out.finished:
+                out.new_text = detok.finish()
+                del self._detoks[out.req_id]
+            else:
+                out.new_text = detok.get_delta()
 
 
 class AsyncEngine(EngineFront):

@@ -1,6 +1,7 @@
 """The engine core in its own process (vLLM V1's shape): the API process does HTTP, chat templates,
-tokenization and detokenization of the text it serves; the engine process runs the
-:class:`~shoal.server.engine_loop.EngineLoop` and nothing else, so its steps never wait on them.
+tokenization and detokenization of the text it serves (except requests with stop strings, whose
+text the engine needs); the engine process runs the :class:`~shoal.server.engine_loop.EngineLoop`
+and nothing else, so its steps never wait on them.
 
 Messages and events cross a duplex Unix socket pair (``multiprocessing.Pipe``: pickled frames, one
 per message and one per engine step carrying all of the step's outputs). A reader thread here turns
@@ -34,7 +35,8 @@ STARTUP_TIMEOUT_S = 600.0
 
 
 class EngineProcess(EngineFront):
-    """An engine core built by ``factory()`` in a child process; ``tokenizer`` serves the API here."""
+    """An engine core built by ``factory()`` in a child process; ``tokenizer`` serves the API here
+    and decodes the text of requests without stop strings (none without a tokenizer)."""
 
     def __init__(self, factory: Callable[[], object], tokenizer, max_waiting: int | None = None,
                  slo: SLO | None = None, cpus: list[int] | None = None, adaptive_threads: bool = False,
@@ -43,13 +45,14 @@ class EngineProcess(EngineFront):
         self._conn, child = ctx.Pipe()
         env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         self.proc = ctx.Process(target=engine_main, args=(pickle.dumps(factory), max_waiting, child, env, cpus, adaptive_threads,
-                                                      log_level, log_format),
+                                                      log_level, log_format, tokenizer is not None),
                                 name="shoal-engine-core", daemon=True)
         self.proc.start()
         child.close()
         ready = self._wait_ready()
         super().__init__(max_waiting, slo, ready["max_model_len"], ready["vocab_size"], ready["load"])
         self.tokenizer = tokenizer
+        self.detokenizes = tokenizer is not None
         self._grammar: GrammarCompiler | None = None
         self._send_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="shoal-engine-events", daemon=True)
@@ -113,9 +116,10 @@ class EngineProcess(EngineFront):
 
 def engine_main(factory_bytes: bytes, max_waiting: int | None, conn, env: dict[str, str],
                 cpus: list[int] | None, adaptive_threads: bool = False, log_level: str = "warning",
-                log_format: str = "text") -> None:
-    """The engine process: set its thread environment and logging (the server's), build the engine,
-    run the loop."""
+                log_format: str = "text", api_detokenizes: bool = True) -> None:
+    """The engine process: set its thread environment and logging (the server's), build the engine
+    (if ``api_detokenizes``, decoding the text of requests with stop strings only: the API process
+    decodes the others'), run the loop."""
     for key, value in env.items():
         os.environ.setdefault(key, value)
     if cpus:
@@ -123,6 +127,7 @@ def engine_main(factory_bytes: bytes, max_waiting: int | None, conn, env: dict[s
     logs.configure(log_level, log_format)
     try:
         engine = pickle.loads(factory_bytes)()
+        engine.detokenize_all = not api_detokenizes
     except BaseException as exc:  # the model or the config failed: say why, then exit
         conn.send(("failed", _picklable(exc)))
         return

@@ -14,13 +14,13 @@ from shoal.bench import report
 from shoal.bench.agent import AgentWorkload, program_summary
 from shoal.bench.report import RequestRecord
 from shoal.bench.workloads import Workload
-from shoal.control.policies import make_dispatch_policy, make_migration_policy
+from shoal.control.policies import DEFAULT_MIGRATION, make_dispatch_policy, make_migration_policy
 from shoal.engine.metadata import SLO
 from shoal.engine.cost_model import CostModel, ScaledCostModel
 from shoal.engine.programs import ProgramConfig
 from shoal.engine.scheduler import SCHEDULING_POLICIES
 from shoal.progress import Progress
-from shoal.sim.simulator import Cluster, InstanceSpec, simulate
+from shoal.sim.simulator import Cluster, InstanceSpec
 from shoal.sim.transfer import Link, summarize_transfers
 
 
@@ -48,7 +48,7 @@ class SimSetup:
     cost_model: CostModel
     speeds: list[float]
     dispatch: str
-    migration: str = "none"
+    migration: str = DEFAULT_MIGRATION
     roles: list[str] | None = None
     slo: SLO = SLO(1.0, 0.1)
     slo_steps: bool = False  # size each step from the TPOT SLO (Sarathi-Serve) instead of a fixed budget only
@@ -83,21 +83,22 @@ class SimSetup:
                             programs=self.programs, num_tier_blocks=self.num_tier_blocks)
         return [base if v == 1.0 else replace(base, cost_model=ScaledCostModel(self.cost_model, v)) for v in self.speeds]
 
-    def cluster(self, workload: Workload) -> Cluster:
+    def cluster(self, workload: Workload | AgentWorkload, progress: Progress | None = None) -> Cluster:
         """A simulated cluster of this set-up, not yet run (the gateway's simulator steps it and adds
-        arrivals as they come)."""
+        arrivals as they come); ``progress`` hears of each request ended."""
         return Cluster(workload, self.specs(), self.dispatch, self.seed, migration=make_migration_policy(self.migration),
-                       roles=self.roles, link=Link(self.link_gbps, self.link_latency_ms / 1e3), slo=self.slo)
+                       roles=self.roles, link=Link(self.link_gbps, self.link_latency_ms / 1e3), slo=self.slo,
+                       progress=progress)
 
     def run(self, workload: Workload | AgentWorkload,
             progress: Progress | None = None) -> tuple[dict, list[RequestRecord]]:
         """Simulate ``workload`` (``progress`` hears of each request ended); the result JSON and the records."""
         specs = self.specs()
-        link = Link(self.link_gbps, self.link_latency_ms / 1e3)
         t = time.perf_counter()
-        records, duration, sims = simulate(workload, specs, self.dispatch, self.seed, roles=self.roles, link=link,
-                                           migration=make_migration_policy(self.migration), slo=self.slo,
-                                           progress=progress)
+        run = self.cluster(workload, progress)
+        run.run()
+        records, sims = run.records, run.sims
+        duration = max((r.end_s for r in records if r.end_s is not None), default=0.0)
         wall = time.perf_counter() - t
         model = getattr(self.cost_model, "model", "unknown")
         result = report.summarize(records, workload.description, self.slo.ttft_s * 1e3, self.slo.tpot_s * 1e3,
@@ -108,6 +109,7 @@ class SimSetup:
             "link": {"gbps": self.link_gbps, "latency_ms": self.link_latency_ms,
                      "kv_bytes_per_block": specs[0].kv_bytes_per_block},
             **summarize_transfers([tr for s in sims for tr in s.transfers]),
+            "migrations_declined": run.scheduler.declined,
             "preemptions": sum(s.engine.scheduler.num_preemptions for s in sims),
             "swapped_out_bytes": sum(s.engine.scheduler.num_swapped_out_blocks for s in sims) * specs[0].kv_bytes_per_block,
             "prefix_cache": {"query_tokens": sum(s.engine.block_manager.prefix_queries for s in sims),

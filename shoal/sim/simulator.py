@@ -229,7 +229,7 @@ class Cluster:
         profiles: dict[int, InstanceProfile] = {i: spec.profile for i, spec in enumerate(specs)}
         if isinstance(dispatch, str):
             dispatch = make_dispatch_policy(dispatch, profiles, slo)
-        self.scheduler = GlobalScheduler(dispatch, migration, profiles=profiles)
+        self.scheduler = GlobalScheduler(dispatch, migration, profiles=profiles, slo=slo)
         for i, (sim, spec) in enumerate(zip(self.sims, specs)):
             self.scheduler.add_instance(i, sim.role, sim.engine.load(), spec.profile)
         self.slo = slo
@@ -515,7 +515,10 @@ class Cluster:
         """P/D: send a request that just got its first token on prefill instance ``i`` onward."""
         state = self.sims[i].engine.export(rid, 0, release=False)
         self._observe(("decode", "both"))
-        dst = self.scheduler.pd_destination()
+        dst = self.scheduler.pd_destination(i, len(state.prompt_token_ids) + len(state.output_token_ids))
+        if dst is None:  # decoding here is predicted better: it continues where it is
+            self.sims[i].engine.restore(rid)
+            return
         n = kv_bytes(state.kv)
         mv = _Move(Transfer(rid, "pd", "pd", i, dst, now, tail_bytes=n, downtime_s=self.link.seconds(n)),
                    pd_handoff(rid, state))
