@@ -22,10 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import llguidance
-import llguidance.hf
 from llguidance.gbnf_to_lark import any_to_lark
 import torch
-from llguidance.torch import fill_next_token_bitmask
 
 CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped)
 COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -82,6 +80,8 @@ class GrammarCompiler:
     compile of it is a cache hit)."""
 
     def __init__(self, tokenizer, vocab_size: int) -> None:
+        import llguidance.hf  # here, not at import: it costs every process that never compiles a grammar
+
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
         self.vocab_size = vocab_size
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
@@ -122,12 +122,16 @@ def mask_logits(logits: torch.Tensor, matchers: list[Any]) -> None:
     """Set to -inf, in place, every token row ``i`` of ``logits`` may not take next under
     ``matchers[i]`` (None: unconstrained). The bitmask is unpacked with plain tensor ops, not
     llguidance's ``torch.compile`` kernel: that one compiles C++ at run time on the first request
-    of each shape (seconds; and for some batch shapes the compile fails, failing the whole step)."""
+    of each shape (seconds; and for some batch shapes the compile fails, failing the whole step).
+    Each matcher writes its row through ``LLMatcher.unsafe_compute_mask_ptr`` (what
+    ``llguidance.torch.fill_next_token_bitmask`` calls; importing that module costs ~2 s of
+    ``torch._dynamo`` in every process)."""
     vocab = logits.shape[1]
     rows = [i for i, m in enumerate(matchers) if m is not None]
     bitmask = torch.full((len(rows), (vocab + 31) // 32), -1, dtype=torch.int32)
     for j, i in enumerate(rows):
-        fill_next_token_bitmask(matchers[i], bitmask, j)
+        row = bitmask[j]
+        matchers[i].unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
     allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).reshape(len(rows), -1)[:, :vocab].bool()
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
