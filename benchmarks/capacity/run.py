@@ -3,7 +3,7 @@ the simulated 16-instance cluster on the Azure conversation trace, for the basel
 of the control plane's pieces alone and together; then every configuration's latency at the
 baseline's capacity rate. Homogeneous, and heterogeneous (8 instances at half speed).
 
-    python benchmarks/capacity/run.py [--requests 3000] [--out benchmarks/capacity/result.json]
+    python benchmarks/capacity/run.py [--requests 3000] [--fleet homogeneous] [--out benchmarks/capacity/result.json]
 
 Everything runs on the simulator's virtual clock, so the figures do not depend on how busy the
 machine is (only ``sim_wall_s`` does).
@@ -31,11 +31,14 @@ CONFIGS = {  # name: (dispatch, SLO-sized steps, deadline admission, live migrat
     "... + llumnix migration, moves gated by predicted benefit (default)": ("predicted_latency", True, True, "llumnix"),
 }
 
+FLEETS = {"homogeneous": ("homogeneous", "16x1"), "heterogeneous": ("heterogeneous (8 at half speed)", "8x1,8x0.5")}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("result.json"))
+    ap.add_argument("--fleet", choices=[*FLEETS, "all"], default="all")
     args = ap.parse_args()
     cm = LinearCostModel.load(default_profile_path())
     slo = SLO(5.0, 0.2)
@@ -45,7 +48,9 @@ def main() -> None:
 
     out: dict = {"trace": TRACE.name, "requests": args.requests, "instances": 16, "num_blocks": 800,
                  "slo_ms": [5000, 200], "attainment_target": 0.9, "fleets": {}}
-    for fleet, speeds in (("homogeneous", "16x1"), ("heterogeneous (8 at half speed)", "8x1,8x0.5")):
+    for key, (fleet, speeds) in FLEETS.items():
+        if args.fleet not in ("all", key):
+            continue
         rows, base_ts = {}, None
         for name, (dispatch, steps, deadlines, migration) in CONFIGS.items():
             setup = SimSetup(cm, parse_speeds(speeds, 16), dispatch, migration=migration, slo=slo, slo_steps=steps,
