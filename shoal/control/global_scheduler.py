@@ -2,7 +2,8 @@
 
 Keyed by instance id, it holds each instance's role, whether it drains, and its latest load
 snapshot, and decides: where a request goes (with the optimistic bump that keeps a burst from
-being herded onto one instance before the next snapshot), which migrations to start, where a
+being herded onto one instance before the next snapshot), which migrations to start (a gated
+policy's moves only where :class:`MigrationGate` predicts they raise SLO attainment), where a
 prefilled request decodes, where a draining instance's requests go, and when to scale and which
 instance to remove. No Ray, no asyncio, no clock: the Ray cluster and the simulator both drive this
 one object, so what the simulator shows is what the cluster decides.
