@@ -45,7 +45,11 @@ def _spin(seconds: float) -> None:
 
 
 def test_a_spinning_neighbour_reads_as_about_one_core_and_this_process_as_none():
+    """Each reading is taken against the machine's background over the same length of time while
+    this process sleeps, so that other work on the machine (a busy CI host) does not count."""
     others = CpuOfOthers()
+    time.sleep(0.4)
+    background = others()
     _spin(0.4)  # this process's own work is not another's
     mine = others()
     neighbour = multiprocessing.get_context("spawn").Process(target=_spin, args=(1.5,))
@@ -57,5 +61,5 @@ def test_a_spinning_neighbour_reads_as_about_one_core_and_this_process_as_none()
     neighbour.join()
     if mine is None:  # no /proc here
         return
-    assert mine < 0.6, mine
-    assert 0.6 < spinning < 1.6, spinning
+    assert mine - background < 0.6, (mine, background)
+    assert 0.5 < spinning - background < 1.6, (spinning, background)
