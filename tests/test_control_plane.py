@@ -9,6 +9,7 @@ import math
 import random
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from shoal.bench.workloads import RequestSpec, Workload
 from shoal.control import policies
@@ -158,6 +159,13 @@ def test_a_rebalance_between_instances_that_both_meet_the_slo_is_declined():
     gs = gated_scheduler(src, load(), cm)
     assert gs.migration_plan() == []
     assert gs.declined == {"rebalance": {"slo_met": 1}}
+    from shoal.cluster.cluster import ClusterMetrics  # the cluster's /metrics reads the same counts
+
+    registry = CollectorRegistry()
+    ClusterMetrics(registry, gs)
+    assert registry.get_sample_value("shoal:migrations_declined_total", {"reason": "rebalance", "why": "slo_met"}) == 1
+    gs.migration_plan()
+    assert registry.get_sample_value("shoal:migrations_declined_total", {"reason": "rebalance", "why": "slo_met"}) == 2
 
 
 def test_a_move_off_an_instance_whose_decodes_miss_the_tpot_slo_is_kept():

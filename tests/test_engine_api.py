@@ -21,7 +21,7 @@ from shoal.engine.request import FinishReason, Status
 from shoal.engine.sampling_params import SamplingParams
 from shoal.model.llama import LlamaModel
 from shoal.model.loader import load_checkpoint
-from tests.conftest import run_all, tokens_of
+from tests._engine_util import run_all, tokens_of
 
 
 @pytest.fixture(autouse=True, scope="module")

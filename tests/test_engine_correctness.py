@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from shoal.engine.sampling_params import SamplingParams
-from tests.conftest import run_all, tokens_of
+from tests._engine_util import run_all, tokens_of
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
 

@@ -19,7 +19,7 @@ from shoal.engine.sampling_params import SamplingParams
 from shoal.server.engine_process import EngineProcess
 from shoal.streams import QueueFull
 from tests._fake_engine import fake_engine_core
-from tests.conftest import run_all, tokens_of
+from tests._engine_util import run_all, tokens_of
 
 # Characters split across byte-level tokens: forced by a grammar, as the test model is random.
 MULTI_BYTE = "Name: 😀 你好 — café 🎉"

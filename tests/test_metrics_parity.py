@@ -182,9 +182,11 @@ def test_dashboard_queries_only_series_that_exist(server):
     cluster's ClusterMetrics, so the dashboard cannot go stale silently."""
     pytest.importorskip("ray")  # shoal.cluster imports it
     from shoal.cluster.cluster import ClusterMetrics
+    from shoal.control.global_scheduler import GlobalScheduler
+    from shoal.control.policies import LeastLoad
 
     registry = CollectorRegistry()
-    ClusterMetrics(registry)
+    ClusterMetrics(registry, GlobalScheduler(LeastLoad()))
     known = series_names(scrape(server.url).values()) | series_names(registry.collect())
     dashboard = json.loads((DEPLOY / "grafana" / "shoal-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import shoal
 from tests._server_util import MODEL_NAME, load_engine, serve
-from tests.conftest import add_bos_on_encode
+from tests._engine_util import add_bos_on_encode
 
 API_KEY = "sekret-test-key"
 COUNT = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]

@@ -20,7 +20,7 @@ from shoal.engine.config import EngineConfig
 from shoal.engine.engine import Engine
 from shoal.engine.request import FinishReason
 from shoal.model.loader import ModelLoadError, default_model_path
-from tests.conftest import add_bos_on_encode, run_all, tokens_of
+from tests._engine_util import add_bos_on_encode, run_all, tokens_of
 
 SYSTEM = (
     "You are a careful assistant for a geography and science quiz. Answer in one or two short "

@@ -12,7 +12,7 @@ from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import ScheduledChunk
 from shoal.engine.spec_verify import verify
 from shoal.engine.speculative import SpeculativeConfig, propose_ngram, speculates
-from tests.conftest import run_all, tokens_of
+from tests._engine_util import run_all, tokens_of
 
 NGRAM = SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=3, prompt_lookup_min=1)
 

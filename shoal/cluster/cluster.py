@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import ray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from shoal.cluster.instance import Instance
 from shoal.control.global_scheduler import ENTRY_ROLES, GlobalScheduler
@@ -96,8 +97,24 @@ class ClusterStats:
     downtimes_s: list[float] = field(default_factory=list)
 
 
+class DeclinedMoves:
+    """``shoal:migrations_declined_total{reason,why}``, read at scrape time from the global scheduler's
+    counts of the moves (and P/D hand-offs) its migration gate declined."""
+
+    def __init__(self, scheduler: GlobalScheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self):
+        family = CounterMetricFamily("shoal:migrations_declined", "Moves the migration gate declined, by the "
+                                     "move's reason and why.", labels=["reason", "why"])
+        for reason, counts in self.scheduler.declined.items():
+            for why, n in counts.items():
+                family.add_metric([reason, why], n)
+        yield family
+
+
 class ClusterMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, scheduler: GlobalScheduler) -> None:
         self.instance_running = Gauge("shoal:instance_requests_running", "Running requests per instance.", ["instance"], registry=registry)
         self.instance_waiting = Gauge("shoal:instance_requests_waiting", "Waiting requests per instance.", ["instance"], registry=registry)
         self.instance_kv = Gauge("shoal:instance_kv_cache_usage_perc", "KV usage per instance.", ["instance"], registry=registry)
@@ -110,6 +127,7 @@ class ClusterMetrics:
         self.pd_transfers = Counter("shoal:pd_transfers", "Requests moved from a prefill to a decode instance.", registry=registry)
         self.scale_events = Counter("shoal:scale_events", "Instances added (up) or removed (down).", ["direction"], registry=registry)
         self.redispatched = Counter("shoal:requests_redispatched", "Requests re-sent after their instance died.", registry=registry)
+        registry.register(DeclinedMoves(scheduler))
 
 
 class ClusterEngine:
@@ -174,7 +192,7 @@ class ClusterEngine:
         self._tasks.append(asyncio.create_task(self._control_loop()))
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        self.metrics = ClusterMetrics(registry)
+        self.metrics = ClusterMetrics(registry, self.scheduler)
 
     async def _add_member(self, role: str = "both", threads: int | None = None) -> Member:
         mid = self._next_member

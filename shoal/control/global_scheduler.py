@@ -78,7 +78,9 @@ class GlobalScheduler:
         # moves are judged against ``slo`` (the requests' default): a gated migration policy's, and P/D hand-offs
         self.gate = MigrationGate(self.profiles, slo) if slo is not None else None
         self.declined: dict[str, dict[str, int]] = {}  # moves the gate declined: reason ("pd" too) -> why -> count
-        self._prompts = [0, 0]  # prompts dispatched, their tokens: the gate's typical request
+        # prompts dispatched and their tokens: the gate's typical request is their mean
+        self._dispatched = 0
+        self._dispatched_tokens = 0
 
     # ---- membership and snapshots ---------------------------------------------------------------
 
@@ -116,8 +118,8 @@ class GlobalScheduler:
         loads = {i: priority_view(load, request.priority) for i, load in loads.items()}
         chosen = self.dispatch_policy.choose(loads, request)
         self._count_queued(chosen, len(request.prompt_token_ids), +1)
-        self._prompts[0] += 1
-        self._prompts[1] += len(request.prompt_token_ids)
+        self._dispatched += 1
+        self._dispatched_tokens += len(request.prompt_token_ids)
         return chosen
 
     def undo_dispatch(self, instance_id: int, request: DispatchRequest) -> None:
@@ -180,7 +182,7 @@ class GlobalScheduler:
 
     def _gated(self, plan: list[Migration], loads: dict[int, InstanceLoad]) -> list[Migration]:
         """The planned moves the gate keeps, each judged on the loads the kept ones before it leave."""
-        probe_len = self._prompts[1] // self._prompts[0] if self._prompts[0] else 128
+        probe_len = self._dispatched_tokens // self._dispatched if self._dispatched else 128
         kept = []
         for m in plan:
             req = next(r for r in loads[m.src].running if r.req_id == m.req_id)
