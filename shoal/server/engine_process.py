@@ -8,10 +8,11 @@ per message and one per engine step carrying all of the step's outputs). A reade
 the engine's events into the event loop's; if the engine process dies, every open request ends with
 an error, ``dead`` is set (``/health`` answers 503) and nothing hangs.
 
-Threads: the engine process is started with ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP workers sleep
-instead of spinning when they wait) unless the environment sets it; given ``cpus``, it is pinned to
-those cores; with ``adaptive_threads`` its torch thread count follows the cores other processes
-leave (:mod:`shoal.server.thread_governor`).
+Threads: OpenMP keeps its default wait policy (workers spin briefly, then sleep): it reads
+``OMP_WAIT_POLICY`` once, when torch loads, and ``PASSIVE`` halves a single stream's decode (every
+small op then waits on a futex wake). Given ``cpus``, the process is pinned to those cores; with
+``adaptive_threads`` its torch thread count follows the cores other processes leave
+(:mod:`shoal.server.thread_governor`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ class EngineProcess(EngineFront):
                  log_level: str = "warning", log_format: str = "text") -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        self.proc = ctx.Process(target=engine_main, args=(pickle.dumps(factory), max_waiting, child, env, cpus, adaptive_threads,
+        self.proc = ctx.Process(target=engine_main, args=(pickle.dumps(factory), max_waiting, child, cpus, adaptive_threads,
                                                       log_level, log_format, tokenizer is not None),
                                 name="shoal-engine-core", daemon=True)
         self.proc.start()
@@ -114,14 +114,12 @@ class EngineProcess(EngineFront):
         self._conn.close()
 
 
-def engine_main(factory_bytes: bytes, max_waiting: int | None, conn, env: dict[str, str],
-                cpus: list[int] | None, adaptive_threads: bool = False, log_level: str = "warning",
-                log_format: str = "text", api_detokenizes: bool = True) -> None:
-    """The engine process: set its thread environment and logging (the server's), build the engine
+def engine_main(factory_bytes: bytes, max_waiting: int | None, conn, cpus: list[int] | None,
+                adaptive_threads: bool = False, log_level: str = "warning", log_format: str = "text",
+                api_detokenizes: bool = True) -> None:
+    """The engine process: set its cores and logging (the server's), build the engine
     (if ``api_detokenizes``, decoding the text of requests with stop strings only: the API process
     decodes the others'), run the loop."""
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
     if cpus:
         os.sched_setaffinity(0, cpus)
     logs.configure(log_level, log_format)
