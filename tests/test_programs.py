@@ -134,6 +134,28 @@ def test_pins_never_push_out_a_running_request():
     core.block_manager.check()
 
 
+def test_an_idle_engine_never_waits_out_an_older_programs_pin():
+    """24 blocks, the older program's context pinned in 11 (TTL 30 s): a younger program's turn
+    needing 16 blocks cannot start beside it. With nothing running, the pin gives way at once
+    rather than leaving the engine idle until the pin expires; while something runs, the turn
+    waits (the running request may free room first)."""
+    core = sim_core(num_blocks=24, programs=ProgramConfig(max_pinned_fraction=0.5, default_ttl_s=30.0))
+    turn(core, "old/0", list(range(1, 161)), 17, session="old", more=True)
+    finish_all(core)
+    assert core.block_manager.num_pinned == 11
+    core.clock.t += 1.0
+    turn(core, "new/0", list(range(500, 756)), 1, session="new", more=True)
+    start = core.clock.t
+    for _ in range(50):  # the old rule stepped an idle engine here until the pin expired
+        done = {o.req_id: o for o in core.step() if o.finished}.get("new/0")
+        if done is not None:
+            break
+    assert done is not None and done.error is None and done.first_scheduled_time - start < 1.0
+    table = core.scheduler.programs
+    assert table.stats.yielded == 1 and table.stats.expired == 0 and "old" not in table.pinned
+    core.block_manager.check()
+
+
 def test_pins_hold_at_most_their_share_and_older_programs_keep_theirs():
     core = sim_core(num_blocks=40, programs=ProgramConfig(max_pinned_fraction=0.5))  # 20 blocks of pins
     for name in ("old", "new"):

@@ -11,8 +11,11 @@ calls. Two things keep its turns fast under load:
   chosen from the pauses seen so far: a quantile of the pauses after the same tool (else of this
   program, else of every program), with a margin, at most ``max_ttl_s``. The next turn's
   admission takes the blocks as its cached prefix and drops the pin; so do expiry and the
-  program's end; once the next turn has arrived its pin no longer expires. Pins hold at most ``max_pinned_fraction`` of the pool, the youngest program's
-  giving way first, and yield to running requests that need blocks.
+  program's end; once the next turn has arrived its pin no longer expires. Pins hold at most
+  ``max_pinned_fraction`` of the pool, the youngest program's giving way first, and yield to
+  running requests that need blocks, and to a waiting request that an idle engine cannot start
+  otherwise: idle compute is never won back, while a yielded pin costs its program at most the
+  prefill of its context.
 
 Nothing here reads a clock: times are handed in.
 """
@@ -228,16 +231,10 @@ class ProgramTable:
             self._unpin(prog)
             self.stats.expired += 1
 
-    def yield_until(self, done: Callable[[], bool], for_request: Request | None = None) -> bool:
+    def yield_until(self, done: Callable[[], bool]) -> bool:
         """Drop pins, the youngest program's first, until ``done()``; False if that did not make it
-        true (the caller preempts then). ``for_request``: an idle engine's next request takes only
-        the pins of programs younger than its own (the others wait out their time-to-live), unless
-        every pin left belongs to a turn already waiting (which nothing else would release)."""
-        pinned = sorted(self.pinned.values(), key=lambda p: p.value)
-        if for_request is not None and any(p.expires < math.inf for p in pinned):
-            mine = self.order_time(for_request)
-            pinned = [p for p in pinned if p.first_arrival > mine]
-        for prog in pinned:
+        true (the caller preempts then)."""
+        for prog in sorted(self.pinned.values(), key=lambda p: p.value):
             if done():
                 return True
             self._unpin(prog)

@@ -338,13 +338,14 @@ class Scheduler:
 
     def _make_room(self, req: Request, fits: Callable[[], bool], plan: StepPlan) -> bool:
         """Make ``fits()`` true for an arriving request by preempting strictly lower-priority
-        running requests (or, while nothing runs, by dropping younger programs' pins); False if it cannot."""
+        running requests (or, while nothing runs, by dropping pins: an idle engine never waits for a
+        program's return); False if it cannot."""
         while not fits():
             # Plain priorities: aging orders admission only; letting it preempt equal-priority
             # running requests makes two aged requests preempt each other forever.
             lower = self._outranked(req)
             if not lower:
-                return not self.running and self.programs.yield_until(fits, req)
+                return not self.running and self.programs.yield_until(fits)
             self._preempt(self._victim(lower), plan)
         return True
 
