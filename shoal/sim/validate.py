@@ -2,7 +2,9 @@
 
 The real run drives an in-process :class:`Engine` open-loop (requests enter at their arrival times
 by the wall clock, the engine steps continuously), so it measures exactly what the simulator
-models: the engine and its scheduler, without HTTP in between.
+models: the engine and its scheduler, without HTTP in between. Each real step is also timed and
+priced by the cost model (``step_time`` in the result), so a latency error can be split into the
+cost model missing this machine's speed and the schedules diverging.
 """
 
 from __future__ import annotations
@@ -21,9 +23,48 @@ from shoal.control.policies import LeastLoad
 from shoal.engine.core import EngineCore
 from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
-from shoal.engine.cost_model import CostModel
+from shoal.engine.scheduler import StepPlan
+from shoal.engine.cost_model import CostModel, plan_features
 from shoal.progress import Progress
 from shoal.sim.simulator import InstanceSpec, simulate
+
+
+class StepLog:
+    """An engine's executor, wrapped for a real run: the features and wall time of every step."""
+
+    def __init__(self, executor) -> None:
+        self.inner = executor
+        self.features: list[list[float]] = []
+        self.seconds: list[float] = []
+
+    def execute(self, plan: StepPlan, states):
+        t0 = time.perf_counter()
+        result = self.inner.execute(plan, states)
+        self.seconds.append(time.perf_counter() - t0)
+        self.features.append(plan_features(plan))
+        return result
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def report(self, cost_model: CostModel) -> dict:
+        """The real steps' total time against the cost model's price of the same steps."""
+        predicted = [cost_model.time(f) for f in self.features]
+        real = sum(self.seconds)
+        return {"steps": len(self.seconds), "real_s": real, "predicted_s": sum(predicted),
+                "rel_error": (sum(predicted) - real) / real if real else None,
+                "mean_abs_rel_error": (float(np.mean([abs(p - s) / s for p, s in zip(predicted, self.seconds) if s > 0]))
+                                       if self.seconds else None)}
+
+
+def logged_steps(engine: Engine, run: Callable[[], tuple]) -> tuple[tuple, StepLog]:
+    """``run()`` with the engine's steps logged (its executor is restored after)."""
+    log = StepLog(engine.executor)
+    engine.executor = log
+    try:
+        return run(), log
+    finally:
+        engine.executor = log.inner
 
 
 def real_run(engine: Engine, workload: Workload,
@@ -87,7 +128,7 @@ def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000
             progress: Progress | None = None) -> dict:
     """Real vs simulated p50 / p90 of TTFT, TPOT and E2E, with relative errors (``progress``
     follows the real run, the long part)."""
-    real, real_dur = real_run(engine, workload, progress)
+    (real, real_dur), log = logged_steps(engine, lambda: real_run(engine, workload, progress))
     sim, sim_dur = simulate(workload, [spec_of(engine, cost_model)], LeastLoad())[:2]
     r = summarize(real, workload.description, *slo, real_dur)
     s = summarize(sim, workload.description, *slo, sim_dur)
@@ -96,7 +137,7 @@ def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000
         for q in ("p50", "p90"):
             a, b = r[metric][q], s[metric][q]
             rows[f"{metric[:-3]}_{q}"] = {"real_ms": a, "sim_ms": b, "rel_error": abs(b - a) / a if a else None}
-    return {"workload": workload.description, "metrics": rows,
+    return {"workload": workload.description, "metrics": rows, "step_time": log.report(cost_model),
             "max_rel_error": max(v["rel_error"] for v in rows.values() if v["rel_error"] is not None)}
 
 
@@ -162,7 +203,7 @@ def compare_agent(workload: AgentWorkload, engine: Engine, cost_model: CostModel
     """Real vs simulated job completion time (mean, p50, p90) and recomputed prefill of an agent
     workload on one instance shaped like ``engine``, with relative errors (``progress`` follows
     the real run's programs)."""
-    real, _ = real_agent_run(engine, workload, progress=progress)
+    (real, _), log = logged_steps(engine, lambda: real_agent_run(engine, workload, progress=progress))
     sim = simulate(workload, [spec_of(engine, cost_model)], LeastLoad())[0]
     r, s = program_summary(workload, real), program_summary(workload, sim)  # type: ignore[arg-type]
     rows = {}
@@ -173,5 +214,5 @@ def compare_agent(workload: AgentWorkload, engine: Engine, cost_model: CostModel
             "metrics": rows, "recomputed_prefill_tokens_per_program": {
                 "real": r["recomputed_prefill_tokens_per_program"]["mean"],
                 "sim": s["recomputed_prefill_tokens_per_program"]["mean"]},
-            "completed": {"real": r["completed"], "sim": s["completed"]},
+            "completed": {"real": r["completed"], "sim": s["completed"]}, "step_time": log.report(cost_model),
             "max_rel_error": max(v["rel_error"] for v in rows.values() if v["rel_error"] is not None)}
