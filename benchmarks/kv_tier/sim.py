@@ -7,8 +7,8 @@ Workload: the ``swe`` preset (40 SWE-agent-shaped programs at 0.2 programs/s, to
 of the programs in flight, measured in a run whose pool never fills (20,000 blocks); the device
 pool is a third of it. The second tier holds the working set (``tier = W``) or only as much as the
 pool (``tier = W/3``); its copies cost ``kv_bytes / 5 GB/s`` a block. Both program schedulings are
-run (``none``: request-level FCFS, no pins; ``continuum``: pins and program-level FCFS, pin share
-0.5), so the tier's effect is shown alone and beside the pins.
+run (``none``: request-level FCFS, no pins; ``continuum``: pins and program-level FCFS at the
+engine's default pin share), so the tier's effect is shown alone and beside the pins.
 
     python benchmarks/kv_tier/sim.py          # writes benchmarks/kv_tier/sim.json (about 20 s)
 
@@ -33,7 +33,7 @@ PROGRAMS, RATE, SCALE, BLOCK_SIZE, UNBOUNDED = 40, 0.2, 0.25, 16, 20_000
 def run(wl: agent.AgentWorkload, seed: int, blocks: int, tier: int, scheduling: str):
     setup = SimSetup(cost_model=LinearCostModel.load(default_profile_path()), speeds=[1.0], dispatch="predicted_latency",
                      num_blocks=blocks, num_tier_blocks=tier, seed=seed,
-                     programs=ProgramConfig(scheduling=scheduling, max_pinned_fraction=0.5))
+                     programs=ProgramConfig(scheduling=scheduling))
     return setup.run(wl)
 
 
