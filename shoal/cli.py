@@ -614,6 +614,8 @@ def sim(
                         else compare(wl, engine, cm, (slo_ttft_ms, slo_tpot_ms), progress))
         out.mkdir(parents=True, exist_ok=True)
         (out / "fidelity.json").write_text(json.dumps(fidelity, indent=2))
+        if "calibrated" in fidelity:  # the cost model fitted on the real steps, for a later --cost-model
+            (out / "calibrated_cost_model.json").write_text(json.dumps(fidelity["calibrated"]["cost_model"], indent=2))
         typer.echo(json.dumps(fidelity, indent=2))
         return
     try:

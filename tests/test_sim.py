@@ -339,20 +339,27 @@ def test_same_seed_same_result_with_migration(roles):
         check_all_done(records, sims)
 
 
-def test_validate_prices_each_real_step_with_the_cost_model(make_tiny_engine):
+def test_validate_prices_each_real_step_with_the_cost_model(make_tiny_engine, tmp_path):
     """``compare`` times every real step and prices the same steps with the cost model: at 0.5 s
     a step plus 0.1 s a token, the price is exactly that of the steps and tokens the engine ran,
-    and the engine gets its own executor back."""
+    and the engine gets its own executor back. With enough steps it simulates again on a cost
+    model fitted to them, which prices this run's steps far closer than 0.5 s a step does."""
     from shoal.sim.validate import compare
 
     engine = make_tiny_engine()
     executor = engine.executor
-    wl = workload((0.0, 9, 3), (0.0, 5, 4), (0.01, 7, 2))
+    wl = workload((0.0, 9, 30), (0.0, 5, 40), (0.01, 7, 20))
     result = compare(wl, engine, constant_cost(0.5, per_token=0.1))
     steps = result["step_time"]
     assert engine.executor is executor
-    # the engine's steps: prefills of 9 + 5 tokens, then 7, decodes of one token each
-    tokens = 9 + 5 + 7 + (3 - 1) + (4 - 1) + (2 - 1)
-    assert steps["steps"] >= 4 and steps["predicted_s"] == pytest.approx(0.5 * steps["steps"] + 0.1 * tokens)
+    # every prompt token once, then one token a decode step after each request's first
+    tokens = 9 + 5 + 7 + (30 - 1) + (40 - 1) + (20 - 1)
+    assert steps["steps"] >= 40 and steps["predicted_s"] == pytest.approx(0.5 * steps["steps"] + 0.1 * tokens)
     assert 0 < steps["real_s"] < steps["predicted_s"]  # a tiny model steps far faster than 0.5 s
     assert steps["rel_error"] == pytest.approx((steps["predicted_s"] - steps["real_s"]) / steps["real_s"])
+    calibrated = result["calibrated"]
+    assert calibrated["cost_model"]["fit"]["samples"] == steps["steps"]
+    saved = tmp_path / "calibrated_cost_model.json"  # what `sim --validate` writes, for a later --cost-model
+    saved.write_text(json.dumps(calibrated["cost_model"]))
+    assert LinearCostModel.load(saved).coefficients == calibrated["cost_model"]["coefficients"]
+    assert calibrated["metrics"]["e2e_p50"]["rel_error"] < result["metrics"]["e2e_p50"]["rel_error"]

@@ -126,8 +126,12 @@ class LinearCostModel:
                "max_rel_error": float(rel.max())}
         return cls(coefficients=coef.tolist(), fit=fit, **meta)
 
+    def to_dict(self) -> dict:
+        """What :meth:`save` writes and :meth:`load` reads."""
+        return {"kind": "linear", "features": list(FEATURES), **asdict(self)}
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"kind": "linear", "features": list(FEATURES), **asdict(self)}, indent=2))
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "LinearCostModel":

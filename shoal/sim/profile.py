@@ -64,9 +64,15 @@ def fit_profile(engine: Engine, repeats: int = 3, progress: Progress | None = No
     engine.add(list(range(1, 65)), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
-    feats, secs = profile_engine(engine, repeats, progress=progress)
+    return fit_steps(engine, *profile_engine(engine, repeats, progress=progress))
+
+
+def fit_steps(engine: Engine, features: np.ndarray, seconds: np.ndarray) -> LinearCostModel:
+    """The cost model fitted on steps ``engine`` ran (their features and seconds), labelled with
+    what it was measured on."""
     cost = LinearCostModel.fit_samples(
-        feats, secs, device=_device_name(engine), model=engine.model_config.name, dtype=str(engine.dtype).removeprefix("torch.")
+        features, seconds, device=_device_name(engine), model=engine.model_config.name,
+        dtype=str(engine.dtype).removeprefix("torch.")
     )
     cost.fit["against"] = fitted_against(engine)
     return cost

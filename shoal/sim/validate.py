@@ -24,8 +24,9 @@ from shoal.engine.core import EngineCore
 from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import StepPlan
-from shoal.engine.cost_model import CostModel, plan_features
+from shoal.engine.cost_model import FEATURES, CostModel, LinearCostModel, plan_features
 from shoal.progress import Progress
+from shoal.sim.profile import fit_steps
 from shoal.sim.simulator import InstanceSpec, simulate
 
 
@@ -46,6 +47,12 @@ class StepLog:
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
+
+    def fitted(self, engine: Engine) -> LinearCostModel | None:
+        """A cost model fitted on these steps of ``engine`` (None with fewer than 4 a feature)."""
+        if len(self.seconds) < 4 * len(FEATURES):
+            return None
+        return fit_steps(engine, np.array(self.features), np.array(self.seconds))
 
     def report(self, cost_model: CostModel) -> dict:
         """The real steps' total time against the cost model's price of the same steps."""
@@ -127,18 +134,40 @@ def spec_of(engine: Engine, cost_model: CostModel) -> InstanceSpec:
 def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000.0, 100.0),
             progress: Progress | None = None) -> dict:
     """Real vs simulated p50 / p90 of TTFT, TPOT and E2E, with relative errors (``progress``
-    follows the real run, the long part)."""
+    follows the real run, the long part); see :func:`_verdicts` for ``step_time`` and ``calibrated``."""
     (real, real_dur), log = logged_steps(engine, lambda: real_run(engine, workload, progress))
-    sim, sim_dur = simulate(workload, [spec_of(engine, cost_model)], LeastLoad())[:2]
     r = summarize(real, workload.description, *slo, real_dur)
-    s = summarize(sim, workload.description, *slo, sim_dur)
-    rows = {}
-    for metric in ("ttft_ms", "tpot_ms", "e2e_ms"):
-        for q in ("p50", "p90"):
-            a, b = r[metric][q], s[metric][q]
-            rows[f"{metric[:-3]}_{q}"] = {"real_ms": a, "sim_ms": b, "rel_error": abs(b - a) / a if a else None}
-    return {"workload": workload.description, "metrics": rows, "step_time": log.report(cost_model),
-            "max_rel_error": max(v["rel_error"] for v in rows.values() if v["rel_error"] is not None)}
+
+    def rows(cm: CostModel) -> tuple[dict, dict]:
+        sim, sim_dur = simulate(workload, [spec_of(engine, cm)], LeastLoad())[:2]
+        s = summarize(sim, workload.description, *slo, sim_dur)
+        return {f"{metric[:-3]}_{q}": _row(r[metric][q], s[metric][q], "ms")
+                for metric in ("ttft_ms", "tpot_ms", "e2e_ms") for q in ("p50", "p90")}, {}
+
+    return {"workload": workload.description, **_verdicts(rows, cost_model, log, engine)}
+
+
+def _row(real: float, sim: float, unit: str) -> dict:
+    return {f"real_{unit}": real, f"sim_{unit}": sim, "rel_error": abs(sim - real) / real if real else None}
+
+
+def _max_error(rows: dict) -> float:
+    return max(v["rel_error"] for v in rows.values() if v["rel_error"] is not None)
+
+
+def _verdicts(rows: Callable[[CostModel], tuple[dict, dict]], cost_model: CostModel, log: StepLog,
+              engine: Engine) -> dict:
+    """``rows(cm)`` simulates with ``cm``: (the rows whose worst error is the verdict, other facts).
+    Returns them with ``cost_model``, the real steps against its price (``step_time``), and, given
+    enough steps, the rows again with a cost model fitted on the run's own steps (``calibrated``:
+    what error is left there is the schedules diverging, not the step times)."""
+    metrics, facts = rows(cost_model)
+    out = {"metrics": metrics, **facts, "max_rel_error": _max_error(metrics), "step_time": log.report(cost_model)}
+    fitted = log.fitted(engine)
+    if fitted is not None:
+        again, facts = rows(fitted)
+        out["calibrated"] = {"metrics": again, **facts, "max_rel_error": _max_error(again), "cost_model": fitted.to_dict()}
+    return out
 
 
 def real_agent_run(engine: EngineCore, workload: AgentWorkload, clock: Callable[[], float] | None = None,
@@ -202,17 +231,16 @@ def compare_agent(workload: AgentWorkload, engine: Engine, cost_model: CostModel
                   progress: Progress | None = None) -> dict:
     """Real vs simulated job completion time (mean, p50, p90) and recomputed prefill of an agent
     workload on one instance shaped like ``engine``, with relative errors (``progress`` follows
-    the real run's programs)."""
+    the real run's programs); see :func:`_verdicts` for ``step_time`` and ``calibrated``."""
     (real, _), log = logged_steps(engine, lambda: real_agent_run(engine, workload, progress=progress))
-    sim = simulate(workload, [spec_of(engine, cost_model)], LeastLoad())[0]
-    r, s = program_summary(workload, real), program_summary(workload, sim)  # type: ignore[arg-type]
-    rows = {}
-    for q in ("mean", "p50", "p90"):
-        a, b = r["jct_s"][q], s["jct_s"][q]
-        rows[f"jct_{q}"] = {"real_s": a, "sim_s": b, "rel_error": abs(b - a) / a if a else None}
+    r = program_summary(workload, real)
+
+    def rows(cm: CostModel) -> tuple[dict, dict]:
+        s = program_summary(workload, simulate(workload, [spec_of(engine, cm)], LeastLoad())[0])  # type: ignore[arg-type]
+        return ({f"jct_{q}": _row(r["jct_s"][q], s["jct_s"][q], "s") for q in ("mean", "p50", "p90")},
+                {"recomputed_prefill_tokens_per_program": {"real": r["recomputed_prefill_tokens_per_program"]["mean"],
+                                                           "sim": s["recomputed_prefill_tokens_per_program"]["mean"]},
+                 "completed": {"real": r["completed"], "sim": s["completed"]}})
+
     return {"workload": workload.description, "scheduling": engine.scheduler.config.programs.scheduling,
-            "metrics": rows, "recomputed_prefill_tokens_per_program": {
-                "real": r["recomputed_prefill_tokens_per_program"]["mean"],
-                "sim": s["recomputed_prefill_tokens_per_program"]["mean"]},
-            "completed": {"real": r["completed"], "sim": s["completed"]}, "step_time": log.report(cost_model),
-            "max_rel_error": max(v["rel_error"] for v in rows.values() if v["rel_error"] is not None)}
+            **_verdicts(rows, cost_model, log, engine)}
