@@ -349,8 +349,11 @@ def test_validate_prices_each_real_step_with_the_cost_model(make_tiny_engine, tm
     engine = make_tiny_engine()
     executor = engine.executor
     wl = workload((0.0, 9, 30), (0.0, 5, 40), (0.01, 7, 20))
-    result = compare(wl, engine, constant_cost(0.5, per_token=0.1))
+    result = compare(wl, engine, constant_cost(0.5, per_token=0.1), also={"slower": constant_cost(1.0, per_token=0.2)})
     steps = result["step_time"]
+    slower = result["also"]["slower"]["metrics"]["e2e_p50"]
+    assert slower["real_ms"] == result["metrics"]["e2e_p50"]["real_ms"]
+    assert slower["sim_ms"] == pytest.approx(2 * result["metrics"]["e2e_p50"]["sim_ms"], rel=0.05)
     assert engine.executor is executor
     # every prompt token once, then one token a decode step after each request's first
     tokens = 9 + 5 + 7 + (30 - 1) + (40 - 1) + (20 - 1)

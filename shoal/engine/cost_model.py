@@ -135,9 +135,13 @@ class LinearCostModel:
 
     @classmethod
     def load(cls, path: str | Path) -> "LinearCostModel":
-        data = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "cost model") -> "LinearCostModel":
+        """The inverse of :meth:`to_dict`; ValueError if ``data`` is not a linear model of these features."""
         if data.get("kind") != "linear" or data.get("features") != list(FEATURES):
-            raise ValueError(f"{path}: not a linear cost model with features {FEATURES}")
+            raise ValueError(f"{where}: not a linear cost model with features {FEATURES}")
         return cls(coefficients=data["coefficients"], device=data["device"], model=data["model"],
                    dtype=data["dtype"], fit=data.get("fit", {}))
 

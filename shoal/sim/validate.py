@@ -132,9 +132,10 @@ def spec_of(engine: Engine, cost_model: CostModel) -> InstanceSpec:
 
 
 def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000.0, 100.0),
-            progress: Progress | None = None) -> dict:
+            progress: Progress | None = None, also: dict[str, CostModel] | None = None) -> dict:
     """Real vs simulated p50 / p90 of TTFT, TPOT and E2E, with relative errors (``progress``
-    follows the real run, the long part); see :func:`_verdicts` for ``step_time`` and ``calibrated``."""
+    follows the real run, the long part); see :func:`_verdicts` for ``step_time`` and ``calibrated``.
+    ``also``: more cost models to simulate with (e.g. one calibrated on another run), by name."""
     (real, real_dur), log = logged_steps(engine, lambda: real_run(engine, workload, progress))
     r = summarize(real, workload.description, *slo, real_dur)
 
@@ -144,7 +145,7 @@ def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000
         return {f"{metric[:-3]}_{q}": _row(r[metric][q], s[metric][q], "ms")
                 for metric in ("ttft_ms", "tpot_ms", "e2e_ms") for q in ("p50", "p90")}, {}
 
-    return {"workload": workload.description, **_verdicts(rows, cost_model, log, engine)}
+    return {"workload": workload.description, **_verdicts(rows, cost_model, log, engine, also)}
 
 
 def _row(real: float, sim: float, unit: str) -> dict:
@@ -156,17 +157,21 @@ def _max_error(rows: dict) -> float:
 
 
 def _verdicts(rows: Callable[[CostModel], tuple[dict, dict]], cost_model: CostModel, log: StepLog,
-              engine: Engine) -> dict:
+              engine: Engine, also: dict[str, CostModel] | None = None) -> dict:
     """``rows(cm)`` simulates with ``cm``: (the rows whose worst error is the verdict, other facts).
     Returns them with ``cost_model``, the real steps against its price (``step_time``), and, given
     enough steps, the rows again with a cost model fitted on the run's own steps (``calibrated``:
-    what error is left there is the schedules diverging, not the step times)."""
+    what error is left there is the schedules diverging, not the step times), and with each of
+    ``also`` (``also``)."""
     metrics, facts = rows(cost_model)
     out = {"metrics": metrics, **facts, "max_rel_error": _max_error(metrics), "step_time": log.report(cost_model)}
     fitted = log.fitted(engine)
     if fitted is not None:
         again, facts = rows(fitted)
         out["calibrated"] = {"metrics": again, **facts, "max_rel_error": _max_error(again), "cost_model": fitted.to_dict()}
+    for name, cm in (also or {}).items():
+        again, facts = rows(cm)
+        out.setdefault("also", {})[name] = {"metrics": again, **facts, "max_rel_error": _max_error(again)}
     return out
 
 
