@@ -600,7 +600,7 @@ def sim(
         from shoal.bench.agent import AgentWorkload
         from shoal.engine.config import EngineConfig
         from shoal.engine.engine import Engine
-        from shoal.sim.validate import compare, compare_agent
+        from shoal.sim.validate import compare, compare_agent, stale_cost_model
 
         wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
                              output_len, max_context, seed, prefix_groups, prefix_len)
@@ -614,9 +614,13 @@ def sim(
                         else compare(wl, engine, cm, (slo_ttft_ms, slo_tpot_ms), progress))
         out.mkdir(parents=True, exist_ok=True)
         (out / "fidelity.json").write_text(json.dumps(fidelity, indent=2))
+        calibrated = out / "calibrated_cost_model.json"
         if "calibrated" in fidelity:  # the cost model fitted on the real steps, for a later --cost-model
-            (out / "calibrated_cost_model.json").write_text(json.dumps(fidelity["calibrated"]["cost_model"], indent=2))
+            calibrated.write_text(json.dumps(fidelity["calibrated"]["cost_model"], indent=2))
         typer.echo(json.dumps(fidelity, indent=2))
+        warning = stale_cost_model(fidelity, str(calibrated))
+        if warning is not None:
+            typer.echo(f"warning: {warning}", err=True)
         return
     try:
         setup = SimSetup(

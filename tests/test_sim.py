@@ -362,6 +362,10 @@ def test_validate_prices_each_real_step_with_the_cost_model(make_tiny_engine, tm
     assert steps["rel_error"] == pytest.approx((steps["predicted_s"] - steps["real_s"]) / steps["real_s"])
     calibrated = result["calibrated"]
     assert calibrated["cost_model"]["fit"]["samples"] == steps["steps"]
+    from shoal.sim.validate import stale_cost_model  # the 0.5 s steps are far off: `sim --validate` warns
+
+    assert "--cost-model x.json" in stale_cost_model(result, "x.json")
+    assert stale_cost_model({"step_time": {"rel_error": -0.1}}, "x.json") is None
     saved = tmp_path / "calibrated_cost_model.json"  # what `sim --validate` writes, for a later --cost-model
     saved.write_text(json.dumps(calibrated["cost_model"]))
     assert LinearCostModel.load(saved).coefficients == calibrated["cost_model"]["coefficients"]

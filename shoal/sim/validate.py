@@ -74,6 +74,20 @@ def logged_steps(engine: Engine, run: Callable[[], tuple]) -> tuple[tuple, StepL
         engine.executor = log.inner
 
 
+STALE_STEP_ERROR = 0.2  # a cost model that prices real steps further off than this is stale here
+
+
+def stale_cost_model(fidelity: dict, calibrated_path: str) -> str | None:
+    """A warning when the cost model priced the real run's steps more than :data:`STALE_STEP_ERROR`
+    off (every simulated latency inherits that error), naming the remedies; None otherwise."""
+    error = fidelity["step_time"]["rel_error"]
+    if error is None or abs(error) <= STALE_STEP_ERROR:
+        return None
+    remedy = f" or pass --cost-model {calibrated_path}" if "calibrated" in fidelity else ""
+    return (f"the cost model prices this machine's steps {error:+.0%} off (step_time): re-profile with "
+            f"`shoal profile`{remedy}")
+
+
 def real_run(engine: Engine, workload: Workload,
              progress: Progress | None = None) -> tuple[list[RequestRecord], float]:
     """Replay ``workload`` on the engine in real time (``progress`` hears of each request ended);
