@@ -57,13 +57,14 @@ class MigrationGate:
 
     def violation(self, instance_id: int, load: InstanceLoad, probe_len: int) -> float:
         """How far past the SLO a request of ``probe_len`` tokens arriving now is predicted to be."""
-        profile = self.profiles.get(instance_id) or next(iter(self.profiles.values()))
-        return self.predictor.predict(profile, load, probe_len).violation(self.slo)
+        return self.predictor.predict(self._profile(instance_id), load, probe_len).violation(self.slo)
 
     def decode_violation(self, instance_id: int, load: InstanceLoad, context_len: int) -> float:
         """How far past the TPOT SLO a request of ``context_len`` tokens decoding there is predicted to be."""
-        profile = self.profiles.get(instance_id) or next(iter(self.profiles.values()))
-        return self.predictor.predict(profile, load, max(1, context_len)).tpot_s / self.slo.tpot_s
+        return self.predictor.predict(self._profile(instance_id), load, max(1, context_len)).tpot_s / self.slo.tpot_s
+
+    def _profile(self, instance_id: int) -> InstanceProfile:
+        return self.profiles.get(instance_id) or next(iter(self.profiles.values()))
 
     def gains(self, after: float, before: float) -> bool:
         """Whether a violation of ``after`` instead of ``before`` is worth a move."""

@@ -97,8 +97,7 @@ class SimSetup:
         t = time.perf_counter()
         run = self.cluster(workload, progress)
         run.run()
-        records, sims = run.records, run.sims
-        duration = max((r.end_s for r in records if r.end_s is not None), default=0.0)
+        records, sims, duration = run.records, run.sims, run.duration
         wall = time.perf_counter() - t
         model = getattr(self.cost_model, "model", "unknown")
         result = report.summarize(records, workload.description, self.slo.ttft_s * 1e3, self.slo.tpot_s * 1e3,

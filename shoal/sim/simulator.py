@@ -256,6 +256,11 @@ class Cluster:
             for prog in workload.programs:
                 self._at(prog.arrival_s, self._turn, (prog, 0, []))
 
+    @property
+    def duration(self) -> float:
+        """Simulated seconds until the last request ended."""
+        return max((r.end_s for r in self.records if r.end_s is not None), default=0.0)
+
     def run(self) -> None:
         while self.advance():
             pass
@@ -559,5 +564,4 @@ def simulate(
     run = Cluster(workload, instances, dispatch, seed, fast_forward, migration, roles, link,
                   control_interval_s, max_migration_stages, slo, progress)
     run.run()
-    duration = max((r.end_s for r in run.records if r.end_s is not None), default=0.0)
-    return run.records, duration, run.sims
+    return run.records, run.duration, run.sims

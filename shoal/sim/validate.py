@@ -57,9 +57,9 @@ class StepLog:
     def report(self, cost_model: CostModel) -> dict:
         """The real steps' total time against the cost model's price of the same steps."""
         predicted = [cost_model.time(f) for f in self.features]
-        real = sum(self.seconds)
-        return {"steps": len(self.seconds), "real_s": real, "predicted_s": sum(predicted),
-                "rel_error": (sum(predicted) - real) / real if real else None,
+        real, priced = sum(self.seconds), sum(predicted)
+        return {"steps": len(self.seconds), "real_s": real, "predicted_s": priced,
+                "rel_error": (priced - real) / real if real else None,
                 "mean_abs_rel_error": (float(np.mean([abs(p - s) / s for p, s in zip(predicted, self.seconds) if s > 0]))
                                        if self.seconds else None)}
 
