@@ -138,6 +138,66 @@ def test_fair_preemption_frees_a_slot_held_by_long_decodes():
     assert light not in plain.first_token and plain.sched.num_preemptions == 0
 
 
+def _plan_tenants(loop: Loop) -> Counter:
+    """The next step's chunks per (tenant, kind), without running it."""
+    plan = loop.sched.schedule(float(loop.steps))
+    loop.sched.commit(plan, loop.reqs)
+    kinds = Counter()
+    for c in plan.chunks:
+        req = loop.reqs[c.req_id]
+        kinds[req.tenant, "decode" if c.num_tokens == 1 and c.sample else "prefill"] += 1
+        if c.sample:
+            req.output_token_ids.append(7)
+    loop.steps += 1
+    return kinds
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_a_tenant_behind_in_fair_share_gets_its_first_token_in_a_step_of_its_own(on):
+    """Heavy's decodes fill the batch; a light prompt arrives. Its prefill runs without heavy's
+    decodes (which wait that one step and never two in a row), so its first token does not wait for
+    a step carrying every decode. Off, the light prefill shares the step with all of them."""
+    loop = Loop(max_num_seqs=8, budget=64, fair_first_token=on)
+    for _ in range(6):
+        loop.add("heavy", prompt=8, out=100)
+    loop.run(3)
+    assert _plan_tenants(loop) == Counter({("heavy", "decode"): 6})
+    loop.add("light", prompt=8, out=4)
+    step = _plan_tenants(loop)
+    if on:
+        assert step == Counter({("light", "prefill"): 1})
+        assert _plan_tenants(loop) == Counter({("heavy", "decode"): 6, ("light", "decode"): 1})
+    else:
+        assert step == Counter({("heavy", "decode"): 6, ("light", "prefill"): 1})
+
+
+def test_first_token_steps_never_hold_a_tenant_back_twice_running():
+    """Light prompts arriving every step get a first-token step every other step at most."""
+    loop = Loop(max_num_seqs=64, budget=256)
+    for _ in range(30):
+        loop.add("heavy", prompt=8, out=200)
+    loop.run(3)
+    heavy_stalls = []
+    for _ in range(10):
+        loop.add("light", prompt=8, out=2)
+        heavy_stalls.append(_plan_tenants(loop)[("heavy", "decode")] == 0)
+    assert sum(heavy_stalls) >= 3
+    assert not any(a and b for a, b in zip(heavy_stalls, heavy_stalls[1:]))
+
+
+def test_a_backlogged_tenant_gets_no_first_token_steps():
+    """A tenant with more waiting than its slot share has room for is served by the ordinary
+    admission: heavy's long queue never holds the light tenant's running decodes back."""
+    loop = Loop(max_num_seqs=8, budget=64)
+    for _ in range(3):
+        loop.add("light", prompt=8, out=300)
+    loop.run(2)
+    for _ in range(40):
+        loop.add("heavy", prompt=8, out=300)
+    for _ in range(30):
+        assert _plan_tenants(loop)[("light", "decode")] == 3
+
+
 def test_priority_still_comes_before_fair_share():
     loop = Loop(max_num_seqs=1)
     loop.add("light", priority=5)

@@ -41,6 +41,7 @@ class EngineConfig:
     fair_preempt_tokens: float | None = 2048  # SchedulerConfig.fair_preempt_tokens
     urgent_slack_s: float | None = None  # SchedulerConfig.urgent_slack_s (deadline admission)
     resident_swap: bool = True  # SchedulerConfig.resident_swap
+    fair_first_token: bool = True  # SchedulerConfig.fair_first_token
     step_time_limit_s: float | None = None  # SLO-sized steps: a step with decodes stays within this
     cost_model: str | None = None  # the profile JSON that times steps (default: the committed one)
     speculative_config: SpeculativeConfig | None = None  # n-gram drafting for every request (a dict is parsed)

@@ -11,7 +11,9 @@ order ranks last is preempted, by swap or by recompute as the cost model says. A
 also preempts a running one it outranks, for KV or for a slot when ``max_num_seqs`` are running:
 one of strictly worse priority, or under ``vtc`` one of the same priority whose tenant is ahead by
 more than ``fair_preempt_tokens`` or holding more than its weighted share of the slots while the
-waiting one's holds less (FastSwitch's preemption-driven fairness). A preempted request
+waiting one's holds less (FastSwitch's preemption-driven fairness). Under ``vtc`` a tenant behind
+in fair share may also get a first-token step: its new prompts run while the running work of the
+tenants ahead of it waits one step (``fair_first_token``). A preempted request
 keeps its priority and arrival time, so it is re-admitted in the same order as before. Agent
 programs (:mod:`shoal.engine.programs`): under ``continuum`` a turn is ordered by its program's
 arrival (with aging), and a finished turn's KV may stay pinned for the next one; pins yield to
@@ -69,6 +71,12 @@ class SchedulerConfig:
     resident_swap: bool = True
     """A request preempted for its slot (not for KV) leaves its cached prefix blocks in the prefix
     cache and swaps only the rest; False: it swaps every block (whole-request swaps)."""
+    fair_first_token: bool = True
+    """Under ``vtc``: when the tenant furthest behind in fair share (least counter among those waiting
+    at the first priority level) has only new prompts waiting, no more than its slot share has room
+    for, the step runs their prefill without the running work of the tenants ahead of it, which waits
+    one step (never two in a row). A tenant that sends little then waits for a step of its own for
+    its first token, not for one that carries every other tenant's decodes."""
     programs: ProgramConfig = field(default_factory=ProgramConfig)
     """Agent programs: program-level FCFS and KV time-to-live pins (``continuum``), or ``none``."""
 
@@ -142,6 +150,7 @@ class Scheduler:
         self.num_swapped_out_blocks = 0  # KV blocks copied to the swap pool by preemptions, ever
         self.fair = VirtualTokenCounter(output_weight=config.vtc_output_weight)
         self.programs = ProgramTable(config.programs, block_manager)
+        self._deferred: set[str] = set()  # running requests the last step left out for a first token
 
     # ---- queue management ---------------------------------------------------------------------
 
@@ -222,17 +231,39 @@ class Scheduler:
         peers = [r for r in self.running if r.priority == req.priority and r.tenant != req.tenant]
         if not peers:
             return lower
-        weights = {r.tenant: r.weight for q in (self.waiting, self.swapped, self.running) for r in q}
-        total = sum(weights.values())
-        slots = Counter(r.tenant for r in self.running)
+        slots, share = self._slot_shares()
         mine = self.fair.value(req.tenant)
-
-        def share(tenant: str | None) -> float:
-            return self.config.max_num_seqs * weights[tenant] / total
-
         below_share = slots[req.tenant] + 1 <= share(req.tenant)
         return lower + [r for r in peers if self.fair.value(r.tenant) - mine > gap or (
             below_share and slots[r.tenant] - 1 >= share(r.tenant) and self.fair.value(r.tenant) > mine)]
+
+    def _slot_shares(self) -> tuple[Counter, Callable[[str | None], float]]:
+        """The running requests per tenant, and each tenant's weighted share of the ``max_num_seqs``
+        slots among the tenants with work here."""
+        weights = {r.tenant: r.weight for q in (self.waiting, self.swapped, self.running) for r in q}
+        total = sum(weights.values())
+        return Counter(r.tenant for r in self.running), lambda t: self.config.max_num_seqs * weights[t] / total
+
+    def _first_token_first(self, now: float) -> tuple[list[Request], set]:
+        """Under ``fair_first_token``: the new prompts to run in a step of their own (in admission
+        order), and the tenants whose running work waits for them (see :class:`SchedulerConfig`)."""
+        if not (self.config.fair_first_token and self.config.policy == "vtc" and self.waiting and self.running):
+            return [], set()
+        keyed = [(self._effective_priority(r, now), r) for r in self.swapped + self.waiting]
+        top = min(key[:2] for key, _ in keyed)  # priority and lateness first: fair share only within them
+        level = [(key, r) for key, r in keyed if key[:2] == top]
+        queued = Counter(r.tenant for _, r in level)
+        tenant = min(queued, key=lambda t: (self.fair.value(t), queued[t]))
+        first = [r for _, r in sorted(level, key=lambda kr: kr[0]) if r.tenant == tenant]
+        slots, share = self._slot_shares()
+        if len(first) > max(1.0, share(tenant) - slots[tenant]) or any(
+                r.status is not Status.WAITING or r.output_token_ids or r.num_preemptions for r in first):
+            return [], set()
+        mine = self.fair.value(tenant)
+        ahead = {r.tenant for r in self.running if r.tenant != tenant and self.fair.value(r.tenant) >= mine}
+        if not ahead or any(r.req_id in self._deferred for r in self.running if r.tenant in ahead):
+            return [], set()
+        return first, ahead
 
     # ---- the step plan ------------------------------------------------------------------------
 
@@ -240,12 +271,27 @@ class Scheduler:
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
         self.programs.expire(now)
+        # 0. A first-token step (``fair_first_token``): a tenant behind in fair share starts its new
+        #    prompts while the tenants ahead of it wait.
+        first, waits = self._first_token_first(now)
+        started = set()
+        if first:
+            budget = self._admit(plan, budget, now, first)
+            started = {c.req_id for c in plan.chunks}
+            if not started:  # none could start: an ordinary step
+                waits = set()
+        self._deferred = set()
 
         # 1. Running requests: decodes first, then prefill chunks, each in priority order.
         for req in sorted(self.running, key=lambda r: (r.is_prefilling, r.sort_key)):
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            if req.tenant in waits:
+                self._deferred.add(req.req_id)
+                continue
+            if req.req_id in started:
                 continue
             known = req.num_tokens - req.num_computed_tokens
             drafts = len(req.draft_token_ids) if known == 1 else 0
@@ -267,39 +313,42 @@ class Scheduler:
             budget -= n
 
         # 2. Admit swapped and waiting requests in priority order, unless we just had to preempt.
-        if not plan.preempted:
+        if not plan.preempted and not waits:
             self._admit(plan, budget, now)
         # Decodes first in the batch (the runner batches them together).
         plan.chunks.sort(key=lambda c: not (c.num_tokens == 1 and c.sample))
         plan.tier_out, plan.tier_in = self.bm.take_tier_copies()
         return plan
 
-    def _admit(self, plan: StepPlan, budget: int, now: float) -> None:
-        candidates = sorted(self.swapped + self.waiting, key=lambda r: self._effective_priority(r, now))
+    def _admit(self, plan: StepPlan, budget: int, now: float, candidates: list[Request] | None = None) -> int:
+        """Admit swapped and waiting requests (or only ``candidates``) in the policy's order while
+        the budget, the slots and the KV allow; returns the budget left."""
+        if candidates is None:
+            candidates = sorted(self.swapped + self.waiting, key=lambda r: self._effective_priority(r, now))
         vtc = self.config.policy == "vtc"
         while candidates:
             # Under VTC each admission charges its tenant, which may reorder the rest.
             req = min(candidates, key=lambda r: self._effective_priority(r, now)) if vtc else candidates[0]
             candidates.remove(req)
             if budget == 0:
-                return
+                return budget
             if len(self.running) >= self.config.max_num_seqs:
                 # Full of sequences: an urgent request takes the slot of the lowest-priority running
                 # one (vLLM #40004: otherwise it waits behind low-priority decodes for as long as they run).
                 lower = self._outranked(req)
                 if not lower:
-                    return
+                    return budget
                 budget += self._preempt(self._victim(lower), plan, for_slot=True)
             if req.status is Status.SWAPPED and self.bm.resident_blocks(req.req_id) is None:
                 self.recompute_instead(req)  # its resident prefix was evicted while it waited
             if req.status is Status.SWAPPED:
                 n = self._chunk_tokens(plan, req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget))
                 if n == 0:
-                    return
+                    return budget
                 # Blocks the chunk needs beyond those swapped back in count like the watermark.
                 grow = max(0, self.bm.blocks_needed(req.num_computed_tokens + n) - self.bm.num_swapped_blocks(req.req_id))
                 if not self._make_room(req, lambda: self.bm.can_swap_in(req.req_id, grow + self._watermark()), plan):
-                    return
+                    return budget
                 plan.swap_in.extend(self.bm.swap_in(req.req_id))
                 self.swapped.remove(req)
             else:
@@ -307,12 +356,12 @@ class Scheduler:
                 cached = len(self.bm.cached_prefix(tokens, salt)) * self.bm.block_size
                 n = self._chunk_tokens(plan, cached, min(req.num_tokens - cached, budget))
                 if n == 0:
-                    return
+                    return budget
                 # Beside programs' pins a turn starts only if its whole prompt fits: its later
                 # chunks would otherwise take the pinned blocks from the programs that wait.
                 whole = req.num_tokens if self.bm.num_pinned and self.programs.config.enabled else cached + n
                 if not self._make_room(req, lambda: self.bm.can_allocate(tokens, whole, self._watermark(), salt), plan):
-                    return
+                    return budget
                 req.num_computed_tokens = self.bm.allocate(req.req_id, tokens, cached + n, salt)
                 self.programs.admitted(req)
                 if req.num_preemptions == 0:
@@ -325,6 +374,7 @@ class Scheduler:
             self.bm.ensure_slots(req.req_id, req.num_computed_tokens + n)
             plan.chunks.append(self._chunk(req, n, now))
             budget -= n
+        return budget
 
     def _chunk_tokens(self, plan: StepPlan, start: int, want: int) -> int:
         """``want`` tokens from ``start``, or fewer if the step's time budget says so."""

@@ -57,6 +57,7 @@ class SimSetup:
     fair_preempt_tokens: float | None = 2048  # SchedulerConfig.fair_preempt_tokens
     urgent_slack_s: float | None = None  # SchedulerConfig.urgent_slack_s (deadline admission)
     resident_swap: bool = True  # SchedulerConfig.resident_swap
+    fair_first_token: bool = True  # SchedulerConfig.fair_first_token
     programs: ProgramConfig = ProgramConfig()  # SchedulerConfig.programs
     num_blocks: int = 2800
     num_tier_blocks: int = 0  # the second KV tier per instance (0: none)
@@ -80,7 +81,8 @@ class SimSetup:
                             admission="deadline" if self.deadlines else "fcfs",
                             scheduling_policy=self.scheduling_policy, fair_preempt_tokens=self.fair_preempt_tokens,
                             urgent_slack_s=self.urgent_slack_s, resident_swap=self.resident_swap,
-                            programs=self.programs, num_tier_blocks=self.num_tier_blocks)
+                            fair_first_token=self.fair_first_token, programs=self.programs,
+                            num_tier_blocks=self.num_tier_blocks)
         return [base if v == 1.0 else replace(base, cost_model=ScaledCostModel(self.cost_model, v)) for v in self.speeds]
 
     def cluster(self, workload: Workload | AgentWorkload, progress: Progress | None = None) -> Cluster:
