@@ -1,6 +1,6 @@
 """Fair share on the real server: ``shoal serve`` (SmolLM2, this machine) under two tenants of equal
 weight, ``heavy`` sending 10x ``light``'s rate, together overloading it; ``light``'s P99 TTFT under
-``--scheduling-policy fcfs`` and ``vtc`` against the same light requests sent alone, and total
+``--scheduling-policy fcfs``, ``vtc`` and ``vtc --no-fair-first-token`` against the same light requests sent alone, and total
 output throughput. The tenants are named by ``user`` (no keys file: equal weights). Run it on an
 otherwise idle machine.
 
@@ -26,9 +26,8 @@ from shoal.model.loader import default_model_path, load_tokenizer  # noqa: E402
 RATE, N, PROMPT, OUTPUT = 4.0, 300, 128, 128  # the server serves ~2 req/s of this shape on 2 cores
 
 
-def run(policy: str, workload: Workload, log_dir: Path) -> dict:
-    srv = Server("--scheduling-policy", policy, "--max-waiting", "100000", "--max-model-len", "1024",
-                 log_dir=log_dir, name=policy)
+def run(name: str, workload: Workload, log_dir: Path, *args: str) -> dict:
+    srv = Server(*args, "--max-waiting", "100000", "--max-model-len", "1024", log_dir=log_dir, name=name)
     try:
         srv.wait_ready()
         records, _, duration = asyncio.run(run_workload(srv.url, workload, load_tokenizer(default_model_path()),
@@ -43,8 +42,11 @@ def main() -> None:
                          {"heavy": 10, "light": 1}, seed=0)
     alone = Workload(mixed.kind, [r for r in mixed.requests if r.tenant == "light"], mixed.description)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {"fcfs": run("fcfs", mixed, Path(tmp)), "vtc": run("vtc", mixed, Path(tmp)),
-                "light_alone": run("vtc", alone, Path(tmp))}
+        runs = {"fcfs": run("fcfs", mixed, Path(tmp), "--scheduling-policy", "fcfs"),
+                "vtc": run("vtc", mixed, Path(tmp), "--scheduling-policy", "vtc"),
+                "vtc_no_first_token": run("vtc_no_first_token", mixed, Path(tmp), "--scheduling-policy", "vtc",
+                                          "--no-fair-first-token"),
+                "light_alone": run("light_alone", alone, Path(tmp), "--scheduling-policy", "vtc")}
     light = {k: r["tenants"]["by_tenant"]["light"] for k, r in runs.items()}
     lone = light["light_alone"]["ttft_ms"]["p99"]
     out = {
@@ -56,6 +58,8 @@ def main() -> None:
         "vtc_light_p99_ttft_ms": round(light["vtc"]["ttft_ms"]["p99"], 1),
         "fcfs_light_vs_alone": round(light["fcfs"]["ttft_ms"]["p99"] / lone, 2),
         "vtc_light_vs_alone": round(light["vtc"]["ttft_ms"]["p99"] / lone, 2),
+        "vtc_no_first_token_light_p99_ttft_ms": round(light["vtc_no_first_token"]["ttft_ms"]["p99"], 1),
+        "vtc_no_first_token_light_vs_alone": round(light["vtc_no_first_token"]["ttft_ms"]["p99"] / lone, 2),
         "light_p50_ttft_ms": {k: round(v["ttft_ms"]["p50"], 1) for k, v in light.items()},
         "output_tok_s": {k: round(r["output_token_throughput"], 1) for k, r in runs.items()},
         "vtc_throughput_vs_fcfs": round(runs["vtc"]["output_token_throughput"] / runs["fcfs"]["output_token_throughput"], 3),
