@@ -249,6 +249,9 @@ class Scheduler:
         order), and the tenants whose running work waits for them (see :class:`SchedulerConfig`)."""
         if not (self.config.fair_first_token and self.config.policy == "vtc" and self.waiting and self.running):
             return [], set()
+        running = {r.tenant for r in self.running}
+        if len(running) == 1 and all(r.tenant in running for r in self.waiting):
+            return [], set()  # one tenant: nobody to go first
         keyed = [(self._effective_priority(r, now), r) for r in self.swapped + self.waiting]
         top = min(key[:2] for key, _ in keyed)  # priority and lateness first: fair share only within them
         level = [(key, r) for key, r in keyed if key[:2] == top]
