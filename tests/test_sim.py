@@ -54,7 +54,9 @@ def test_two_requests_batch_and_chunk_by_hand():
 
 def test_same_seed_same_result_and_fast_forward_is_exact():
     wl = synthetic("gamma", 120, rate=6.0, prompt_len=200, output_len=60, burstiness=0.5, seed=3, len_jitter=0.5)
-    cm = constant_cost(0.02, 0.0004)
+    # every feature a decode step has priced, so a skipped stretch must price each one as a step does
+    cm = LinearCostModel([0.02, 0.008, 0.0004, 0.0002, 1e-6, 1e-7, 1e-4, 0.005, 0.0])
+    assert len(cm.coefficients) == len(FEATURES)
     specs = [InstanceSpec(cm, num_blocks=300, max_num_seqs=16)] * 3
     runs = [simulate(wl, specs, policies.LeastLoad(), seed=1, fast_forward=ff)[0] for ff in (True, True, False)]
     as_dicts = [[asdict(r) for r in run] for run in runs]
@@ -116,6 +118,22 @@ def test_committed_profile_loads_and_is_sane(tmp_path):
     assert cm.fit["mape"] < 0.25
     cm.save(tmp_path / "p.json")
     assert json.loads((tmp_path / "p.json").read_text())["coefficients"] == cm.coefficients
+
+
+def test_a_profile_fitted_with_the_old_small_step_feature_prices_steps_as_before():
+    """Profiles written before ``large_step`` replaced ``small_step`` (= 1 - large_step) still load,
+    and price every step exactly as their own coefficients did."""
+    old = [0.0114, 0.003, 4e-4, 4e-5, 5e-6, 4e-7, 0.0, 5e-3, 0.0]
+    data = {"kind": "linear", "features": ["intercept", "small_step", *FEATURES[2:]], "coefficients": old,
+            "device": "cpu", "model": "m", "dtype": "bfloat16"}
+    cm = LinearCostModel.from_dict(data)
+    for decodes in (1, 4, 5, 32):
+        plan = StepPlan(chunks=[ScheduledChunk(str(i), 100, [0], [], True) for i in range(decodes)])
+        f = plan_features(plan)
+        small = float(f[FEATURES.index("large_step")] == 0)
+        assert cm.step_time(plan) == pytest.approx(float(np.dot(old, [f[0], small, *f[2:]])))
+    with pytest.raises(ValueError, match="not a linear cost model"):
+        LinearCostModel.from_dict({**data, "features": ["intercept", "bogus", *FEATURES[2:]]})
 
 
 def test_roofline_orders_gpus_and_checks_memory():

@@ -22,8 +22,12 @@ import numpy as np
 if TYPE_CHECKING:
     from shoal.engine.scheduler import StepPlan
 
-FEATURES = ("intercept", "small_step", "tokens", "decodes", "decode_context", "prefill_attention",
+FEATURES = ("intercept", "large_step", "tokens", "decodes", "decode_context", "prefill_attention",
             "sampled", "prefill_chunks", "swapped_blocks")
+"""``large_step``: 1 for a step of more rows than the small-batch path takes (on CPU, more than
+``INT4_MAX_ROWS``: the bf16 weights are read instead of the int4 copy, a fixed extra cost that a
+non-negative fit can price, where the discount of a small step could not be)."""
+_LEGACY_FEATURES = ("intercept", "small_step") + FEATURES[2:]  # profiles fitted before 2026-12-07
 
 
 def plan_features(plan: StepPlan, small_rows: int = 4) -> list[float]:
@@ -40,7 +44,7 @@ def plan_features(plan: StepPlan, small_rows: int = 4) -> list[float]:
         else:
             chunks += 1
             attn += n * (c.start + n)
-    return [1.0, float(tokens <= small_rows), float(tokens), float(decodes), float(decode_ctx),
+    return [1.0, float(tokens > small_rows), float(tokens), float(decodes), float(decode_ctx),
             float(attn), float(sampled), float(chunks), float(len(plan.swap_in) + len(plan.swap_out))]
 
 
@@ -49,7 +53,7 @@ def step_features(tokens: float = 0, decodes: float = 0, decode_context: float =
                   small_rows: int = 4) -> list[float]:
     """The features of a step described by its totals, in :data:`FEATURES` order (what a
     predictor uses for a step it has not planned)."""
-    return [1.0, float(tokens <= small_rows), float(tokens), float(decodes), float(decode_context),
+    return [1.0, float(tokens > small_rows), float(tokens), float(decodes), float(decode_context),
             float(prefill_attention), float(sampled), float(prefill_chunks), float(swapped_blocks)]
 
 
@@ -60,7 +64,7 @@ def with_chunk(features: Sequence[float], start: int, n: int, small_rows: int = 
         return f
     i = {name: k for k, name in enumerate(FEATURES)}
     f[i["tokens"]] += n
-    f[i["small_step"]] = float(f[i["tokens"]] <= small_rows)
+    f[i["large_step"]] = float(f[i["tokens"]] > small_rows)
     f[i["prefill_chunks"]] += 1
     f[i["prefill_attention"]] += n * (start + n)
     f[i["sampled"]] += 1
@@ -140,9 +144,14 @@ class LinearCostModel:
     @classmethod
     def from_dict(cls, data: dict, where: str = "cost model") -> "LinearCostModel":
         """The inverse of :meth:`to_dict`; ValueError if ``data`` is not a linear model of these features."""
-        if data.get("kind") != "linear" or data.get("features") != list(FEATURES):
+        coefficients = list(data.get("coefficients", []))
+        if data.get("kind") == "linear" and data.get("features") == list(_LEGACY_FEATURES) and len(coefficients) == 9:
+            # small_step = 1 - large_step: the same times from an intercept and a (negative) large_step
+            coefficients[0] += coefficients[1]
+            coefficients[1] = -coefficients[1]
+        elif data.get("kind") != "linear" or data.get("features") != list(FEATURES):
             raise ValueError(f"{where}: not a linear cost model with features {FEATURES}")
-        return cls(coefficients=data["coefficients"], device=data["device"], model=data["model"],
+        return cls(coefficients=coefficients, device=data["device"], model=data["model"],
                    dtype=data["dtype"], fit=data.get("fit", {}))
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Iterator
 
 from shoal.engine.core import EngineCore
-from shoal.engine.cost_model import CostModel, FEATURES
+from shoal.engine.cost_model import CostModel, FEATURES, step_features
 
-_DECODES, _CTX, _TOKENS, _SAMPLED = (FEATURES.index(f) for f in ("decodes", "decode_context", "tokens", "sampled"))
+_CTX = FEATURES.index("decode_context")
 
 
 def steady_decode_steps(engine: EngineCore, limit: int) -> int:
@@ -46,7 +46,7 @@ def step_times(engine: EngineCore, cost_model: CostModel, k: int) -> Iterator[fl
     ctx = sum(r.num_computed_tokens + 1 for r in engine.scheduler.running)
     coef = getattr(cost_model, "coefficients", None)
     if coef is not None and len(coef) == len(FEATURES):  # linear: no plan objects needed
-        base = coef[0] + (coef[1] if n <= 4 else 0.0) + n * (coef[_DECODES] + coef[_TOKENS] + coef[_SAMPLED])
+        base = sum(c * f for c, f in zip(coef, step_features(tokens=n, decodes=n, sampled=n)))
         for j in range(k):
             yield max(1e-6, base + coef[_CTX] * (ctx + j * n))
         return
