@@ -121,7 +121,8 @@ def test_ttl_is_learned_from_the_tools_pauses():
 
 
 def test_pins_never_push_out_a_running_request():
-    core = sim_core(num_blocks=24, programs=ProgramConfig(max_pinned_fraction=0.5))
+    # a pin that outlives the run (whatever the cost model's step times), so only yielding can free it
+    core = sim_core(num_blocks=24, programs=ProgramConfig(max_pinned_fraction=0.5, default_ttl_s=60.0, max_ttl_s=60.0))
     turn(core, "a/0", list(range(1, 161)), 17, session="a", more=True)  # 11 blocks pinned
     finish_all(core)
     assert core.block_manager.num_pinned == 11

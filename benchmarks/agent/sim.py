@@ -11,18 +11,21 @@ default share of the pool (``ProgramConfig().max_pinned_fraction``). Then the po
 programs on one instance with pools of 200, 300 and 400 blocks, from smaller than the working set
 up, where pins cost more than they save.
 
-    python benchmarks/agent/sim.py            # writes benchmarks/agent/sim.json (about 2 minutes)
+    python benchmarks/agent/sim.py [--profile PATH]   # writes benchmarks/agent/sim.json (about 2 minutes)
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from shoal.bench import agent
-from shoal.engine.cost_model import LinearCostModel, default_profile_path
 from shoal.engine.programs import ProgramConfig
 from shoal.sim.experiment import SimSetup
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_profile import bench_profile  # noqa: E402
 
 PER_INSTANCE_RATE, PROGRAMS_PER_INSTANCE, BLOCKS, SCALE = 0.2, 40, 800, 0.25
 
@@ -33,7 +36,7 @@ def compare(instances: int, seed: int, programs_per_instance: int = PROGRAMS_PER
     wl = agent.AgentWorkload("agent", programs, {"kind": "agent", "preset": "swe"})
     runs = {}
     for sched in ("none", "continuum"):
-        setup = SimSetup(cost_model=LinearCostModel.load(default_profile_path()), speeds=[1.0] * instances,
+        setup = SimSetup(cost_model=bench_profile(), speeds=[1.0] * instances,
                          dispatch="predicted_latency", num_blocks=blocks,
                          programs=ProgramConfig(scheduling=sched), seed=seed)
         runs[sched] = setup.run(wl)[0]["programs"]

@@ -3,7 +3,9 @@ the simulated 16-instance cluster on the Azure conversation trace, for the basel
 of the control plane's pieces alone and together; then every configuration's latency at the
 baseline's capacity rate. Homogeneous, and heterogeneous (8 instances at half speed).
 
-    python benchmarks/capacity/run.py [--requests 3000] [--fleet homogeneous] [--out benchmarks/capacity/result.json]
+    python benchmarks/capacity/run.py [--requests 3000] [--fleet homogeneous] [--profile PATH] [--out benchmarks/capacity/result.json]
+
+The README's figures were made on the 2026-12-02 profile: ``--profile benchmarks/profiles/smollm2_cpu_2026-12-02.json``.
 
 Everything runs on the simulator's virtual clock, so the figures do not depend on how busy the
 machine is (only ``sim_wall_s`` does).
@@ -39,8 +41,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("result.json"))
     ap.add_argument("--fleet", choices=[*FLEETS, "all"], default="all")
+    ap.add_argument("--profile", type=Path, default=None, help="cost model (default: the committed profile)")
     args = ap.parse_args()
-    cm = LinearCostModel.load(default_profile_path())
+    cm = LinearCostModel.load(args.profile or default_profile_path())
     slo = SLO(5.0, 0.2)
 
     def workload(ts: float):

@@ -10,7 +10,7 @@ pool (``tier = W/3``); its copies cost ``kv_bytes / 5 GB/s`` a block. Both progr
 run (``none``: request-level FCFS, no pins; ``continuum``: pins and program-level FCFS at the
 engine's default pin share), so the tier's effect is shown alone and beside the pins.
 
-    python benchmarks/kv_tier/sim.py          # writes benchmarks/kv_tier/sim.json (about 20 s)
+    python benchmarks/kv_tier/sim.py [--profile PATH] # writes benchmarks/kv_tier/sim.json (about 20 s)
 
 The real-engine runs beside it (`real/`) are `shoal sim --validate --workload agent:agents.jsonl
 --num-blocks 112 --kv-tier-blocks 0|338 --program-scheduling none|continuum` on the trace of
@@ -20,18 +20,21 @@ The real-engine runs beside it (`real/`) are `shoal sim --validate --workload ag
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from shoal.bench import agent
-from shoal.engine.cost_model import LinearCostModel, default_profile_path
 from shoal.engine.programs import ProgramConfig
 from shoal.sim.experiment import SimSetup
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_profile import bench_profile  # noqa: E402
 
 PROGRAMS, RATE, SCALE, BLOCK_SIZE, UNBOUNDED = 40, 0.2, 0.25, 16, 20_000
 
 
 def run(wl: agent.AgentWorkload, seed: int, blocks: int, tier: int, scheduling: str):
-    setup = SimSetup(cost_model=LinearCostModel.load(default_profile_path()), speeds=[1.0], dispatch="predicted_latency",
+    setup = SimSetup(cost_model=bench_profile(), speeds=[1.0], dispatch="predicted_latency",
                      num_blocks=blocks, num_tier_blocks=tier, seed=seed,
                      programs=ProgramConfig(scheduling=scheduling))
     return setup.run(wl)

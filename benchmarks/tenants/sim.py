@@ -11,20 +11,23 @@ cost model, one instance): the targets of the tenants issue.
    fairness preemption by resident swaps (the victim's cached prefix stays in the prefix cache), the
    same with whole-request swaps, and without fairness preemption.
 
-    python benchmarks/tenants/sim.py            # writes benchmarks/tenants/sim.json
+    python benchmarks/tenants/sim.py [--profile PATH]   # writes benchmarks/tenants/sim.json
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from shoal.bench.workloads import Workload, synthetic, with_tenants
-from shoal.engine.cost_model import LinearCostModel, default_profile_path
 from shoal.engine.metadata import SLO
 from shoal.sim.catalog import RooflineCostModel, gpus, model_shape
 from shoal.sim.experiment import SimSetup
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_profile import bench_profile  # noqa: E402
 
 N, PROMPT, OUTPUT = 1200, 128, 128
 
@@ -32,7 +35,7 @@ N, PROMPT, OUTPUT = 1200, 128, 128
 def cpu_smollm2(policy: str, **kw) -> SimSetup:
     """The committed SmolLM2-135M-on-2-CPU-cores profile (serves ~4 req/s of this shape)."""
     kw.setdefault("slo", SLO(2.0, 0.2))
-    return SimSetup(cost_model=LinearCostModel.load(default_profile_path()), speeds=[1.0], dispatch="round_robin",
+    return SimSetup(cost_model=bench_profile(), speeds=[1.0], dispatch="round_robin",
                     scheduling_policy=policy, **kw)
 
 
