@@ -171,16 +171,19 @@ def test_a_tenant_behind_in_fair_share_gets_its_first_token_in_a_step_of_its_own
         assert step == Counter({("heavy", "decode"): 6, ("light", "prefill"): 1})
 
 
-def test_first_token_steps_never_hold_a_tenant_back_twice_running():
-    """Light prompts arriving every step get a first-token step every other step at most."""
-    loop = Loop(max_num_seqs=64, budget=256)
+@pytest.mark.parametrize("prompt, budget", [(8, 256), (16, 16)])  # (16, 16): the prompt takes the whole budget
+def test_first_token_steps_never_hold_a_tenant_back_twice_running(prompt, budget):
+    """Light prompts arriving every step (a heavy weight keeps their tenant behind) get a
+    first-token step every other step at most."""
+    loop = Loop(max_num_seqs=64, budget=budget)
     for _ in range(30):
         loop.add("heavy", prompt=8, out=200)
     loop.run(3)
     heavy_stalls = []
     for _ in range(10):
-        loop.add("light", prompt=8, out=2)
-        heavy_stalls.append(_plan_tenants(loop)[("heavy", "decode")] == 0)
+        loop.add("light", prompt=prompt, out=2, weight=100.0)
+        step = _plan_tenants(loop)
+        heavy_stalls.append(step[("heavy", "decode")] + step[("heavy", "prefill")] == 0)
     assert sum(heavy_stalls) >= 3
     assert not any(a and b for a, b in zip(heavy_stalls, heavy_stalls[1:]))
 

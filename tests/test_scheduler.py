@@ -132,6 +132,11 @@ class Sim:
             ),
             self.bm,
         )
+        # A swapped request whose resident prefix is evicted during a step (by an admission before
+        # it in the same step) recomputes: seen here, so the checks treat it as evicted before.
+        self.recomputed: list[str] = []
+        recompute = self.sched.recompute_instead
+        self.sched.recompute_instead = lambda req: (self.recomputed.append(req.req_id), recompute(req))[1]
         self.requests: dict[str, Request] = {}  # unfinished, like Engine.requests
         self.all: list[Request] = []
         self.ended: Counter[str] = Counter()
@@ -186,9 +191,13 @@ class Sim:
 
     def _step(self, now: float) -> None:
         pre = self._snapshot() if self.check else None
+        self.recomputed.clear()
         plan = self.sched.schedule(now)
         self.plans.append(serialise(plan))
         if self.check:
+            for rid in self.recomputed:
+                pre["status"][rid] = Status.WAITING
+                pre["evicted_swap"] |= set(pre["swapped"][rid])
             self._check_plan(plan, pre, now)
         if plan.empty:
             return

@@ -283,7 +283,7 @@ class Scheduler:
             started = {c.req_id for c in plan.chunks}
             if not started:  # none could start: an ordinary step
                 waits = set()
-        self._deferred = set()
+        self._deferred = {r.req_id for r in self.running if r.tenant in waits}
 
         # 1. Running requests: decodes first, then prefill chunks, each in priority order.
         for req in sorted(self.running, key=lambda r: (r.is_prefilling, r.sort_key)):
@@ -291,10 +291,7 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            if req.tenant in waits:
-                self._deferred.add(req.req_id)
-                continue
-            if req.req_id in started:
+            if req.tenant in waits or req.req_id in started:
                 continue
             known = req.num_tokens - req.num_computed_tokens
             drafts = len(req.draft_token_ids) if known == 1 else 0
