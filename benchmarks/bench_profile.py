@@ -4,10 +4,12 @@ committed profile (``benchmarks/profiles/`` keeps earlier ones, on which older f
 from __future__ import annotations
 
 import argparse
+import functools
 
 from shoal.engine.cost_model import LinearCostModel, default_profile_path
 
 
+@functools.cache
 def bench_profile() -> LinearCostModel:
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--profile", default=None)

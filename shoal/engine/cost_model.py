@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 
+from shoal.model.linear import INT4_MAX_ROWS
+
 if TYPE_CHECKING:
     from shoal.engine.scheduler import StepPlan
 
@@ -30,7 +32,7 @@ non-negative fit can price, where the discount of a small step could not be)."""
 _LEGACY_FEATURES = ("intercept", "small_step") + FEATURES[2:]  # profiles fitted before 2026-12-07
 
 
-def plan_features(plan: StepPlan, small_rows: int = 4) -> list[float]:
+def plan_features(plan: StepPlan, small_rows: int = INT4_MAX_ROWS) -> list[float]:
     """The plan's features, in :data:`FEATURES` order."""
     tokens = decodes = decode_ctx = attn = sampled = chunks = 0
     for c in plan.chunks:
@@ -50,14 +52,14 @@ def plan_features(plan: StepPlan, small_rows: int = 4) -> list[float]:
 
 def step_features(tokens: float = 0, decodes: float = 0, decode_context: float = 0, prefill_attention: float = 0,
                   sampled: float = 0, prefill_chunks: float = 0, swapped_blocks: float = 0,
-                  small_rows: int = 4) -> list[float]:
+                  small_rows: int = INT4_MAX_ROWS) -> list[float]:
     """The features of a step described by its totals, in :data:`FEATURES` order (what a
     predictor uses for a step it has not planned)."""
     return [1.0, float(tokens > small_rows), float(tokens), float(decodes), float(decode_context),
             float(prefill_attention), float(sampled), float(prefill_chunks), float(swapped_blocks)]
 
 
-def with_chunk(features: Sequence[float], start: int, n: int, small_rows: int = 4) -> list[float]:
+def with_chunk(features: Sequence[float], start: int, n: int, small_rows: int = INT4_MAX_ROWS) -> list[float]:
     """``features`` of a step plus one sampled prefill chunk of ``n`` tokens from position ``start``."""
     f = list(features)
     if n <= 0:
