@@ -165,6 +165,32 @@ async def check_clean(c):
             assert stats == {"used": 0, "requests": 0}
 
 
+def test_outputs_that_reach_the_pump_before_add_answers_are_not_lost(cluster_config):
+    """On a busy machine an instance can run its step, and the pump deliver the step's outputs,
+    before the instance's answer to ``add`` reaches the gateway. The request must be tracked by
+    then: CI hung on this (the outputs were dropped as unknown and the stream never ended)."""
+    from shoal.cluster.cluster import ClusterEngine, Member
+    from shoal.engine.outputs import RequestOutput
+
+    async def scenario():
+        c = ClusterEngine(cluster_config, 1)
+
+        class Add:  # the instance's add(): it answers only after its first step's outputs went out
+            @staticmethod
+            async def remote(prompt, params, req_id, metadata, hold_after_prefill):
+                c._deliver(RequestOutput(req_id, [7], "", False, len(prompt), 1), member)
+                c._deliver(RequestOutput(req_id, [8], "", True, len(prompt), 2), member)
+
+        member = Member(0, type("Handle", (), {"add": Add})(), "both")
+        c.members[0] = member
+        c.scheduler.add_instance(0, "both", load(), c._profile(1))
+        stream = await c.submit(PROMPT, LONG, "early")
+        assert await asyncio.wait_for(collect(stream), 5) == [7, 8]
+        assert not c.requests  # finished: no longer tracked
+
+    run(scenario())
+
+
 def test_live_migration_keeps_tokens_and_rolls_back(ray_runtime, cluster_config):
     async def scenario():
         ref = await reference_tokens(cluster_config)

@@ -83,6 +83,7 @@ class Tracked:
     migrating: bool = False
     aborted: bool = False
     pd_moved: bool = False
+    dispatching: bool = False  # its instance's add() has not answered yet (outputs may come first)
     redispatches: int = 0  # times re-sent after its instance died (bounded: it may be what killed it)
     arrival_time: float = field(default_factory=time.monotonic)
 
@@ -273,7 +274,7 @@ class ClusterEngine:
             # Full: a better-priority request takes the place of the worst one that has produced
             # nothing yet (it ends with SHED_ERROR: a 429), as one engine's queue does.
             victim = pick_shed_victim((t for t in self.requests.values() if not t.streamed_tokens and not t.migrating
-                                       and not t.pd_moved and not t.aborted), metadata.priority)
+                                       and not t.dispatching and not t.pd_moved and not t.aborted), metadata.priority)
             if victim is None:
                 raise QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
             self.abort(victim.req_id)
@@ -283,21 +284,32 @@ class ClusterEngine:
         return RequestStream(self.abort, req_id, tracked.queue)
 
     async def _dispatch(self, tracked: Tracked) -> None:
+        """Send a request to the instance the global scheduler picks. It is tracked before the
+        instance is called: on a busy machine the instance's first outputs can reach the pump
+        before ``add`` answers, and the pump drops outputs of requests it does not know."""
         request = DispatchRequest(tracked.req_id, tracked.prompt_token_ids, tracked.metadata)
-        while True:
-            member = self.members[self.scheduler.dispatch(request)]
-            try:
-                await member.handle.add.remote(tracked.prompt_token_ids, tracked.params, tracked.req_id,
-                                               tracked.metadata, member.role == "prefill")
-                break
-            except ray.exceptions.RayActorError as exc:  # died before its pump noticed: try another
-                await self._member_died(member, exc)
-            except ray.exceptions.RayTaskError as exc:  # the engine refused the request: its own
-                self.scheduler.undo_dispatch(member.id, request)
-                cause = exc.cause  # error, without Ray's traceback (actor id, pid, address)
-                raise (cause if isinstance(cause, Exception) else RuntimeError("the instance refused the request")) from None
-        tracked.member = member.id
+        tracked.dispatching = True
         self.requests[tracked.req_id] = tracked
+        try:
+            while True:
+                member = self.members[self.scheduler.dispatch(request)]
+                tracked.member = member.id
+                try:
+                    await member.handle.add.remote(tracked.prompt_token_ids, tracked.params, tracked.req_id,
+                                                   tracked.metadata, member.role == "prefill")
+                    break
+                except ray.exceptions.RayActorError as exc:  # died before its pump noticed: try another
+                    await self._member_died(member, exc)
+                except ray.exceptions.RayTaskError as exc:  # the engine refused the request: its own
+                    self.scheduler.undo_dispatch(member.id, request)
+                    cause = exc.cause  # error, without Ray's traceback (actor id, pid, address)
+                    raise (cause if isinstance(cause, Exception) else RuntimeError("the instance refused the request")) from None
+        except BaseException:
+            if self.requests.get(tracked.req_id) is tracked:
+                del self.requests[tracked.req_id]
+            raise
+        finally:
+            tracked.dispatching = False
         if self.metrics:
             self.metrics.dispatches.labels(policy=self.scheduler.dispatch_policy.name).inc()
 
@@ -362,7 +374,8 @@ class ClusterEngine:
         log.error("instance %d died: %s", member.id, exc)
         self._event("instance_died", instance=member.id)
         ray.kill(member.handle)  # a broken instance's actor may still be alive
-        for tracked in [t for t in self.requests.values() if t.member == member.id]:
+        # Requests still being dispatched to it are re-sent by their own dispatch.
+        for tracked in [t for t in self.requests.values() if t.member == member.id and not t.dispatching]:
             error = f"instance {member.id} died mid-request"
             if tracked.streamed_tokens == 0 and tracked.redispatches < 2 and self.live(ENTRY_ROLES):
                 tracked.redispatches += 1
@@ -385,7 +398,7 @@ class ClusterEngine:
         free here; any failure rolls back and the request continues on the source). True if moved."""
         tracked = self.requests.get(req_id)
         dst = self.members.get(dst_id)
-        if tracked is None or dst is None or tracked.migrating or tracked.member == dst_id:
+        if tracked is None or dst is None or tracked.migrating or tracked.dispatching or tracked.member == dst_id:
             return False
         src = self.members[tracked.member]
         if src.role not in MIGRATION_ROLES or dst.role not in MIGRATION_ROLES:  # prefill ones hand off by P/D
@@ -479,7 +492,7 @@ class ClusterEngine:
         member = self.members[member_id]
         self.scheduler.set_draining(member_id)
         while any(t.member == member_id for t in self.requests.values()):
-            for t in [t for t in self.requests.values() if t.member == member_id and not t.migrating]:
+            for t in [t for t in self.requests.values() if t.member == member_id and not (t.migrating or t.dispatching)]:
                 dst = self.scheduler.drain_target(member_id)
                 if dst is not None:
                     self._tasks.append(asyncio.create_task(self.migrate(t.req_id, dst, reason="drain")))
@@ -521,7 +534,7 @@ class ClusterEngine:
         if self.scheduler.migration_policy is not None and len(decoders) > 1:
             # the running requests come with each instance's snapshot: no call that a wedged instance could stall
             moving = {rid for m in decoders for rid in (r.req_id for r in self.scheduler.instances[m.id].load.running)
-                      if rid not in self.requests or self.requests[rid].migrating}
+                      if rid not in self.requests or self.requests[rid].migrating or self.requests[rid].dispatching}
             for mig in self.scheduler.migration_plan(exclude=moving):
                 self._tasks.append(asyncio.create_task(self.migrate(mig.req_id, mig.dst, mig.reason)))
         if ticks % 4 == 0:
