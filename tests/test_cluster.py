@@ -4,6 +4,7 @@ prefill/decode disaggregation, drain, instance death; and the pure policies."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import pytest
 
@@ -165,28 +166,107 @@ async def check_clean(c):
             assert stats == {"used": 0, "requests": 0}
 
 
+class FakeActor:
+    """An instance actor's handle for the gateway's own logic, without Ray: every call is recorded;
+    ``answers[method](*args)`` gives its result (or raises; an awaitable is awaited)."""
+
+    def __init__(self, **answers) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+        self.answers = answers
+
+    def __getattr__(self, method: str):
+        async def answer(*args):
+            result = self.answers[method](*args) if method in self.answers else None
+            return await result if inspect.isawaitable(result) else result
+
+        def remote(*args) -> asyncio.Task:  # sent at once, awaited or not (as Ray's calls are)
+            self.calls.append((method, args))
+            return asyncio.ensure_future(answer(*args))
+
+        return type("Method", (), {"remote": staticmethod(remote)})
+
+
+def fake_cluster(config, *actors: FakeActor, roles: list[str] | None = None):
+    """A gateway over ``actors`` (instance ids 0, 1, ...; role ``both`` unless ``roles``), not started."""
+    from shoal.cluster.cluster import ClusterEngine, Member
+
+    roles = roles or ["both"] * len(actors)
+    c = ClusterEngine(config, len(actors), roles=roles)
+    for i, (actor, role) in enumerate(zip(actors, roles)):
+        c.members[i] = Member(i, actor, role)
+        c.scheduler.add_instance(i, role, load(), c._profile(1))
+    return c
+
+
 def test_outputs_that_reach_the_pump_before_add_answers_are_not_lost(cluster_config):
     """On a busy machine an instance can run its step, and the pump deliver the step's outputs,
     before the instance's answer to ``add`` reaches the gateway. The request must be tracked by
     then: CI hung on this (the outputs were dropped as unknown and the stream never ended)."""
-    from shoal.cluster.cluster import ClusterEngine, Member
     from shoal.engine.outputs import RequestOutput
 
     async def scenario():
-        c = ClusterEngine(cluster_config, 1)
+        def add(prompt, params, req_id, metadata, hold_after_prefill):  # answers after its first step's outputs went out
+            c._deliver(RequestOutput(req_id, [7], "", False, len(prompt), 1), c.members[0])
+            c._deliver(RequestOutput(req_id, [8], "", True, len(prompt), 2), c.members[0])
 
-        class Add:  # the instance's add(): it answers only after its first step's outputs went out
-            @staticmethod
-            async def remote(prompt, params, req_id, metadata, hold_after_prefill):
-                c._deliver(RequestOutput(req_id, [7], "", False, len(prompt), 1), member)
-                c._deliver(RequestOutput(req_id, [8], "", True, len(prompt), 2), member)
-
-        member = Member(0, type("Handle", (), {"add": Add})(), "both")
-        c.members[0] = member
-        c.scheduler.add_instance(0, "both", load(), c._profile(1))
+        c = fake_cluster(cluster_config, FakeActor(add=add))
         stream = await c.submit(PROMPT, LONG, "early")
         assert await asyncio.wait_for(collect(stream), 5) == [7, 8]
         assert not c.requests  # finished: no longer tracked
+
+    run(scenario())
+
+
+def test_a_client_that_leaves_mid_move_is_aborted_where_the_request_runs_on(cluster_config):
+    """An abort that comes while a migration is under way is held back (the request is between
+    instances); when the move rolls back (or a P/D hand-off finds no decode instance), the source
+    must get it, or the request runs to its end there for nobody. The same for a client that
+    leaves before its instance accepted it."""
+    from shoal.engine.outputs import RequestState
+
+    async def scenario():
+        state = RequestState("m", PROMPT, [1], LONG, 0, 0.0, 0, None, 0)
+
+        def export(req_id, from_block, release):
+            c.abort(req_id)  # the client disconnects while the source hands the request over
+            return state, []
+
+        def refuse(state):
+            raise ValueError("no room")
+
+        src = FakeActor(read_blocks=lambda req_id, start: (None, start), export=export)
+        dst = FakeActor(import_=refuse)
+        c = fake_cluster(cluster_config, src, dst)
+        await c.submit(PROMPT, LONG, "m")
+        c.requests["m"].member = 0
+        assert not await c.migrate("m", 1)
+        assert c.stats.migrations == {"rolled_back": 1}
+        assert ("restore", ("m",)) in src.calls and src.calls[-1] == ("abort", ("m",))
+        assert not any(call[0] == "abort" for call in dst.calls)
+
+        # a prefilled request with no decode instance to go to stays on its prefill instance
+        def take_handoff(req_id):
+            c.abort(req_id)
+            return state
+
+        prefill = FakeActor(take_handoff=take_handoff)
+        c = fake_cluster(cluster_config, prefill, FakeActor(), roles=["prefill", "decode"])
+        c.scheduler.remove_instance(1)  # its decode instance is gone
+        await c.submit(PROMPT, LONG, "m")
+        await c._pd_transfer(c.requests["m"], c.members[0])
+        assert [call[0] for call in prefill.calls] == ["add", "take_handoff", "restore", "abort"]
+
+        # cancelled while its instance has not answered add() yet: the add may still land there
+        never = asyncio.Event()
+        hung = FakeActor(add=lambda *args: never.wait())
+        c = fake_cluster(cluster_config, hung)
+        task = asyncio.create_task(c.submit(PROMPT, LONG, "gone"))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [call[0] for call in hung.calls] == ["add", "abort"]
+        assert "gone" not in c.requests
 
     run(scenario())
 

@@ -304,9 +304,12 @@ class ClusterEngine:
                     self.scheduler.undo_dispatch(member.id, request)
                     cause = exc.cause  # error, without Ray's traceback (actor id, pid, address)
                     raise (cause if isinstance(cause, Exception) else RuntimeError("the instance refused the request")) from None
-        except BaseException:
+        except BaseException as exc:
             if self.requests.get(tracked.req_id) is tracked:
                 del self.requests[tracked.req_id]
+            member = self.members.get(tracked.member)
+            if isinstance(exc, asyncio.CancelledError) and member is not None and member.alive:
+                member.handle.abort.remote(tracked.req_id)  # the client left: its add may still land
             raise
         finally:
             tracked.dispatching = False
@@ -410,21 +413,25 @@ class ClusterEngine:
         """Move a request parked on a prefill instance (after its first token) to the decode
         instance the global scheduler picks; if it picks none, or the move fails, it continues on
         the prefill instance."""
-        tracked.migrating = True
+        tracked.migrating = True  # until it runs again somewhere: an abort meanwhile is sent there after
         try:
             state = await src.handle.take_handoff.remote(tracked.req_id)
             dst_id = self.scheduler.pd_destination(src.id, len(state.prompt_token_ids) + len(state.output_token_ids))
         except Exception as exc:  # not parked after all (the instance restarted, or died): never leave it hanging
+            tracked.migrating = False
             log.warning("P/D hand-off of %s failed: %s", tracked.req_id, exc)
             if self.requests.get(tracked.req_id) is tracked:  # not already ended by _member_died
                 src.handle.abort.remote(tracked.req_id)
                 self._fail(tracked, f"instance {src.id} could not hand the request off")
             return
-        finally:
-            tracked.migrating = False
         if dst_id is None:
-            await src.handle.restore.remote(tracked.req_id)
-            self._count_move("pd", "rolled_back", src.id, None)
+            try:
+                await src.handle.restore.remote(tracked.req_id)
+            finally:
+                tracked.migrating = False
+                self._count_move("pd", "rolled_back", src.id, None)
+            if tracked.aborted:
+                src.handle.abort.remote(tracked.req_id)
             return
         await self._move(tracked, src, self.members[dst_id], pd_handoff(tracked.req_id, state), "pd")
 
@@ -472,12 +479,12 @@ class ClusterEngine:
                     self.metrics.downtime.observe(self.stats.downtimes_s[-1])
                     if reason == "pd":
                         self.metrics.pd_transfers.inc()
-                if tracked.aborted:
-                    dst.handle.abort.remote(tracked.req_id)
             return outcome == "done"
         finally:
             tracked.migrating = False
             self._count_move(reason, outcome, src.id, dst.id)
+            if tracked.aborted and outcome != "finished_first":  # the client left mid-move: end it where it runs now
+                (dst if outcome == "done" else src).handle.abort.remote(tracked.req_id)
 
     def _count_move(self, reason: str, outcome: str, src: int, dst: int | None) -> None:
         self.stats.migrations[outcome] = self.stats.migrations.get(outcome, 0) + 1
