@@ -299,3 +299,45 @@ def test_decode_kv_buffer_holds_a_batch_that_fills_the_cpu_pool(make_tiny_engine
     run_all(engine)
     assert kinds and all(k is not None for k in kinds)
     engine.block_manager.check()
+
+
+def test_a_bf16_models_few_decodes_attend_in_float32(make_tiny_engine, tiny_hf):
+    """On a CPU a bf16 model's one or two decodes keep their carried K/V in float32
+    (``FLOAT32_DECODE_ROWS``), more decodes in bf16; the buffer switches dtype (a rebuild) as the
+    batch crosses that size, and every step's logprobs stay those of the float32 reference to
+    within bf16's rounding."""
+    from shoal.engine.model_runner import FLOAT32_DECODE_ROWS
+
+    engine = make_tiny_engine(dtype="bfloat16")
+    if engine.dtype != torch.bfloat16:
+        pytest.skip("this CPU computes no bf16")
+    seen = []  # (decodes, buffer dtype, rebuild) per step
+    orig_plan = engine.runner.decode_kv.plan
+
+    def plan(req_ids, *args):
+        p = orig_plan(req_ids, *args)
+        seen.append((len(req_ids), p.buffers[0].dtype, p.rebuild))
+        return p
+
+    engine.runner.decode_kv.plan = plan
+    ps = prompts(4, lo=5, hi=30, seed=5)
+    ids, outs = [], {}
+    for i, (p, n) in enumerate(zip(ps, [40, 8, 20, 12])):  # the batch grows to 4, then shrinks to 1
+        ids.append(engine.add(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=5)))
+        for _ in range(4):
+            for o in engine.step():
+                outs.setdefault(o.req_id, []).append(o)
+    for rid, os_ in run_all(engine).items():
+        outs.setdefault(rid, []).extend(os_)
+    small = {dtype for n, dtype, _ in seen if n <= FLOAT32_DECODE_ROWS}
+    large = {dtype for n, dtype, _ in seen if n > FLOAT32_DECODE_ROWS}
+    assert small == {torch.float32} and large == {torch.bfloat16}
+    switches = [b for a, b in zip(seen, seen[1:]) if a[1] != b[1]]
+    assert len(switches) >= 2 and all(rebuild for _, _, rebuild in switches)
+    for p, rid in zip(ps, ids):
+        generated = tokens_of(outs[rid])
+        with torch.no_grad():
+            ref = torch.log_softmax(tiny_hf(torch.tensor([p + generated])).logits[0].float(), dim=-1)
+        got = [chosen.logprob for o in outs[rid] for chosen, _ in (o.logprobs or [])]
+        want = [ref[len(p) - 1 + j, t].item() for j, t in enumerate(generated)]
+        assert got == pytest.approx(want, abs=0.05)

@@ -10,6 +10,11 @@ from shoal.model.attention import AttentionMetadata, LayerKV, PrefillMeta, gathe
 from shoal.model.config import ModelConfig
 from shoal.model.llama import LlamaModel
 
+# A bf16 / fp16 model on a CPU keeps the K/V of this many decodes or fewer in float32 for attention:
+# there its batched matmuls are overhead-bound and run ~2x faster in float32 (a single stream's
+# step -10%), while from 3-4 decodes on the bf16 kernels win.
+FLOAT32_DECODE_ROWS = 2
+
 
 class KVCache:
     """Device KV blocks, one tensor ``[layers, 2 * kv_heads, blocks, block_size, head_dim]`` (K's
@@ -110,7 +115,7 @@ class ModelRunner:
         # so there it may grow as large as the pool (a quarter made fp32 decodes of 32 requests past
         # ~150 tokens fall back to gathering every step); on an accelerator it takes a quarter.
         pool_bytes = kv.data.numel() * kv.data.element_size()
-        self._whole_width = device.type == "cpu" and kv.data.dtype in (torch.bfloat16, torch.float16)
+        self._half_on_cpu = device.type == "cpu" and kv.data.dtype in (torch.bfloat16, torch.float16)
         self.decode_kv = DecodeKVBuffer(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, kv.data.dtype,
                                         device, max_bytes=pool_bytes if device.type == "cpu" else pool_bytes // 4)
 
@@ -169,7 +174,9 @@ class ModelRunner:
         if nd:
             lens = [c.context_len for c in decodes]
             max_blocks = -(-max(lens) // bs)
-            decode_plan = self.decode_kv.plan([c.req_id for c in decodes], lens, max_blocks, self.kv.version)
+            in_float32 = self._half_on_cpu and nd <= FLOAT32_DECODE_ROWS
+            decode_plan = self.decode_kv.plan([c.req_id for c in decodes], lens, max_blocks, self.kv.version,
+                                              torch.float32 if in_float32 else None)
             if decode_plan is None or decode_plan.rebuild:
                 width = self.decode_kv.capacity_blocks if decode_plan else max_blocks
                 padded: list[int] = []
@@ -182,7 +189,7 @@ class ModelRunner:
             # batched matmul over a sliced (strided) view copies it first: there the whole padded
             # width is cheaper (measured 0.40 vs 0.75 ms per layer at 32 decodes).
             width = (self.decode_kv.capacity_blocks if decode_plan else max_blocks) * bs
-            span = width if self._whole_width else max(lens)
+            span = width if self._half_on_cpu and not (decode_plan and in_float32) else max(lens)
             ctx = torch.tensor(lens, device=dev)
             valid = torch.arange(span, device=dev)[None, :] < ctx[:, None]
             decode_mask = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))

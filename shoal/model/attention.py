@@ -126,25 +126,29 @@ def _decode_context(buf: torch.Tensor, cache: torch.Tensor, new_kv: torch.Tensor
     """Bring the decodes' padded K/V buffer up to date: one gather on a rebuild, else only the new
     token of each decode (``new_kv`` [D, 2 * Hkv, Dh])."""
     h2, n, cap, d = buf.shape
-    if meta.decode_rebuild:
-        torch.index_select(cache.view(-1, cache.shape[2] * d), 0, meta.decode_gather_index, out=buf.view(-1, cache.shape[2] * d))
+    rows, out = cache.view(-1, cache.shape[2] * d), buf.view(-1, cache.shape[2] * d)
+    if meta.decode_rebuild and buf.dtype == cache.dtype:
+        torch.index_select(rows, 0, meta.decode_gather_index, out=out)
+    elif meta.decode_rebuild:  # a float32 buffer beside a bf16 / fp16 cache (see ModelRunner)
+        out.copy_(rows.index_select(0, meta.decode_gather_index))
     else:
-        buf.view(h2, n * cap, d).index_copy_(1, meta.decode_write_index, new_kv.transpose(0, 1))
+        buf.view(h2, n * cap, d).index_copy_(1, meta.decode_write_index, new_kv.transpose(0, 1).to(buf.dtype))
     return buf
 
 
 def _decode_attention(q: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Single-query attention for a batch of decodes: q [D, H, Dh], ctx [2 * Hkv, D, capacity, Dh]
     (K's heads then V's), additive mask [1, D, 1, L] with L <= capacity -> [D, H, Dh]. Only the first
-    L positions are read: batched matmuls over strided [batch, L, Dh] views, so nothing is copied."""
+    L positions are read: batched matmuls over strided [batch, L, Dh] views, so nothing is copied.
+    The matmuls run in ``ctx``'s dtype (float32 for a bf16 model's few decodes: see ModelRunner)."""
     n, h, dh = q.shape
     h2, _, cap, _ = ctx.shape
     hkv, g, span = h2 // 2, h // (h2 // 2), mask.shape[-1]
     rows = ctx.view(h2 * n, cap, dh)[:, :span]
     kc, vc = rows[: hkv * n], rows[hkv * n :]
-    qg = q.view(n, hkv, g, dh).transpose(0, 1).reshape(hkv * n, g, dh)
+    qg = q.view(n, hkv, g, dh).transpose(0, 1).reshape(hkv * n, g, dh).to(ctx.dtype)
     scores = torch.bmm(qg, kc.transpose(1, 2)).view(hkv, n, g, span).float()
     scores = torch.add(mask, scores, alpha=scale)
-    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(hkv * n, g, span)
+    probs = torch.softmax(scores, dim=-1).to(ctx.dtype).view(hkv * n, g, span)
     out = torch.bmm(probs, vc)  # [Hkv * D, G, Dh]
-    return out.view(hkv, n, g, dh).transpose(0, 1).reshape(n, h, dh)
+    return out.view(hkv, n, g, dh).transpose(0, 1).reshape(n, h, dh).to(q.dtype)
