@@ -12,7 +12,7 @@ from shoal.model.llama import LlamaModel
 
 # A bf16 / fp16 model on a CPU keeps the K/V of this many decodes or fewer in float32 for attention:
 # there its batched matmuls are overhead-bound and run ~2x faster in float32 (a single stream's
-# step -10%), while from 3-4 decodes on the bf16 kernels win.
+# step -15%), while from 3-4 decodes on the bf16 kernels win.
 FLOAT32_DECODE_ROWS = 2
 
 
