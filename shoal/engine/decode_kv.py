@@ -30,8 +30,7 @@ class DecodeKVPlan:
 
 
 class DecodeKVBuffer:
-    """Holds the buffer of one engine; at most ``max_bytes`` in each dtype (otherwise decodes gather
-    every step)."""
+    """Holds the buffer of one engine; at most ``max_bytes`` (otherwise decodes gather every step)."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, max_bytes: int, headroom_blocks: int = 2) -> None:
@@ -40,7 +39,7 @@ class DecodeKVBuffer:
         self.dtype, self.device = dtype, device
         self.max_bytes = max_bytes
         self.headroom_blocks = headroom_blocks
-        self._storage = {dtype: torch.empty(0, dtype=dtype, device=device)}  # per dtype it was asked for
+        self._storage = torch.empty(0, dtype=dtype, device=device)  # in the dtype last asked for
         self._key: tuple | None = None  # (request ids, kv version, dtype) it holds
         self._context_lens: list[int] = []
         self._capacity = 0  # tokens per request
@@ -59,26 +58,26 @@ class DecodeKVBuffer:
             self._context_lens = list(context_lens)
             rows = torch.arange(n, device=self.device) * self._capacity
             write = rows + torch.tensor(context_lens, device=self.device) - 1
-            return DecodeKVPlan(self._views(n, dtype), rebuild=False, write_index=write)
+            return DecodeKVPlan(self._views(n), rebuild=False, write_index=write)
         capacity = (max_blocks + self.headroom_blocks) * self.block_size
         numel = layers * heads * n * capacity * d
-        storage = self._storage.get(dtype, torch.empty(0, dtype=dtype, device=self.device))
+        storage = self._storage if self._storage.dtype == dtype else torch.empty(0, dtype=dtype, device=self.device)
         if numel * storage.element_size() > self.max_bytes:
             self._key = None
             return None
         if storage.numel() < numel:  # grow geometrically: few reallocations as a batch fills
             limit = self.max_bytes // storage.element_size()
             storage = torch.empty(min(max(numel, 2 * storage.numel()), limit), dtype=dtype, device=self.device)
-        self._storage[dtype] = storage
+        self._storage = storage  # one dtype at a time: a switch frees the other's memory
         self._key, self._context_lens, self._capacity = key, list(context_lens), capacity
-        return DecodeKVPlan(self._views(n, dtype), rebuild=True, write_index=None)
+        return DecodeKVPlan(self._views(n), rebuild=True, write_index=None)
 
     @property
     def capacity_blocks(self) -> int:
         return self._capacity // self.block_size
 
-    def _views(self, n: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    def _views(self, n: int) -> list[torch.Tensor]:
         layers, heads, d = self.shape
         per_layer = heads * n * self._capacity * d
-        data = self._storage[dtype][: layers * per_layer].view(layers, heads, n, self._capacity, d)
+        data = self._storage[: layers * per_layer].view(layers, heads, n, self._capacity, d)
         return list(data.unbind(0))
