@@ -214,6 +214,14 @@ def test_outputs_that_reach_the_pump_before_add_answers_are_not_lost(cluster_con
         assert await asyncio.wait_for(collect(stream), 5) == [7, 8]
         assert not c.requests  # finished: no longer tracked
 
+        # a second request under a running one's id is refused, and the first keeps its stream
+        c.members[0].handle.answers["add"] = lambda *args: None
+        await c.submit(PROMPT, LONG, "twice")
+        first = c.requests["twice"]
+        with pytest.raises(ValueError, match="already in use"):
+            await c.submit(PROMPT, LONG, "twice")
+        assert c.requests["twice"] is first
+
     run(scenario())
 
 

@@ -269,6 +269,8 @@ class ClusterEngine:
 
     async def submit(self, prompt_token_ids: list[int], params: SamplingParams, req_id: str,
                      metadata: RequestMetadata | None = None) -> RequestStream:
+        if req_id in self.requests:  # it is tracked before its instance could refuse it: never replace it
+            raise ValueError(f"request id {req_id!r} is already in use")
         metadata = with_slo(metadata, self.slo)
         if self.max_waiting is not None and (waiting := self.load().waiting_for_room()) >= self.max_waiting:
             # Full: a better-priority request takes the place of the worst one that has produced
