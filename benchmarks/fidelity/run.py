@@ -25,7 +25,7 @@ from shoal.bench.workloads import load_trace, synthetic
 from shoal.engine.config import EngineConfig
 from shoal.engine.cost_model import LinearCostModel, default_profile_path
 from shoal.engine.engine import Engine
-from shoal.sim.validate import compare
+from shoal.sim.validate import compare, metric_row
 
 TRACE = Path(__file__).resolve().parents[2].parent / "shared/data/traces/azure_conv_2023.csv"
 
@@ -68,9 +68,8 @@ def main() -> None:
         if len(runs) > 1:
             real = {k: [r["metrics"][k]["real_ms"] for r in runs] for k in runs[0]["metrics"]}
             summary["real_spread"] = {k: max(v) / min(v) - 1 for k, v in real.items()}
-            summary["vs_median_real"] = {k: {"real_ms": statistics.median(v), "sim_ms": runs[0]["metrics"][k]["sim_ms"],
-                                             "rel_error": abs(runs[0]["metrics"][k]["sim_ms"] - statistics.median(v))
-                                             / statistics.median(v)} for k, v in real.items()}
+            summary["vs_median_real"] = {k: metric_row(statistics.median(v), runs[0]["metrics"][k]["sim_ms"], "ms")
+                                         for k, v in real.items()}
             print(f"{'  real runs against each other (max/min-1)':42s} "
                   + "  ".join(f"{k} {v:.1%}" for k, v in summary["real_spread"].items()), flush=True)
             print(_line("  simulator against their median", summary["vs_median_real"]), flush=True)

@@ -91,6 +91,12 @@ class Tracked:
     def priority(self) -> int:
         return self.metadata.priority
 
+    @property
+    def unsettled(self) -> bool:
+        """Being dispatched or moved: no instance is known to hold it for good, so nothing else
+        (shedding, migration, drain) may act on it meanwhile."""
+        return self.dispatching or self.migrating
+
 
 @dataclass
 class ClusterStats:
@@ -275,8 +281,8 @@ class ClusterEngine:
         if self.max_waiting is not None and (waiting := self.load().waiting_for_room()) >= self.max_waiting:
             # Full: a better-priority request takes the place of the worst one that has produced
             # nothing yet (it ends with SHED_ERROR: a 429), as one engine's queue does.
-            victim = pick_shed_victim((t for t in self.requests.values() if not t.streamed_tokens and not t.migrating
-                                       and not t.dispatching and not t.pd_moved and not t.aborted), metadata.priority)
+            victim = pick_shed_victim((t for t in self.requests.values() if not t.streamed_tokens and not t.unsettled
+                                       and not t.pd_moved and not t.aborted), metadata.priority)
             if victim is None:
                 raise QueueFull(f"{waiting} requests are waiting (limit {self.max_waiting})")
             self.abort(victim.req_id)
@@ -403,7 +409,7 @@ class ClusterEngine:
         free here; any failure rolls back and the request continues on the source). True if moved."""
         tracked = self.requests.get(req_id)
         dst = self.members.get(dst_id)
-        if tracked is None or dst is None or tracked.migrating or tracked.dispatching or tracked.member == dst_id:
+        if tracked is None or dst is None or tracked.unsettled or tracked.member == dst_id:
             return False
         src = self.members[tracked.member]
         if src.role not in MIGRATION_ROLES or dst.role not in MIGRATION_ROLES:  # prefill ones hand off by P/D
@@ -501,7 +507,7 @@ class ClusterEngine:
         member = self.members[member_id]
         self.scheduler.set_draining(member_id)
         while any(t.member == member_id for t in self.requests.values()):
-            for t in [t for t in self.requests.values() if t.member == member_id and not (t.migrating or t.dispatching)]:
+            for t in [t for t in self.requests.values() if t.member == member_id and not t.unsettled]:
                 dst = self.scheduler.drain_target(member_id)
                 if dst is not None:
                     self._tasks.append(asyncio.create_task(self.migrate(t.req_id, dst, reason="drain")))
@@ -543,7 +549,7 @@ class ClusterEngine:
         if self.scheduler.migration_policy is not None and len(decoders) > 1:
             # the running requests come with each instance's snapshot: no call that a wedged instance could stall
             moving = {rid for m in decoders for rid in (r.req_id for r in self.scheduler.instances[m.id].load.running)
-                      if rid not in self.requests or self.requests[rid].migrating or self.requests[rid].dispatching}
+                      if rid not in self.requests or self.requests[rid].unsettled}
             for mig in self.scheduler.migration_plan(exclude=moving):
                 self._tasks.append(asyncio.create_task(self.migrate(mig.req_id, mig.dst, mig.reason)))
         if ticks % 4 == 0:

@@ -46,8 +46,8 @@ def plan_features(plan: StepPlan, small_rows: int = INT4_MAX_ROWS) -> list[float
         else:
             chunks += 1
             attn += n * (c.start + n)
-    return [1.0, float(tokens > small_rows), float(tokens), float(decodes), float(decode_ctx),
-            float(attn), float(sampled), float(chunks), float(len(plan.swap_in) + len(plan.swap_out))]
+    return step_features(tokens, decodes, decode_ctx, attn, sampled, chunks, len(plan.swap_in) + len(plan.swap_out),
+                         small_rows)
 
 
 def step_features(tokens: float = 0, decodes: float = 0, decode_context: float = 0, prefill_attention: float = 0,
@@ -61,16 +61,13 @@ def step_features(tokens: float = 0, decodes: float = 0, decode_context: float =
 
 def with_chunk(features: Sequence[float], start: int, n: int, small_rows: int = INT4_MAX_ROWS) -> list[float]:
     """``features`` of a step plus one sampled prefill chunk of ``n`` tokens from position ``start``."""
-    f = list(features)
     if n <= 0:
-        return f
-    i = {name: k for k, name in enumerate(FEATURES)}
-    f[i["tokens"]] += n
-    f[i["large_step"]] = float(f[i["tokens"]] > small_rows)
-    f[i["prefill_chunks"]] += 1
-    f[i["prefill_attention"]] += n * (start + n)
-    f[i["sampled"]] += 1
-    return f
+        return list(features)
+    f = dict(zip(FEATURES, features))
+    return step_features(tokens=f["tokens"] + n, decodes=f["decodes"], decode_context=f["decode_context"],
+                         prefill_attention=f["prefill_attention"] + n * (start + n), sampled=f["sampled"] + 1,
+                         prefill_chunks=f["prefill_chunks"] + 1, swapped_blocks=f["swapped_blocks"],
+                         small_rows=small_rows)
 
 
 class CostModel(Protocol):

@@ -132,7 +132,9 @@ def _decode_context(buf: torch.Tensor, cache: torch.Tensor, new_kv: torch.Tensor
     elif meta.decode_rebuild:  # a float32 buffer beside a bf16 / fp16 cache (see ModelRunner)
         out.copy_(rows.index_select(0, meta.decode_gather_index))
     else:
-        buf.view(h2, n * cap, d).index_copy_(1, meta.decode_write_index, new_kv.transpose(0, 1).to(buf.dtype))
+        new = new_kv.transpose(0, 1)
+        new = new if new.dtype == buf.dtype else new.to(buf.dtype)
+        buf.view(h2, n * cap, d).index_copy_(1, meta.decode_write_index, new)
     return buf
 
 
@@ -146,9 +148,10 @@ def _decode_attention(q: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor, sc
     hkv, g, span = h2 // 2, h // (h2 // 2), mask.shape[-1]
     rows = ctx.view(h2 * n, cap, dh)[:, :span]
     kc, vc = rows[: hkv * n], rows[hkv * n :]
-    qg = q.view(n, hkv, g, dh).transpose(0, 1).reshape(hkv * n, g, dh).to(ctx.dtype)
-    scores = torch.bmm(qg, kc.transpose(1, 2)).view(hkv, n, g, span).float()
+    widen = ctx.dtype != q.dtype
+    qg = q.view(n, hkv, g, dh).transpose(0, 1).reshape(hkv * n, g, dh)
+    scores = torch.bmm(qg.to(ctx.dtype) if widen else qg, kc.transpose(1, 2)).view(hkv, n, g, span).float()
     scores = torch.add(mask, scores, alpha=scale)
     probs = torch.softmax(scores, dim=-1).to(ctx.dtype).view(hkv * n, g, span)
-    out = torch.bmm(probs, vc)  # [Hkv * D, G, Dh]
-    return out.view(hkv, n, g, dh).transpose(0, 1).reshape(n, h, dh).to(q.dtype)
+    out = torch.bmm(probs, vc).view(hkv, n, g, dh).transpose(0, 1).reshape(n, h, dh)  # from [Hkv * D, G, Dh]
+    return out.to(q.dtype) if widen else out

@@ -156,13 +156,14 @@ def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000
     def rows(cm: CostModel) -> tuple[dict, dict]:
         sim, sim_dur = simulate(workload, [spec_of(engine, cm)], LeastLoad())[:2]
         s = summarize(sim, workload.description, *slo, sim_dur)
-        return {f"{metric[:-3]}_{q}": _row(r[metric][q], s[metric][q], "ms")
+        return {f"{metric[:-3]}_{q}": metric_row(r[metric][q], s[metric][q], "ms")
                 for metric in ("ttft_ms", "tpot_ms", "e2e_ms") for q in ("p50", "p90")}, {}
 
     return {"workload": workload.description, **_verdicts(rows, cost_model, log, engine, also)}
 
 
-def _row(real: float, sim: float, unit: str) -> dict:
+def metric_row(real: float, sim: float, unit: str) -> dict:
+    """One metric, real against simulated, with the simulator's relative error."""
     return {f"real_{unit}": real, f"sim_{unit}": sim, "rel_error": abs(sim - real) / real if real else None}
 
 
@@ -256,7 +257,7 @@ def compare_agent(workload: AgentWorkload, engine: Engine, cost_model: CostModel
 
     def rows(cm: CostModel) -> tuple[dict, dict]:
         s = program_summary(workload, simulate(workload, [spec_of(engine, cm)], LeastLoad())[0])  # type: ignore[arg-type]
-        return ({f"jct_{q}": _row(r["jct_s"][q], s["jct_s"][q], "s") for q in ("mean", "p50", "p90")},
+        return ({f"jct_{q}": metric_row(r["jct_s"][q], s["jct_s"][q], "s") for q in ("mean", "p50", "p90")},
                 {"recomputed_prefill_tokens_per_program": {"real": r["recomputed_prefill_tokens_per_program"]["mean"],
                                                            "sim": s["recomputed_prefill_tokens_per_program"]["mean"]},
                  "completed": {"real": r["completed"], "sim": s["completed"]}})
