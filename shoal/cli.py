@@ -161,6 +161,7 @@ def serve(
     admission: Admission = typer.Option("fcfs", "--admission", help="deadline: at equal priority, admit requests within the TTFT SLO first"),
     scheduling_policy: SchedulingPolicy = typer.Option("vtc", "--scheduling-policy", help="Admission and preemption order (vtc: priority, then weighted fair share between tenants)"),
     fair_first_token: bool = typer.Option(True, "--fair-first-token/--no-fair-first-token", help="Under vtc: a tenant behind in fair share gets its new prompts' first tokens in a step of their own while the tenants ahead of it wait one step"),
+    fair_prefill_tokens: Optional[int] = typer.Option(None, "--fair-prefill-tokens", min=1, help="Under vtc: while a tenant behind in fair share has work, the tenants ahead of it get at most this many prefill tokens a step (shorter steps for its newcomers to wait out; their own long prompts start slower)"),
     urgent_slack_ms: Optional[float] = typer.Option(None, "--urgent-slack-ms", min=0.0, help="With --admission deadline: a request whose first token is due within this many ms runs one priority level ahead"),
     cost_model: Optional[str] = typer.Option(None, "--cost-model", help="Profile JSON timing this machine's steps (default: the committed SmolLM2-on-CPU one)"),
     instance_threads: Optional[str] = typer.Option(None, "--instance-threads", help="Comma-separated CPU threads per instance (a heterogeneous cluster)"),
@@ -223,6 +224,7 @@ def serve(
                               kv_tier_path=None if kv_tier_path is None else str(kv_tier_path),
                               num_threads=num_threads, admission=admission,
                               scheduling_policy=scheduling_policy, fair_first_token=fair_first_token,
+                              fair_prefill_tokens=fair_prefill_tokens,
                               urgent_slack_s=None if urgent_slack_ms is None else urgent_slack_ms / 1e3,
                               step_time_limit_s=slo.tpot_s if token_budget == "slo" else None, cost_model=cost_model,
                               speculative_config=parse_json_option("--speculative-config", speculative_config),
@@ -554,6 +556,7 @@ def sim(
     admission: Admission = typer.Option("fcfs", "--admission", help="deadline: at equal priority, admit requests still within the TTFT SLO before late ones"),
     scheduling_policy: SchedulingPolicy = typer.Option("vtc", "--scheduling-policy", help="As in serve"),
     fair_first_token: bool = typer.Option(True, "--fair-first-token/--no-fair-first-token", help="As in serve"),
+    fair_prefill_tokens: Optional[int] = typer.Option(None, "--fair-prefill-tokens", min=1, help="As in serve"),
     urgent_slack_ms: Optional[float] = typer.Option(None, "--urgent-slack-ms", min=0.0, help="As in serve (with --admission deadline)"),
     tenants: Optional[str] = typer.Option(None, "--tenants", help="Tenant mix by share of the arrivals, e.g. heavy=10,light=1"),
     tenant_weights: Optional[str] = typer.Option(None, "--tenant-weights", help="Fair-share weights of the --tenants, e.g. gold=3,bronze=1 (default 1)"),
@@ -609,7 +612,7 @@ def sim(
         with bar("loading the model"):
             engine = Engine(EngineConfig(num_blocks=num_blocks, num_tier_blocks=kv_tier_blocks,
                                          max_num_seqs=max_num_seqs, scheduling_policy=scheduling_policy,
-                                         fair_first_token=fair_first_token,
+                                         fair_first_token=fair_first_token, fair_prefill_tokens=fair_prefill_tokens,
                                          max_num_batched_tokens=max_num_batched_tokens, programs=programs))
         agent = isinstance(wl, AgentWorkload)
         with bar(f"real run: {'programs' if agent else 'requests'}") as progress:
@@ -631,6 +634,7 @@ def sim(
             migration=migration, roles=check_roles(roles.split(",") if roles else None, instances),
             slo=SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3), slo_steps=token_budget == "slo",
             deadlines=admission == "deadline", scheduling_policy=scheduling_policy, fair_first_token=fair_first_token,
+            fair_prefill_tokens=fair_prefill_tokens,
             urgent_slack_s=None if urgent_slack_ms is None else urgent_slack_ms / 1e3, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, link_gbps=link_gbps, link_latency_ms=link_latency_ms, seed=seed,
             programs=programs, num_tier_blocks=kv_tier_blocks)

@@ -13,7 +13,7 @@ from shoal.engine.fair_share import VirtualTokenCounter
 from shoal.engine.metadata import RequestMetadata
 from shoal.engine.request import Request, Status
 from shoal.engine.sampling_params import SamplingParams
-from shoal.engine.scheduler import Scheduler, SchedulerConfig
+from shoal.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 
 
 class Loop:
@@ -24,6 +24,7 @@ class Loop:
                                                policy=policy, **cfg), BlockManager(blocks, 4, 0, False))
         self.reqs: dict[str, Request] = {}
         self.first_token: dict[str, int] = {}
+        self.tenant_of: dict[str, str | None] = {}
         self.served: Counter[str | None] = Counter()
         self.steps = 0
         self.n = 0
@@ -34,10 +35,11 @@ class Loop:
         req = Request(rid, list(range(1, prompt + 1)), SamplingParams(max_tokens=out), float(self.steps),
                       priority=priority, metadata=RequestMetadata(priority=priority, tenant=tenant, weight=weight))
         self.reqs[rid] = req
+        self.tenant_of[rid] = tenant
         self.sched.add(req)
         return rid
 
-    def step(self) -> None:
+    def step(self) -> StepPlan:
         plan = self.sched.schedule(float(self.steps))
         self.sched.commit(plan, self.reqs)
         for c in plan.chunks:
@@ -51,6 +53,15 @@ class Loop:
                     req.status = Status.FINISHED
                     del self.reqs[c.req_id]
         self.steps += 1
+        return plan
+
+    def prefill_tokens(self, plan: StepPlan) -> Counter:
+        """A step's prefill tokens per tenant (chunks that are not single decodes)."""
+        tokens = Counter()
+        for c in plan.chunks:
+            if not (c.num_tokens == 1 and c.sample):
+                tokens[self.tenant_of[c.req_id]] += c.num_tokens
+        return tokens
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
@@ -201,6 +212,53 @@ def test_a_backlogged_tenant_gets_no_first_token_steps():
         assert _plan_tenants(loop)[("light", "decode")] == 3
 
 
+@pytest.mark.parametrize("cap", [None, 16])
+def test_a_prefill_cap_keeps_the_steps_of_the_tenants_ahead_short(cap):
+    """Heavy, ahead in fair share, decodes 20 requests and starts a 200-token prompt while light
+    (behind) decodes one. With ``fair_prefill_tokens`` heavy's prefill gets at most 16 tokens a step
+    while all its decodes still run, and light's own new prompt is not capped. Without it heavy's
+    prompt takes the rest of the budget."""
+    loop = Loop(max_num_seqs=64, budget=128, fair_prefill_tokens=cap, fair_first_token=False)
+    loop.add("light", prompt=8, out=300)
+    for _ in range(20):
+        loop.add("heavy", prompt=8, out=300)
+    loop.run(5)
+    assert loop.sched.fair.value("heavy") > loop.sched.fair.value("light")
+    loop.add("heavy", prompt=200, out=4)
+    plan = loop.step()
+    assert plan.num_decodes == 21
+    assert loop.prefill_tokens(plan)["heavy"] == (16 if cap else 128 - 21)
+    if cap:
+        loop.add("light", prompt=100, out=4)
+        plan = loop.step()
+        assert plan.num_decodes == 21
+        assert loop.prefill_tokens(plan) == Counter({"heavy": 16, "light": 128 - 21 - 16})
+
+
+def test_a_lone_tenant_is_never_prefill_capped():
+    loop = Loop(max_num_seqs=64, budget=128, fair_prefill_tokens=16)
+    for _ in range(20):
+        loop.add("heavy", prompt=8, out=300)
+    loop.run(5)
+    loop.add("heavy", prompt=200, out=4)
+    assert loop.prefill_tokens(loop.step())["heavy"] == 128 - 20
+
+
+def test_shoal_sim_takes_the_prefill_cap(tmp_path):
+    import json
+
+    from tests._cli_util import cli
+
+    r = cli("sim", "--tenants", "heavy=10,light=1", "--num-requests", "40", "--rate", "8", "--fair-prefill-tokens", "32",
+            "--out", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["fair_prefill_tokens"] == 32
+    assert set(result["tenants"]["by_tenant"]) == {"heavy", "light"}
+    r = cli("sim", "--fair-prefill-tokens", "0", "--out", str(tmp_path))
+    assert r.exit_code == 2 and "fair-prefill-tokens" in r.output
+
+
 def test_priority_still_comes_before_fair_share():
     loop = Loop(max_num_seqs=1)
     loop.add("light", priority=5)
@@ -239,6 +297,8 @@ def test_bad_weights_and_policies_are_refused():
         RequestMetadata(weight=float("nan"))
     with pytest.raises(ValueError, match="policy"):
         SchedulerConfig(policy="lottery")
+    with pytest.raises(ValueError, match="fair_prefill_tokens"):
+        SchedulerConfig(fair_prefill_tokens=0)
 
 
 def test_the_simulator_makes_the_engines_decisions_for_one_seeded_tenant_workload():

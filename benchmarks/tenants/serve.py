@@ -1,6 +1,6 @@
 """Fair share on the real server: ``shoal serve`` (SmolLM2, this machine) under two tenants of equal
 weight, ``heavy`` sending 10x ``light``'s rate, together overloading it; ``light``'s P99 TTFT under
-``--scheduling-policy fcfs``, ``vtc`` and ``vtc --no-fair-first-token`` against the same light requests sent alone, and total
+``--scheduling-policy fcfs``, ``vtc``, ``vtc --no-fair-first-token`` and ``vtc --fair-prefill-tokens 32`` against the same light requests sent alone, and total
 output throughput. The tenants are named by ``user`` (no keys file: equal weights). Run it on an
 otherwise idle machine.
 
@@ -46,23 +46,25 @@ def main() -> None:
                 "vtc": run("vtc", mixed, Path(tmp), "--scheduling-policy", "vtc"),
                 "vtc_no_first_token": run("vtc_no_first_token", mixed, Path(tmp), "--scheduling-policy", "vtc",
                                           "--no-fair-first-token"),
+                "vtc_prefill_cap_32": run("vtc_prefill_cap_32", mixed, Path(tmp), "--scheduling-policy", "vtc",
+                                          "--fair-prefill-tokens", "32"),
                 "light_alone": run("light_alone", alone, Path(tmp), "--scheduling-policy", "vtc")}
     light = {k: r["tenants"]["by_tenant"]["light"] for k, r in runs.items()}
     lone = light["light_alone"]["ttft_ms"]["p99"]
+    mixes = {k: v for k, v in light.items() if k != "light_alone"}
     out = {
         "workload": {"rate": RATE, "num_requests": N, "prompt_len": PROMPT, "output_len": OUTPUT,
                      "len_jitter": 0.5, "tenants": {"heavy": 10, "light": 1},
                      "light_requests": light["light_alone"]["num_requests"]},
         "light_alone_p99_ttft_ms": round(lone, 1),
-        "fcfs_light_p99_ttft_ms": round(light["fcfs"]["ttft_ms"]["p99"], 1),
-        "vtc_light_p99_ttft_ms": round(light["vtc"]["ttft_ms"]["p99"], 1),
-        "fcfs_light_vs_alone": round(light["fcfs"]["ttft_ms"]["p99"] / lone, 2),
-        "vtc_light_vs_alone": round(light["vtc"]["ttft_ms"]["p99"] / lone, 2),
-        "vtc_no_first_token_light_p99_ttft_ms": round(light["vtc_no_first_token"]["ttft_ms"]["p99"], 1),
-        "vtc_no_first_token_light_vs_alone": round(light["vtc_no_first_token"]["ttft_ms"]["p99"] / lone, 2),
+        **{f"{k}_light_p99_ttft_ms": round(v["ttft_ms"]["p99"], 1) for k, v in mixes.items()},
+        **{f"{k}_light_vs_alone": round(v["ttft_ms"]["p99"] / lone, 2) for k, v in mixes.items()},
         "light_p50_ttft_ms": {k: round(v["ttft_ms"]["p50"], 1) for k, v in light.items()},
+        "heavy_p50_ttft_ms": {k: round(r["tenants"]["by_tenant"]["heavy"]["ttft_ms"]["p50"], 1) for k, r in runs.items()
+                              if k != "light_alone"},
         "output_tok_s": {k: round(r["output_token_throughput"], 1) for k, r in runs.items()},
-        "vtc_throughput_vs_fcfs": round(runs["vtc"]["output_token_throughput"] / runs["fcfs"]["output_token_throughput"], 3),
+        **{f"{k}_throughput_vs_fcfs": round(runs[k]["output_token_throughput"] / runs["fcfs"]["output_token_throughput"], 3)
+           for k in mixes if k != "fcfs"},
         "failed": {k: r["failed"] for k, r in runs.items()},
     }
     Path(__file__).with_name("serve.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -3,8 +3,9 @@ cost model, one instance): the targets of the tenants issue.
 
 1. Two tenants of equal weight, ``heavy`` sending 10x ``light``'s rate, together overloading the
    instance: ``light``'s P99 TTFT under FCFS, under VTC, and under VTC without first-token steps
-   (``fair_first_token=False``), against the same light requests run alone, and total output
-   throughput of VTC against FCFS; five seeds, with the medians of the ratios.
+   (``fair_first_token=False``) and under VTC with the prefill of the tenant ahead capped
+   (``fair_prefill_tokens`` 32 and 64), against the same light requests run alone, and total output
+   throughput of each against FCFS; five seeds, with the medians of the ratios.
 2. Weighted 3:1 tenants (``gold`` weight 3, ``bronze`` 1, equal arrival rates) under saturation:
    tokens served to each while both still send.
 3. The cost of switching: preemptions and swapped-out bytes per served output token, VTC with
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_profile import bench_profile  # noqa: E402
 
 N, PROMPT, OUTPUT = 1200, 128, 128
+PREFILL_CAPS = (32, 64)
 
 
 def cpu_smollm2(policy: str, **kw) -> SimSetup:
@@ -54,16 +56,20 @@ def ten_to_one_seed(setup, rate: float, seed: int) -> dict:
     mixed = with_tenants(synthetic("poisson", N, rate, PROMPT, OUTPUT, seed=seed, len_jitter=0.5),
                          {"heavy": 10, "light": 1}, seed=seed)
     alone = Workload(mixed.kind, [r for r in mixed.requests if r.tenant == "light"], mixed.description)
+    capped = [(f"vtc_prefill_cap_{cap}", "vtc", {"fair_prefill_tokens": cap}, mixed) for cap in PREFILL_CAPS]
     runs = {name: setup(pol, **kw).run(wl)[0] for name, pol, kw, wl in (
         ("fcfs", "fcfs", {}, mixed), ("vtc", "vtc", {}, mixed),
-        ("vtc_no_first_token", "vtc", {"fair_first_token": False}, mixed), ("light_alone", "fcfs", {}, alone))}
+        ("vtc_no_first_token", "vtc", {"fair_first_token": False}, mixed), *capped, ("light_alone", "fcfs", {}, alone))}
     lone = light_p99(runs["light_alone"])
+    mixes = ("fcfs", "vtc", "vtc_no_first_token", *(name for name, *_ in capped))
     return {
         "seed": seed,
         "light_alone_p99_ttft_ms": round(lone, 1),
-        **{f"{name}_light_p99_ttft_ms": round(light_p99(runs[name]), 1) for name in ("fcfs", "vtc", "vtc_no_first_token")},
-        **{f"{name}_light_vs_alone": round(light_p99(runs[name]) / lone, 2) for name in ("fcfs", "vtc", "vtc_no_first_token")},
-        "vtc_throughput_vs_fcfs": round(runs["vtc"]["output_token_throughput"] / runs["fcfs"]["output_token_throughput"], 3),
+        **{f"{name}_light_p99_ttft_ms": round(light_p99(runs[name]), 1) for name in mixes},
+        **{f"{name}_light_vs_alone": round(light_p99(runs[name]) / lone, 2) for name in mixes},
+        **{f"{name}_throughput_vs_fcfs": round(runs[name]["output_token_throughput"] / runs["fcfs"]["output_token_throughput"], 3)
+           for name in mixes[1:]},
+        "heavy_p50_ttft_ms": {name: round(runs[name]["tenants"]["by_tenant"]["heavy"]["ttft_ms"]["p50"], 1) for name in mixes},
         "vtc_preemptions": runs["vtc"]["preemptions"],
         "vtc_tpot_p99_ms": round(runs["vtc"]["tpot_ms"]["p99"], 1),
         "vtc_no_first_token_tpot_p99_ms": round(runs["vtc_no_first_token"]["tpot_ms"]["p99"], 1),
@@ -75,7 +81,8 @@ def ten_to_one(setup, rate: float, seeds: range = range(5)) -> dict:
     """Each seed's figures, and the medians over seeds of the ratios (one seed's P99 rests on the
     slowest one or two of ~120 light requests)."""
     rows = [ten_to_one_seed(setup, rate, seed) for seed in seeds]
-    keys = ("vtc_light_vs_alone", "vtc_no_first_token_light_vs_alone", "fcfs_light_vs_alone", "vtc_throughput_vs_fcfs")
+    keys = ("vtc_light_vs_alone", "vtc_no_first_token_light_vs_alone", "fcfs_light_vs_alone", "vtc_throughput_vs_fcfs",
+            *(f"vtc_prefill_cap_{cap}_{what}" for cap in PREFILL_CAPS for what in ("light_vs_alone", "throughput_vs_fcfs")))
     return {"rate": rate, "median_over_seeds": {k: round(statistics.median(r[k] for r in rows), 3) for k in keys},
             "seeds": rows}
 

@@ -42,6 +42,7 @@ class EngineConfig:
     urgent_slack_s: float | None = None  # SchedulerConfig.urgent_slack_s (deadline admission)
     resident_swap: bool = True  # SchedulerConfig.resident_swap
     fair_first_token: bool = True  # SchedulerConfig.fair_first_token
+    fair_prefill_tokens: int | None = None  # SchedulerConfig.fair_prefill_tokens
     step_time_limit_s: float | None = None  # SLO-sized steps: a step with decodes stays within this
     cost_model: str | None = None  # the profile JSON that times steps (default: the committed one)
     speculative_config: SpeculativeConfig | None = None  # n-gram drafting for every request (a dict is parsed)

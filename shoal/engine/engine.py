@@ -96,6 +96,7 @@ class Engine(EngineCore):
             urgent_slack_s=config.urgent_slack_s,
             resident_swap=config.resident_swap,
             fair_first_token=config.fair_first_token,
+            fair_prefill_tokens=config.fair_prefill_tokens,
             programs=config.programs,
             step_time_budget=None if config.step_time_limit_s is None else StepTimeBudget(
                 instance_cost_model(config.cost_model, config.num_threads or torch.get_num_threads()),

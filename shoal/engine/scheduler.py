@@ -13,7 +13,9 @@ one of strictly worse priority, or under ``vtc`` one of the same priority whose 
 more than ``fair_preempt_tokens`` or holding more than its weighted share of the slots while the
 waiting one's holds less (FastSwitch's preemption-driven fairness). Under ``vtc`` a tenant behind
 in fair share may also get a first-token step: its new prompts run while the running work of the
-tenants ahead of it waits one step (``fair_first_token``). A preempted request
+tenants ahead of it waits one step (``fair_first_token``), and the prefill of the tenants ahead
+may be capped to a few tokens a step so that the step its newcomers wait out stays short
+(``fair_prefill_tokens``). A preempted request
 keeps its priority and arrival time, so it is re-admitted in the same order as before. Agent
 programs (:mod:`shoal.engine.programs`): under ``continuum`` a turn is ordered by its program's
 arrival (with aging), and a finished turn's KV may stay pinned for the next one; pins yield to
@@ -77,6 +79,10 @@ class SchedulerConfig:
     for, the step runs their prefill without the running work of the tenants ahead of it, which waits
     one step (never two in a row). A tenant that sends little then waits for a step of its own for
     its first token, not for one that carries every other tenant's decodes."""
+    fair_prefill_tokens: int | None = None
+    """Under ``vtc``: while a tenant behind in fair share has work here, the prefill chunks of the
+    tenants ahead of it get at most this many tokens a step, so the step a newcomer of the tenant
+    behind waits out stays short; None: no cap. A lone tenant is never capped."""
     programs: ProgramConfig = field(default_factory=ProgramConfig)
     """Agent programs: program-level FCFS and KV time-to-live pins (``continuum``), or ``none``."""
 
@@ -85,6 +91,8 @@ class SchedulerConfig:
             raise ValueError(f"admission must be one of {', '.join(ADMISSION_ORDERS)}, got {self.admission!r}")
         if self.policy not in SCHEDULING_POLICIES:
             raise ValueError(f"policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.policy!r}")
+        if self.fair_prefill_tokens is not None and self.fair_prefill_tokens < 1:
+            raise ValueError(f"fair_prefill_tokens must be None or at least 1, got {self.fair_prefill_tokens!r}")
         for name in ("fair_preempt_tokens", "urgent_slack_s"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < float("inf"):
@@ -151,6 +159,8 @@ class Scheduler:
         self.fair = VirtualTokenCounter(output_weight=config.vtc_output_weight)
         self.programs = ProgramTable(config.programs, block_manager)
         self._deferred: set[str] = set()  # running requests the last step left out for a first token
+        self._ahead: set = set()  # this step: tenants whose prefill is capped (``fair_prefill_tokens``)
+        self._ahead_allowance = 0  # this step: prefill tokens they may still get
 
     # ---- queue management ---------------------------------------------------------------------
 
@@ -273,6 +283,7 @@ class Scheduler:
     def schedule(self, now: float) -> StepPlan:
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
+        self._ahead, self._ahead_allowance = self._tenants_ahead(), self.config.fair_prefill_tokens or 0
         self.programs.expire(now)
         # 0. A first-token step (``fair_first_token``): a tenant behind in fair share starts its new
         #    prompts while the tenants ahead of it wait.
@@ -295,7 +306,8 @@ class Scheduler:
                 continue
             known = req.num_tokens - req.num_computed_tokens
             drafts = len(req.draft_token_ids) if known == 1 else 0
-            n = self._chunk_tokens(plan, req.num_computed_tokens, min(known + drafts, budget))
+            n = self._chunk_tokens(plan, req.num_computed_tokens, min(known + drafts, budget),
+                                  req.tenant if known > 1 else None)
             if n == 0:
                 continue
             if n > known and self.bm.slots_needed(req.req_id, req.num_computed_tokens + n) > self.bm.num_free:
@@ -332,6 +344,8 @@ class Scheduler:
             candidates.remove(req)
             if budget == 0:
                 return budget
+            if req.tenant in self._ahead and self._ahead_allowance <= 0 and req.num_tokens - req.num_computed_tokens > 1:
+                continue  # its tenant's prefill cap is spent this step
             if len(self.running) >= self.config.max_num_seqs:
                 # Full of sequences: an urgent request takes the slot of the lowest-priority running
                 # one (vLLM #40004: otherwise it waits behind low-priority decodes for as long as they run).
@@ -342,7 +356,7 @@ class Scheduler:
             if req.status is Status.SWAPPED and self.bm.resident_blocks(req.req_id) is None:
                 self.recompute_instead(req)  # its resident prefix was evicted while it waited
             if req.status is Status.SWAPPED:
-                n = self._chunk_tokens(plan, req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget))
+                n = self._chunk_tokens(plan, req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget), req.tenant)
                 if n == 0:
                     return budget
                 # Blocks the chunk needs beyond those swapped back in count like the watermark.
@@ -354,7 +368,7 @@ class Scheduler:
             else:
                 tokens, salt = req.all_token_ids, req.cache_salt
                 cached = len(self.bm.cached_prefix(tokens, salt)) * self.bm.block_size
-                n = self._chunk_tokens(plan, cached, min(req.num_tokens - cached, budget))
+                n = self._chunk_tokens(plan, cached, min(req.num_tokens - cached, budget), req.tenant)
                 if n == 0:
                     return budget
                 # Beside programs' pins a turn starts only if its whole prompt fits: its later
@@ -376,10 +390,26 @@ class Scheduler:
             budget -= n
         return budget
 
-    def _chunk_tokens(self, plan: StepPlan, start: int, want: int) -> int:
-        """``want`` tokens from ``start``, or fewer if the step's time budget says so."""
+    def _chunk_tokens(self, plan: StepPlan, start: int, want: int, tenant: str | None) -> int:
+        """``want`` tokens from ``start``, or fewer if the step's time budget or ``tenant``'s
+        prefill cap (``fair_prefill_tokens``) says so."""
+        if want <= 1:
+            return want
+        if tenant in self._ahead:
+            want = min(want, self._ahead_allowance)
         tb = self.config.step_time_budget
         return want if tb is None or want <= 1 else tb.chunk_tokens(plan, start, want)
+
+    def _tenants_ahead(self) -> set:
+        """Under ``vtc`` with ``fair_prefill_tokens``: the tenants with work here whose counter is
+        above the least such counter (none while one tenant has work)."""
+        if self.config.policy != "vtc" or self.config.fair_prefill_tokens is None:
+            return set()
+        tenants = {r.tenant for q in (self.waiting, self.running, self.swapped) for r in q}
+        if len(tenants) < 2:
+            return set()
+        least = min(self.fair.value(t) for t in tenants)
+        return {t for t in tenants if self.fair.value(t) > least}
 
     def _watermark(self) -> int:
         """Blocks kept free when admitting; none while nothing runs, so that a request which
@@ -443,6 +473,8 @@ class Scheduler:
         """``n`` tokens of ``req`` from its first uncomputed one, the last ``num_drafts`` of them drafts."""
         if req.first_scheduled_time is None:
             req.first_scheduled_time = now
+        if n > 1 and not num_drafts and req.tenant in self._ahead:  # a prefill chunk (decodes are never capped)
+            self._ahead_allowance -= n
         start = req.num_computed_tokens
         end = start + n - num_drafts
         return ScheduledChunk(

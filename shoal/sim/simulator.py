@@ -142,6 +142,7 @@ class InstanceSpec:
     urgent_slack_s: float | None = None  # SchedulerConfig.urgent_slack_s
     resident_swap: bool = True  # SchedulerConfig.resident_swap
     fair_first_token: bool = True  # SchedulerConfig.fair_first_token
+    fair_prefill_tokens: int | None = None  # SchedulerConfig.fair_prefill_tokens
     programs: ProgramConfig = ProgramConfig()  # SchedulerConfig.programs
     num_tier_blocks: int = 0  # the second KV tier (evicted prefix blocks; 0: none)
     tier_bytes_per_s: float = 5e9  # its copy speed (host memory)
@@ -184,7 +185,8 @@ class SimInstance:
                             step_time_budget=spec.step_time_budget, admission=spec.admission,
                             policy=spec.scheduling_policy, fair_preempt_tokens=spec.fair_preempt_tokens,
                             urgent_slack_s=spec.urgent_slack_s, resident_swap=spec.resident_swap,
-                            fair_first_token=spec.fair_first_token, programs=spec.programs),
+                            fair_first_token=spec.fair_first_token, fair_prefill_tokens=spec.fair_prefill_tokens,
+                            programs=spec.programs),
             max_model_len=spec.max_model_len,
             vocab_size=spec.vocab_size,
             clock=self.clock,
