@@ -235,6 +235,20 @@ def test_a_prefill_cap_keeps_the_steps_of_the_tenants_ahead_short(cap):
         assert loop.prefill_tokens(plan) == Counter({"heavy": 16, "light": 128 - 21 - 16})
 
 
+def test_the_prefill_cap_counts_every_chunk_of_the_tenants_ahead():
+    """Heavy's 15-token prompts against a cap of 16: the first takes 15, the next one token, and the
+    rest wait (a one-token chunk counts too), step after step."""
+    loop = Loop(max_num_seqs=64, budget=128, fair_prefill_tokens=16, fair_first_token=False)
+    loop.add("light", prompt=8, out=300)
+    loop.add("heavy", prompt=40, out=300)
+    loop.run(3)
+    assert loop.sched.fair.value("heavy") > loop.sched.fair.value("light")
+    for _ in range(12):
+        loop.add("heavy", prompt=15, out=300)
+    for _ in range(8):
+        assert loop.prefill_tokens(loop.step())["heavy"] == 16
+
+
 def test_a_lone_tenant_is_never_prefill_capped():
     loop = Loop(max_num_seqs=64, budget=128, fair_prefill_tokens=16)
     for _ in range(20):

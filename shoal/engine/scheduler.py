@@ -473,7 +473,7 @@ class Scheduler:
         """``n`` tokens of ``req`` from its first uncomputed one, the last ``num_drafts`` of them drafts."""
         if req.first_scheduled_time is None:
             req.first_scheduled_time = now
-        if n > 1 and not num_drafts and req.tenant in self._ahead:  # a prefill chunk (decodes are never capped)
+        if req.is_prefilling and not num_drafts and req.tenant in self._ahead:  # decodes are never capped
             self._ahead_allowance -= n
         start = req.num_computed_tokens
         end = start + n - num_drafts
