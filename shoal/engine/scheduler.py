@@ -307,7 +307,7 @@ class Scheduler:
             known = req.num_tokens - req.num_computed_tokens
             drafts = len(req.draft_token_ids) if known == 1 else 0
             n = self._chunk_tokens(plan, req.num_computed_tokens, min(known + drafts, budget),
-                                  req.tenant if known > 1 else None)
+                                  req.tenant if req.is_prefilling else None)
             if n == 0:
                 continue
             if n > known and self.bm.slots_needed(req.req_id, req.num_computed_tokens + n) > self.bm.num_free:
@@ -344,7 +344,7 @@ class Scheduler:
             candidates.remove(req)
             if budget == 0:
                 return budget
-            if req.tenant in self._ahead and self._ahead_allowance <= 0 and req.num_tokens - req.num_computed_tokens > 1:
+            if req.is_prefilling and req.tenant in self._ahead and self._ahead_allowance <= 0:
                 continue  # its tenant's prefill cap is spent this step
             if len(self.running) >= self.config.max_num_seqs:
                 # Full of sequences: an urgent request takes the slot of the lowest-priority running
