@@ -85,6 +85,12 @@ ConfigOpt = typer.Option(None, "--config", callback=_read_config, is_eager=True,
                          help="YAML (or .json) file of options, e.g. 'max_num_seqs: 32' (the command line and SHOAL_SERVE_* variables override it)")
 
 
+def _positive(value: Optional[float]) -> Optional[float]:
+    if value is not None and not 0 < value < float("inf"):
+        raise typer.BadParameter(f"must be a positive number, got {value}")
+    return value
+
+
 def program_config(scheduling: str, options: str | None):
     """The :class:`ProgramConfig` of ``--program-scheduling`` and ``--program-config``."""
     from shoal.engine.programs import ProgramConfig
@@ -162,6 +168,7 @@ def serve(
     scheduling_policy: SchedulingPolicy = typer.Option("vtc", "--scheduling-policy", help="Admission and preemption order (vtc: priority, then weighted fair share between tenants)"),
     fair_first_token: bool = typer.Option(True, "--fair-first-token/--no-fair-first-token", help="Under vtc: a tenant behind in fair share gets its new prompts' first tokens in a step of their own while the tenants ahead of it wait one step"),
     fair_prefill_tokens: Optional[int] = typer.Option(None, "--fair-prefill-tokens", min=1, help="Under vtc: while a tenant behind in fair share has work, the tenants ahead of it get at most this many prefill tokens a step (shorter steps for its newcomers to wait out; their own long prompts start slower)"),
+    fair_prefill_stretch: Optional[float] = typer.Option(None, "--fair-prefill-stretch", callback=_positive, help="Under vtc, the same cap in time: while a tenant behind has work, the prefill of the tenants ahead may lengthen a step by at most this fraction of its time without it, under --cost-model (e.g. 0.25)"),
     urgent_slack_ms: Optional[float] = typer.Option(None, "--urgent-slack-ms", min=0.0, help="With --admission deadline: a request whose first token is due within this many ms runs one priority level ahead"),
     cost_model: Optional[str] = typer.Option(None, "--cost-model", help="Profile JSON timing this machine's steps (default: the committed SmolLM2-on-CPU one)"),
     instance_threads: Optional[str] = typer.Option(None, "--instance-threads", help="Comma-separated CPU threads per instance (a heterogeneous cluster)"),
@@ -224,7 +231,7 @@ def serve(
                               kv_tier_path=None if kv_tier_path is None else str(kv_tier_path),
                               num_threads=num_threads, admission=admission,
                               scheduling_policy=scheduling_policy, fair_first_token=fair_first_token,
-                              fair_prefill_tokens=fair_prefill_tokens,
+                              fair_prefill_tokens=fair_prefill_tokens, fair_prefill_stretch=fair_prefill_stretch,
                               urgent_slack_s=None if urgent_slack_ms is None else urgent_slack_ms / 1e3,
                               step_time_limit_s=slo.tpot_s if token_budget == "slo" else None, cost_model=cost_model,
                               speculative_config=parse_json_option("--speculative-config", speculative_config),
@@ -557,6 +564,7 @@ def sim(
     scheduling_policy: SchedulingPolicy = typer.Option("vtc", "--scheduling-policy", help="As in serve"),
     fair_first_token: bool = typer.Option(True, "--fair-first-token/--no-fair-first-token", help="As in serve"),
     fair_prefill_tokens: Optional[int] = typer.Option(None, "--fair-prefill-tokens", min=1, help="As in serve"),
+    fair_prefill_stretch: Optional[float] = typer.Option(None, "--fair-prefill-stretch", callback=_positive, help="As in serve"),
     urgent_slack_ms: Optional[float] = typer.Option(None, "--urgent-slack-ms", min=0.0, help="As in serve (with --admission deadline)"),
     tenants: Optional[str] = typer.Option(None, "--tenants", help="Tenant mix by share of the arrivals, e.g. heavy=10,light=1"),
     tenant_weights: Optional[str] = typer.Option(None, "--tenant-weights", help="Fair-share weights of the --tenants, e.g. gold=3,bronze=1 (default 1)"),
@@ -613,6 +621,7 @@ def sim(
             engine = Engine(EngineConfig(num_blocks=num_blocks, num_tier_blocks=kv_tier_blocks,
                                          max_num_seqs=max_num_seqs, scheduling_policy=scheduling_policy,
                                          fair_first_token=fair_first_token, fair_prefill_tokens=fair_prefill_tokens,
+                                         fair_prefill_stretch=fair_prefill_stretch, cost_model=cost_model and str(cost_model),
                                          max_num_batched_tokens=max_num_batched_tokens, programs=programs))
         agent = isinstance(wl, AgentWorkload)
         with bar(f"real run: {'programs' if agent else 'requests'}") as progress:
@@ -634,7 +643,7 @@ def sim(
             migration=migration, roles=check_roles(roles.split(",") if roles else None, instances),
             slo=SLO(slo_ttft_ms / 1e3, slo_tpot_ms / 1e3), slo_steps=token_budget == "slo",
             deadlines=admission == "deadline", scheduling_policy=scheduling_policy, fair_first_token=fair_first_token,
-            fair_prefill_tokens=fair_prefill_tokens,
+            fair_prefill_tokens=fair_prefill_tokens, fair_prefill_stretch=fair_prefill_stretch,
             urgent_slack_s=None if urgent_slack_ms is None else urgent_slack_ms / 1e3, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, link_gbps=link_gbps, link_latency_ms=link_latency_ms, seed=seed,
             programs=programs, num_tier_blocks=kv_tier_blocks)

@@ -9,11 +9,13 @@ from collections import Counter
 import pytest
 
 from shoal.engine.block_manager import BlockManager
+from shoal.engine.cost_model import FEATURES, LinearCostModel
 from shoal.engine.fair_share import VirtualTokenCounter
 from shoal.engine.metadata import RequestMetadata
 from shoal.engine.request import Request, Status
 from shoal.engine.sampling_params import SamplingParams
-from shoal.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from shoal.engine.scheduler import FAIR_PREFILL_FLOOR, Scheduler, SchedulerConfig, StepPlan
+from shoal.engine.step_budget import PrefillStretch
 
 
 class Loop:
@@ -240,13 +242,72 @@ def test_the_prefill_cap_counts_every_chunk_of_the_tenants_ahead():
     rest wait (a one-token chunk counts too), step after step."""
     loop = Loop(max_num_seqs=64, budget=128, fair_prefill_tokens=16, fair_first_token=False)
     loop.add("light", prompt=8, out=300)
-    loop.add("heavy", prompt=40, out=300)
+    for _ in range(3):  # heavy holds more of the batch than light
+        loop.add("heavy", prompt=40, out=300)
     loop.run(3)
     assert loop.sched.fair.value("heavy") > loop.sched.fair.value("light")
     for _ in range(12):
         loop.add("heavy", prompt=15, out=300)
     for _ in range(8):
         assert loop.prefill_tokens(loop.step())["heavy"] == 16
+
+
+def _stretch(token_s: float, fraction: float) -> PrefillStretch:
+    """A cost model of 10 ms a step plus ``token_s`` a token, and the stretch ``fraction`` on it."""
+    coefficients = [0.0] * len(FEATURES)
+    coefficients[FEATURES.index("intercept")], coefficients[FEATURES.index("tokens")] = 0.010, token_s
+    return PrefillStretch(LinearCostModel(coefficients), fraction)
+
+
+@pytest.mark.parametrize("token_s, heavy_tokens", [(1e-3, 37), (1e-5, 128 - 21)])
+def test_a_prefill_stretch_lengthens_a_step_by_at_most_its_fraction(token_s, heavy_tokens):
+    """The same scene as above with ``fair_prefill_stretch`` 0.5: a full decode step (64 decodes)
+    takes 10 + 64 x ``token_s`` ms, and heavy's prefill may add half of that to the step of 21
+    decodes. Where a token costs 1 ms (prefill is dear, as on a CPU) that is 37 tokens; where it
+    costs 0.01 ms, all the budget has room for. Light's new prompt is not capped."""
+    stretch = _stretch(token_s, 0.5)
+    loop = Loop(max_num_seqs=64, budget=128, fair_prefill_stretch=stretch, fair_first_token=False)
+    loop.add("light", prompt=8, out=300)
+    for _ in range(20):
+        loop.add("heavy", prompt=8, out=300)
+    loop.run(5)
+    loop.add("heavy", prompt=200, out=4)
+    plan = loop.step()
+    assert plan.num_decodes == 21 and loop.prefill_tokens(plan)["heavy"] == heavy_tokens
+    decodes_only, full = 0.010 + 21 * token_s, 0.010 + 64 * token_s
+    assert stretch.cost_model.step_time(plan) <= decodes_only + 0.5 * full + 1e-12
+    loop.add("light", prompt=100, out=4)
+    tokens = loop.prefill_tokens(loop.step())
+    assert tokens["heavy"] <= heavy_tokens and tokens["light"] == 128 - 21 - tokens["heavy"] > 0
+
+
+def test_a_prefill_stretch_still_moves_the_prompts_of_the_tenants_ahead():
+    """A stretch too small for one token still lets the tenants ahead prefill a few tokens a step
+    (``FAIR_PREFILL_FLOOR``), so their prompts are never stuck behind a tenant that only decodes."""
+    loop = Loop(max_num_seqs=64, budget=128, fair_prefill_stretch=_stretch(1e-3, 0.01), fair_first_token=False)
+    loop.add("light", prompt=8, out=300)
+    for _ in range(3):  # heavy holds more of the batch than light
+        loop.add("heavy", prompt=40, out=300)
+    loop.run(3)
+    for _ in range(3):
+        loop.add("heavy", prompt=100, out=300)
+    for _ in range(6):
+        assert loop.prefill_tokens(loop.step())["heavy"] == FAIR_PREFILL_FLOOR
+
+
+def test_a_tenant_holding_less_of_the_batch_is_never_prefill_capped():
+    """Light, running one request beside heavy's ten, is admitted a long prompt: charged on
+    admission, it lifts light's counter past heavy's, yet light holds less of the batch, so the rest
+    of its prompt is not capped (only the tenants that fill the batch are)."""
+    loop = Loop(max_num_seqs=64, budget=128, fair_prefill_tokens=16, fair_first_token=False)
+    for _ in range(10):
+        loop.add("heavy", prompt=8, out=300)
+    loop.add("light", prompt=8, out=300)
+    loop.run(3)
+    loop.add("light", prompt=400, out=4)
+    loop.step()
+    assert loop.sched.fair.value("light") > loop.sched.fair.value("heavy")
+    assert loop.prefill_tokens(loop.step())["light"] == 128 - 11
 
 
 def test_a_lone_tenant_is_never_prefill_capped():
@@ -271,6 +332,12 @@ def test_shoal_sim_takes_the_prefill_cap(tmp_path):
     assert set(result["tenants"]["by_tenant"]) == {"heavy", "light"}
     r = cli("sim", "--fair-prefill-tokens", "0", "--out", str(tmp_path))
     assert r.exit_code == 2 and "fair-prefill-tokens" in r.output
+    r = cli("sim", "--tenants", "heavy=10,light=1", "--num-requests", "40", "--rate", "8", "--fair-prefill-stretch",
+            "0.25", "--out", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "result.json").read_text())["fair_prefill_stretch"] == 0.25
+    r = cli("sim", "--fair-prefill-stretch", "0", "--out", str(tmp_path))
+    assert r.exit_code == 2 and "fair-prefill-stretch" in r.output
 
 
 def test_priority_still_comes_before_fair_share():
@@ -313,6 +380,8 @@ def test_bad_weights_and_policies_are_refused():
         SchedulerConfig(policy="lottery")
     with pytest.raises(ValueError, match="fair_prefill_tokens"):
         SchedulerConfig(fair_prefill_tokens=0)
+    with pytest.raises(ValueError, match="stretch"):
+        PrefillStretch(LinearCostModel([0.0] * len(FEATURES)), 0.0)
 
 
 def test_the_simulator_makes_the_engines_decisions_for_one_seeded_tenant_workload():

@@ -4,8 +4,9 @@ cost model, one instance): the targets of the tenants issue.
 1. Two tenants of equal weight, ``heavy`` sending 10x ``light``'s rate, together overloading the
    instance: ``light``'s P99 TTFT under FCFS, under VTC, and under VTC without first-token steps
    (``fair_first_token=False``) and under VTC with the prefill of the tenant ahead capped
-   (``fair_prefill_tokens`` 32 and 64), against the same light requests run alone, and total output
-   throughput of each against FCFS; five seeds, with the medians of the ratios.
+   (``fair_prefill_tokens`` 32 and 64, ``fair_prefill_stretch`` 0.3), against the same light requests
+   run alone, and total output throughput of each against FCFS; five seeds, with the medians of the
+   ratios. The same on a prefill-heavy mix (1,024-token prompts, 64 out; CPU, one seed).
 2. Weighted 3:1 tenants (``gold`` weight 3, ``bronze`` 1, equal arrival rates) under saturation:
    tokens served to each while both still send.
 3. The cost of switching: preemptions and swapped-out bytes per served output token, VTC with
@@ -31,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_profile import bench_profile  # noqa: E402
 
 N, PROMPT, OUTPUT = 1200, 128, 128
-PREFILL_CAPS = (32, 64)
+PREFILL_CAPS = {"vtc_prefill_cap_32": {"fair_prefill_tokens": 32}, "vtc_prefill_cap_64": {"fair_prefill_tokens": 64},
+                "vtc_prefill_stretch_0.3": {"fair_prefill_stretch": 0.3}}
 
 
 def cpu_smollm2(policy: str, **kw) -> SimSetup:
@@ -56,7 +58,7 @@ def ten_to_one_seed(setup, rate: float, seed: int) -> dict:
     mixed = with_tenants(synthetic("poisson", N, rate, PROMPT, OUTPUT, seed=seed, len_jitter=0.5),
                          {"heavy": 10, "light": 1}, seed=seed)
     alone = Workload(mixed.kind, [r for r in mixed.requests if r.tenant == "light"], mixed.description)
-    capped = [(f"vtc_prefill_cap_{cap}", "vtc", {"fair_prefill_tokens": cap}, mixed) for cap in PREFILL_CAPS]
+    capped = [(name, "vtc", kw, mixed) for name, kw in PREFILL_CAPS.items()]
     runs = {name: setup(pol, **kw).run(wl)[0] for name, pol, kw, wl in (
         ("fcfs", "fcfs", {}, mixed), ("vtc", "vtc", {}, mixed),
         ("vtc_no_first_token", "vtc", {"fair_first_token": False}, mixed), *capped, ("light_alone", "fcfs", {}, alone))}
@@ -82,15 +84,31 @@ def ten_to_one(setup, rate: float, seeds: range = range(5)) -> dict:
     slowest one or two of ~120 light requests)."""
     rows = [ten_to_one_seed(setup, rate, seed) for seed in seeds]
     keys = ("vtc_light_vs_alone", "vtc_no_first_token_light_vs_alone", "fcfs_light_vs_alone", "vtc_throughput_vs_fcfs",
-            *(f"vtc_prefill_cap_{cap}_{what}" for cap in PREFILL_CAPS for what in ("light_vs_alone", "throughput_vs_fcfs")))
+            *(f"{name}_{what}" for name in PREFILL_CAPS for what in ("light_vs_alone", "throughput_vs_fcfs")))
     return {"rate": rate, "median_over_seeds": {k: round(statistics.median(r[k] for r in rows), 3) for k in keys},
             "seeds": rows}
+
+
+def prefill_heavy() -> dict:
+    """The 10:1 mix with 1,024-token prompts and 64 output tokens (CPU, seed 0): where a prefill cap
+    does not help."""
+    mixed = with_tenants(synthetic("poisson", 400, 2.0, 1024, 64, seed=0, len_jitter=0.5),
+                         {"heavy": 10, "light": 1}, seed=0)
+    alone = Workload(mixed.kind, [r for r in mixed.requests if r.tenant == "light"], mixed.description)
+    lone = light_p99(cpu_smollm2("fcfs").run(alone)[0])
+    runs = {name: cpu_smollm2(pol, **kw).run(mixed)[0] for name, pol, kw in (
+        ("fcfs", "fcfs", {}), ("vtc", "vtc", {}), *((name, "vtc", kw) for name, kw in PREFILL_CAPS.items()))}
+    return {"rate": 2.0, "prompt_len": 1024, "output_len": 64, "light_alone_p99_ttft_ms": round(lone, 1),
+            **{f"{k}_light_vs_alone": round(light_p99(r) / lone, 2) for k, r in runs.items()},
+            **{f"{k}_throughput_vs_fcfs": round(r["output_token_throughput"] / runs["fcfs"]["output_token_throughput"], 3)
+               for k, r in runs.items() if k != "fcfs"}}
 
 
 def main() -> None:
     out = {"workload": {"num_requests": N, "prompt_len": PROMPT, "output_len": OUTPUT, "len_jitter": 0.5,
                         "tenants": {"heavy": 10, "light": 1}},
-           "ten_to_one": {"cpu_smollm2": ten_to_one(cpu_smollm2, 8.0), "a100_llama3_8b": ten_to_one(a100_llama3_8b, 50.0)}}
+           "ten_to_one": {"cpu_smollm2": ten_to_one(cpu_smollm2, 8.0), "a100_llama3_8b": ten_to_one(a100_llama3_8b, 50.0)},
+           "prefill_heavy_cpu_smollm2": prefill_heavy()}
     weighted = with_tenants(synthetic("poisson", N, 8.0, PROMPT, OUTPUT, seed=1, len_jitter=0.5),
                             {"gold": 1, "bronze": 1}, {"gold": 3, "bronze": 1}, seed=1)
     w = cpu_smollm2("vtc").run(weighted)[0]["tenants"]

@@ -43,6 +43,7 @@ class EngineConfig:
     resident_swap: bool = True  # SchedulerConfig.resident_swap
     fair_first_token: bool = True  # SchedulerConfig.fair_first_token
     fair_prefill_tokens: int | None = None  # SchedulerConfig.fair_prefill_tokens
+    fair_prefill_stretch: float | None = None  # SchedulerConfig.fair_prefill_stretch, under cost_model
     step_time_limit_s: float | None = None  # SLO-sized steps: a step with decodes stays within this
     cost_model: str | None = None  # the profile JSON that times steps (default: the committed one)
     speculative_config: SpeculativeConfig | None = None  # n-gram drafting for every request (a dict is parsed)

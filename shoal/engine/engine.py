@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from shoal.engine.cost_model import instance_cost_model
-from shoal.engine.step_budget import StepTimeBudget
+from shoal.engine.step_budget import PrefillStretch, StepTimeBudget
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.config import EngineConfig, resolve_device, resolve_dtype
 from shoal.engine.core import EngineCore
@@ -85,6 +85,8 @@ class Engine(EngineCore):
         tier = None if not num_tier else PrefixTier(num_tier, TierCost(
             load_s_per_block=block_bytes / (1e9 if config.kv_tier_path else host_bytes_per_s),
             recompute_s_per_token=preemption_cost.recompute_s_per_token))
+        timed = config.step_time_limit_s is not None or config.fair_prefill_stretch is not None
+        profile = instance_cost_model(config.cost_model, config.num_threads or torch.get_num_threads()) if timed else None
         sched_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -97,10 +99,11 @@ class Engine(EngineCore):
             resident_swap=config.resident_swap,
             fair_first_token=config.fair_first_token,
             fair_prefill_tokens=config.fair_prefill_tokens,
+            fair_prefill_stretch=None if config.fair_prefill_stretch is None else PrefillStretch(
+                profile, config.fair_prefill_stretch),
             programs=config.programs,
             step_time_budget=None if config.step_time_limit_s is None else StepTimeBudget(
-                instance_cost_model(config.cost_model, config.num_threads or torch.get_num_threads()),
-                config.step_time_limit_s),
+                profile, config.step_time_limit_s),
         )
         self.runner = ModelRunner(self.model, self.kv, bs, self.device)
         super().__init__(

@@ -14,8 +14,8 @@ more than ``fair_preempt_tokens`` or holding more than its weighted share of the
 waiting one's holds less (FastSwitch's preemption-driven fairness). Under ``vtc`` a tenant behind
 in fair share may also get a first-token step: its new prompts run while the running work of the
 tenants ahead of it waits one step (``fair_first_token``), and the prefill of the tenants ahead
-may be capped to a few tokens a step so that the step its newcomers wait out stays short
-(``fair_prefill_tokens``). A preempted request
+may be capped, to a few tokens a step or to a fraction of the step's time, so that the step its
+newcomers wait out stays short (``fair_prefill_tokens``, ``fair_prefill_stretch``). A preempted request
 keeps its priority and arrival time, so it is re-admitted in the same order as before. Agent
 programs (:mod:`shoal.engine.programs`): under ``continuum`` a turn is ordered by its program's
 arrival (with aging), and a finished turn's KV may stay pinned for the next one; pins yield to
@@ -29,14 +29,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from shoal.engine.block_manager import BlockManager
+from shoal.engine.cost_model import plan_features
 from shoal.engine.fair_share import VirtualTokenCounter
 from shoal.engine.preemption import PreemptionCost, PreemptionMode
 from shoal.engine.programs import ProgramConfig, ProgramTable
 from shoal.engine.request import Request, Status
-from shoal.engine.step_budget import StepTimeBudget
+from shoal.engine.step_budget import PrefillStretch, StepTimeBudget, longest_fit
 
 
 ADMISSION_ORDERS = ("fcfs", "deadline")
+FAIR_PREFILL_FLOOR = 16
+"""Prefill tokens the tenants ahead may still get in a step where their time stretch fits none (a
+step with little else in it), so their prompts keep moving."""
 SCHEDULING_POLICIES = ("fcfs", "priority", "vtc")
 
 
@@ -83,6 +87,11 @@ class SchedulerConfig:
     """Under ``vtc``: while a tenant behind in fair share has work here, the prefill chunks of the
     tenants ahead of it get at most this many tokens a step, so the step a newcomer of the tenant
     behind waits out stays short; None: no cap. A lone tenant is never capped."""
+    fair_prefill_stretch: PrefillStretch | None = None
+    """Under ``vtc``, as ``fair_prefill_tokens`` but in time: while a tenant behind has work, the
+    prefill of the tenants ahead may lengthen a step by at most a fraction of a full decode step
+    (``max_num_seqs`` decodes) under the instance's cost model (at least ``FAIR_PREFILL_FLOOR``
+    tokens a step). With both set, the tighter one holds."""
     programs: ProgramConfig = field(default_factory=ProgramConfig)
     """Agent programs: program-level FCFS and KV time-to-live pins (``continuum``), or ``none``."""
 
@@ -159,8 +168,9 @@ class Scheduler:
         self.fair = VirtualTokenCounter(output_weight=config.vtc_output_weight)
         self.programs = ProgramTable(config.programs, block_manager)
         self._deferred: set[str] = set()  # running requests the last step left out for a first token
-        self._ahead: set = set()  # this step: tenants whose prefill is capped (``fair_prefill_tokens``)
-        self._ahead_allowance = 0  # this step: prefill tokens they may still get
+        self._ahead: set = set()  # this step: tenants whose prefill is capped (``fair_prefill_*``)
+        self._ahead_tokens = 0  # this step: prefill tokens they got
+        self._ahead_s: float | None = None  # this step: seconds their prefill may still add (stretch)
 
     # ---- queue management ---------------------------------------------------------------------
 
@@ -283,7 +293,7 @@ class Scheduler:
     def schedule(self, now: float) -> StepPlan:
         plan = StepPlan()
         budget = self.config.max_num_batched_tokens
-        self._ahead, self._ahead_allowance = self._tenants_ahead(), self.config.fair_prefill_tokens or 0
+        self._ahead, self._ahead_tokens, self._ahead_s = self._tenants_ahead(), 0, None
         self.programs.expire(now)
         # 0. A first-token step (``fair_first_token``): a tenant behind in fair share starts its new
         #    prompts while the tenants ahead of it wait.
@@ -321,7 +331,7 @@ class Scheduler:
             if req.status is not Status.RUNNING:
                 continue
             self.bm.ensure_slots(req.req_id, req.num_computed_tokens + n)
-            plan.chunks.append(self._chunk(req, n, now, max(0, n - known)))
+            self._add_chunk(plan, req, n, now, max(0, n - known))
             budget -= n
 
         # 2. Admit swapped and waiting requests in priority order, unless we just had to preempt.
@@ -344,8 +354,10 @@ class Scheduler:
             candidates.remove(req)
             if budget == 0:
                 return budget
-            if req.is_prefilling and req.tenant in self._ahead and self._ahead_allowance <= 0:
-                continue  # its tenant's prefill cap is spent this step
+            if req.is_prefilling and req.tenant in self._ahead and not self._ahead_room(plan, req.num_computed_tokens, 1):
+                # The cap on the tenants ahead is spent for this step: none of their prompts start.
+                candidates = [r for r in candidates if not (r.is_prefilling and r.tenant in self._ahead)]
+                continue
             if len(self.running) >= self.config.max_num_seqs:
                 # Full of sequences: an urgent request takes the slot of the lowest-priority running
                 # one (vLLM #40004: otherwise it waits behind low-priority decodes for as long as they run).
@@ -386,30 +398,51 @@ class Scheduler:
             req.status = Status.RUNNING
             self.running.append(req)
             self.bm.ensure_slots(req.req_id, req.num_computed_tokens + n)
-            plan.chunks.append(self._chunk(req, n, now))
+            self._add_chunk(plan, req, n, now)
             budget -= n
         return budget
 
     def _chunk_tokens(self, plan: StepPlan, start: int, want: int, tenant: str | None) -> int:
         """``want`` tokens from ``start``, or fewer if the step's time budget or ``tenant``'s
-        prefill cap (``fair_prefill_tokens``) says so."""
+        prefill cap (``fair_prefill_tokens``, ``fair_prefill_stretch``) says so."""
         if want <= 1:
             return want
         if tenant in self._ahead:
-            want = min(want, self._ahead_allowance)
+            want = self._ahead_room(plan, start, want)
         tb = self.config.step_time_budget
         return want if tb is None or want <= 1 else tb.chunk_tokens(plan, start, want)
 
+    def _ahead_room(self, plan: StepPlan, start: int, want: int) -> int:
+        """The most of ``want`` prefill tokens from ``start`` that the caps on the tenants ahead
+        leave them in this step, with ``plan`` planned so far."""
+        cap = self.config.fair_prefill_tokens
+        n = want if cap is None else max(0, min(want, cap - self._ahead_tokens))
+        stretch = self.config.fair_prefill_stretch
+        if stretch is None or n == 0:
+            return n
+        base = plan_features(plan)
+        now_s = stretch.cost_model.time(base)
+        if self._ahead_s is None:  # the first of their chunks this step
+            self._ahead_s = stretch.seconds(base, self.config.max_num_seqs)
+        fit = longest_fit(stretch.cost_model, base, start, n, now_s + self._ahead_s)
+        return fit if fit or self._ahead_tokens else min(n, FAIR_PREFILL_FLOOR)
+
     def _tenants_ahead(self) -> set:
-        """Under ``vtc`` with ``fair_prefill_tokens``: the tenants with work here whose counter is
-        above the least such counter (none while one tenant has work)."""
-        if self.config.policy != "vtc" or self.config.fair_prefill_tokens is None:
+        """Under ``vtc`` with a prefill cap: the tenants with work here whose counter is above that
+        of the tenant furthest behind and who hold more of the running batch than it does, per
+        weight (none while one tenant has work). The second test keeps the cap on the tenants that
+        fill the batch: a light tenant whose one long prompt, charged when admitted, lifts its
+        counter past a heavy one's for a while is not capped for it."""
+        if self.config.policy != "vtc" or (self.config.fair_prefill_tokens is None
+                                          and self.config.fair_prefill_stretch is None):
             return set()
-        tenants = {r.tenant for q in (self.waiting, self.running, self.swapped) for r in q}
-        if len(tenants) < 2:
+        weights = {r.tenant: r.weight for q in (self.waiting, self.running, self.swapped) for r in q}
+        if len(weights) < 2:
             return set()
-        least = min(self.fair.value(t) for t in tenants)
-        return {t for t in tenants if self.fair.value(t) > least}
+        slots = Counter(r.tenant for r in self.running)
+        behind = min(weights, key=self.fair.value)
+        held = lambda t: slots[t] / weights[t]  # noqa: E731
+        return {t for t in weights if self.fair.value(t) > self.fair.value(behind) and held(t) > held(behind)}
 
     def _watermark(self) -> int:
         """Blocks kept free when admitting; none while nothing runs, so that a request which
@@ -469,22 +502,28 @@ class Scheduler:
         req.status = Status.WAITING
         self.waiting.append(req)
 
-    def _chunk(self, req: Request, n: int, now: float, num_drafts: int = 0) -> ScheduledChunk:
-        """``n`` tokens of ``req`` from its first uncomputed one, the last ``num_drafts`` of them drafts."""
+    def _add_chunk(self, plan: StepPlan, req: Request, n: int, now: float, num_drafts: int = 0) -> None:
+        """Plan ``n`` tokens of ``req`` from its first uncomputed one, the last ``num_drafts`` of
+        them drafts, and charge them to the caps on the tenants ahead if they are its prefill."""
         if req.first_scheduled_time is None:
             req.first_scheduled_time = now
-        if req.is_prefilling and not num_drafts and req.tenant in self._ahead:  # decodes are never capped
-            self._ahead_allowance -= n
+        capped = req.is_prefilling and not num_drafts and req.tenant in self._ahead  # decodes are never capped
+        stretch = self.config.fair_prefill_stretch
+        before = stretch.cost_model.time(plan_features(plan)) if capped and stretch else 0.0
         start = req.num_computed_tokens
         end = start + n - num_drafts
-        return ScheduledChunk(
+        plan.chunks.append(ScheduledChunk(
             req_id=req.req_id,
             start=start,
             token_ids=req.token_slice(start, end) + req.draft_token_ids[:num_drafts],
             block_table=self.bm.table(req.req_id),
             sample=end == req.num_tokens,
             num_drafts=num_drafts,
-        )
+        ))
+        if capped:
+            self._ahead_tokens += n
+            if stretch is not None and self._ahead_s is not None:
+                self._ahead_s -= stretch.cost_model.time(plan_features(plan)) - before
 
     # ---- after the step -----------------------------------------------------------------------
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shoal.engine.cost_model import FEATURES, CostModel, plan_features, with_chunk
+from shoal.engine.cost_model import FEATURES, CostModel, plan_features, step_features, with_chunk
 
-_DECODES, _CHUNKS = FEATURES.index("decodes"), FEATURES.index("prefill_chunks")
+_DECODES, _DECODE_CONTEXT, _CHUNKS = (FEATURES.index(f) for f in ("decodes", "decode_context", "prefill_chunks"))
 
 
 @dataclass(frozen=True)
@@ -41,15 +41,48 @@ class StepTimeBudget:
         """As :meth:`chunk_tokens`, for a step whose features so far are ``base``."""
         if base[_DECODES] == 0 or want <= 0:
             return want
-        if self.cost_model.time(with_chunk(base, start, want)) <= self.limit_s:
-            return want
-        lo, hi = 0, want  # time(lo) fits, time(hi) does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self.cost_model.time(with_chunk(base, start, mid)) <= self.limit_s:
-                lo = mid
-            else:
-                hi = mid
-        if lo == 0 and base[_CHUNKS] == 0:
+        n = longest_fit(self.cost_model, base, start, want, self.limit_s)
+        if n == 0 and base[_CHUNKS] == 0:
             return min(want, self.min_chunk)
-        return lo
+        return n
+
+
+@dataclass(frozen=True)
+class PrefillStretch:
+    """Under fair share (``SchedulerConfig.fair_prefill_stretch``): while a tenant behind has work,
+    the prefill chunks of the tenants ahead of it may lengthen a step by at most ``fraction`` of a
+    full decode step (``max_num_seqs`` decodes), under ``cost_model``. Where prefill is dear (a CPU)
+    that is a few dozen tokens beside the decodes; where small chunks ride on memory-bound decode
+    steps (a GPU), many more. The yardstick is the full step, not the step at hand: a fraction of
+    the step at hand would shrink with the decodes, refill their slots slower still, and spiral."""
+
+    cost_model: CostModel
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < float("inf"):
+            raise ValueError(f"the prefill stretch must be a positive fraction, got {self.fraction}")
+
+    def seconds(self, base: list[float], max_num_seqs: int) -> float:
+        """What the prefill of the tenants ahead may add to a step whose features so far are
+        ``base``: ``fraction`` of a step of ``max_num_seqs`` decodes at its decodes' mean context."""
+        decodes = base[_DECODES]
+        context = base[_DECODE_CONTEXT] / decodes if decodes else 0.0
+        full = step_features(tokens=max_num_seqs, decodes=max_num_seqs, decode_context=max_num_seqs * context,
+                             sampled=max_num_seqs)
+        return self.fraction * self.cost_model.time(full)
+
+
+def longest_fit(cost_model: CostModel, base: list[float], start: int, want: int, limit_s: float) -> int:
+    """The most of ``want`` prefill tokens, from position ``start``, that keep a step whose features
+    so far are ``base`` within ``limit_s`` seconds (0 if not one token does)."""
+    if cost_model.time(with_chunk(base, start, want)) <= limit_s:
+        return want
+    lo, hi = 0, want  # time(lo) fits, time(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cost_model.time(with_chunk(base, start, mid)) <= limit_s:
+            lo = mid
+        else:
+            hi = mid
+    return lo

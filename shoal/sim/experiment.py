@@ -59,6 +59,7 @@ class SimSetup:
     resident_swap: bool = True  # SchedulerConfig.resident_swap
     fair_first_token: bool = True  # SchedulerConfig.fair_first_token
     fair_prefill_tokens: int | None = None  # SchedulerConfig.fair_prefill_tokens
+    fair_prefill_stretch: float | None = None  # SchedulerConfig.fair_prefill_stretch
     programs: ProgramConfig = ProgramConfig()  # SchedulerConfig.programs
     num_blocks: int = 2800
     num_tier_blocks: int = 0  # the second KV tier per instance (0: none)
@@ -83,7 +84,7 @@ class SimSetup:
                             scheduling_policy=self.scheduling_policy, fair_preempt_tokens=self.fair_preempt_tokens,
                             urgent_slack_s=self.urgent_slack_s, resident_swap=self.resident_swap,
                             fair_first_token=self.fair_first_token, fair_prefill_tokens=self.fair_prefill_tokens,
-                            programs=self.programs,
+                            fair_prefill_stretch=self.fair_prefill_stretch, programs=self.programs,
                             num_tier_blocks=self.num_tier_blocks)
         return [base if v == 1.0 else replace(base, cost_model=ScaledCostModel(self.cost_model, v)) for v in self.speeds]
 
@@ -109,7 +110,7 @@ class SimSetup:
             "simulated": True, "instances": len(specs), "policy": self.dispatch, "migration": self.migration,
             "roles": self.roles, "speeds": self.speeds, "token_budget": "slo" if self.slo_steps else "fixed",
             "admission": "deadline" if self.deadlines else "fcfs", "scheduling_policy": self.scheduling_policy,
-            "fair_prefill_tokens": self.fair_prefill_tokens,
+            "fair_prefill_tokens": self.fair_prefill_tokens, "fair_prefill_stretch": self.fair_prefill_stretch,
             "link": {"gbps": self.link_gbps, "latency_ms": self.link_latency_ms,
                      "kv_bytes_per_block": specs[0].kv_bytes_per_block},
             **summarize_transfers([tr for s in sims for tr in s.transfers]),

@@ -63,7 +63,7 @@ from shoal.engine.kv_tier import PrefixTier, TierCost
 from shoal.engine.sampler import SampleResult, SamplingState
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import SchedulerConfig, StepPlan
-from shoal.engine.step_budget import StepTimeBudget
+from shoal.engine.step_budget import PrefillStretch, StepTimeBudget
 from shoal.engine.cost_model import CostModel
 from shoal.engine.programs import ProgramConfig
 from shoal.progress import Progress
@@ -143,6 +143,7 @@ class InstanceSpec:
     resident_swap: bool = True  # SchedulerConfig.resident_swap
     fair_first_token: bool = True  # SchedulerConfig.fair_first_token
     fair_prefill_tokens: int | None = None  # SchedulerConfig.fair_prefill_tokens
+    fair_prefill_stretch: float | None = None  # SchedulerConfig.fair_prefill_stretch, under cost_model
     programs: ProgramConfig = ProgramConfig()  # SchedulerConfig.programs
     num_tier_blocks: int = 0  # the second KV tier (evicted prefix blocks; 0: none)
     tier_bytes_per_s: float = 5e9  # its copy speed (host memory)
@@ -186,6 +187,8 @@ class SimInstance:
                             policy=spec.scheduling_policy, fair_preempt_tokens=spec.fair_preempt_tokens,
                             urgent_slack_s=spec.urgent_slack_s, resident_swap=spec.resident_swap,
                             fair_first_token=spec.fair_first_token, fair_prefill_tokens=spec.fair_prefill_tokens,
+                            fair_prefill_stretch=None if spec.fair_prefill_stretch is None else PrefillStretch(
+                                spec.cost_model, spec.fair_prefill_stretch),
                             programs=spec.programs),
             max_model_len=spec.max_model_len,
             vocab_size=spec.vocab_size,
