@@ -357,6 +357,29 @@ def test_same_seed_same_result_with_migration(roles):
         check_all_done(records, sims)
 
 
+def test_validate_runs_tenants_and_fair_share_settings_on_both_sides(make_tiny_engine):
+    """``sim --validate`` on a tenant mix: the real run sends each request as its tenant (the
+    per-tenant counters move), and the simulated twin gets the engine's fair-share settings, so
+    both sides schedule the same way."""
+    from dataclasses import replace
+
+    from shoal.sim.validate import real_run, spec_of
+
+    engine = make_tiny_engine(scheduling_policy="vtc", fair_first_token=False, fair_prefill_tokens=24,
+                              fair_prefill_stretch=0.3, admission="deadline", step_time_limit_s=0.2)
+    spec = spec_of(engine, constant_cost(0.01))
+    assert (spec.scheduling_policy, spec.fair_first_token, spec.fair_prefill_tokens, spec.fair_prefill_stretch,
+            spec.admission, spec.step_time_limit_s) == ("vtc", False, 24, 0.3, "deadline", 0.2)
+    wl = workload((0.0, 9, 4), (0.0, 5, 4), (0.01, 7, 4))
+    wl = replace(wl, requests=[replace(r, tenant=t, weight=w) for r, t, w in zip(wl.requests, "aab", (1.0, 1.0, 2.0))])
+    records, _ = real_run(engine, wl)
+    assert [r.tenant for r in records] == ["a", "a", "b"] and all(r.output_tokens == 4 for r in records)
+    # served tokens / weight: a 9 + 5 prompt tokens + 8 outputs; b (weight 2) (7 + 4) / 2 on top of
+    # the counter it was lifted to on arrival (how far a had got by then)
+    assert engine.scheduler.fair.value("a") == pytest.approx(22)
+    assert engine.scheduler.fair.value("b") >= 5.5 and engine.scheduler.fair.value(None) == 0
+
+
 def test_validate_prices_each_real_step_with_the_cost_model(make_tiny_engine, tmp_path):
     """``compare`` times every real step and prices the same steps with the cost model: at 0.5 s
     a step plus 0.1 s a token, the price is exactly that of the steps and tokens the engine ran,

@@ -22,6 +22,7 @@ from shoal.bench.workloads import Workload
 from shoal.control.policies import LeastLoad
 from shoal.engine.core import EngineCore
 from shoal.engine.engine import Engine
+from shoal.engine.metadata import RequestMetadata
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import StepPlan
 from shoal.engine.cost_model import FEATURES, CostModel, LinearCostModel, plan_features
@@ -97,7 +98,7 @@ def real_run(engine: Engine, workload: Workload,
     groups: dict[int, list[int]] = {}
     prompts = [maker.for_request(r, i, groups) if maker else rng.integers(1, engine.vocab_size, r.prompt_len).tolist()
                for i, r in enumerate(workload.requests)]
-    records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len) for r in workload.requests]
+    records = [RequestRecord(r.arrival_s, r.prompt_len, r.output_len, tenant=r.tenant) for r in workload.requests]
     by_id: dict[str, RequestRecord] = {}
     t0 = time.perf_counter()
     nxt = ended = 0
@@ -105,7 +106,9 @@ def real_run(engine: Engine, workload: Workload,
         now = time.perf_counter() - t0
         while nxt < len(records) and records[nxt].arrival_s <= now:
             rec = records[nxt]
-            rid = engine.add(prompts[nxt], SamplingParams(temperature=0.0, max_tokens=rec.output_len, ignore_eos=True))
+            spec = workload.requests[nxt]
+            rid = engine.add(prompts[nxt], SamplingParams(temperature=0.0, max_tokens=rec.output_len, ignore_eos=True),
+                             metadata=RequestMetadata(tenant=spec.tenant, weight=spec.weight))
             rec.start_s = rec.arrival_s
             by_id[rid] = rec
             nxt += 1
@@ -128,7 +131,8 @@ def real_run(engine: Engine, workload: Workload,
 
 
 def spec_of(engine: Engine, cost_model: CostModel) -> InstanceSpec:
-    """The simulated instance shaped like ``engine`` (pool, second tier, batch limits, program scheduling)."""
+    """The simulated instance shaped like ``engine`` (pool, second tier, batch limits, its scheduler's
+    policies: admission, fair share and program scheduling)."""
     cfg = engine.scheduler.config
     return InstanceSpec(
         cost_model,
@@ -140,6 +144,14 @@ def spec_of(engine: Engine, cost_model: CostModel) -> InstanceSpec:
         max_model_len=engine.max_model_len,
         vocab_size=engine.vocab_size,
         scheduling_policy=cfg.policy,
+        admission=cfg.admission,
+        urgent_slack_s=cfg.urgent_slack_s,
+        fair_preempt_tokens=cfg.fair_preempt_tokens,
+        resident_swap=cfg.resident_swap,
+        fair_first_token=cfg.fair_first_token,
+        fair_prefill_tokens=cfg.fair_prefill_tokens,
+        fair_prefill_stretch=None if cfg.fair_prefill_stretch is None else cfg.fair_prefill_stretch.fraction,
+        step_time_limit_s=None if cfg.step_time_budget is None else cfg.step_time_budget.limit_s,
         programs=cfg.programs,
         num_tier_blocks=engine.block_manager.tier.num_slots if engine.block_manager.tier else 0,
     )
