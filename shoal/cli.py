@@ -168,7 +168,7 @@ def serve(
     scheduling_policy: SchedulingPolicy = typer.Option("vtc", "--scheduling-policy", help="Admission and preemption order (vtc: priority, then weighted fair share between tenants)"),
     fair_first_token: bool = typer.Option(True, "--fair-first-token/--no-fair-first-token", help="Under vtc: a tenant behind in fair share gets its new prompts' first tokens in a step of their own while the tenants ahead of it wait one step"),
     fair_prefill_tokens: Optional[int] = typer.Option(None, "--fair-prefill-tokens", min=1, help="Under vtc: while a tenant behind in fair share has work, the tenants ahead of it get at most this many prefill tokens a step (shorter steps for its newcomers to wait out; their own long prompts start slower)"),
-    fair_prefill_stretch: Optional[float] = typer.Option(None, "--fair-prefill-stretch", callback=_positive, help="Under vtc, the same cap in time: while a tenant behind has work, the prefill of the tenants ahead may lengthen a step by at most this fraction of its time without it, under --cost-model (e.g. 0.25)"),
+    fair_prefill_stretch: Optional[float] = typer.Option(None, "--fair-prefill-stretch", callback=_positive, help="Under vtc, the same cap in time: while a tenant behind has work, the prefill of the tenants ahead may lengthen a step by at most this fraction of a full decode step (--max-num-seqs decodes) under --cost-model (e.g. 0.3)"),
     urgent_slack_ms: Optional[float] = typer.Option(None, "--urgent-slack-ms", min=0.0, help="With --admission deadline: a request whose first token is due within this many ms runs one priority level ahead"),
     cost_model: Optional[str] = typer.Option(None, "--cost-model", help="Profile JSON timing this machine's steps (default: the committed SmolLM2-on-CPU one)"),
     instance_threads: Optional[str] = typer.Option(None, "--instance-threads", help="Comma-separated CPU threads per instance (a heterogeneous cluster)"),
@@ -615,14 +615,20 @@ def sim(
         from shoal.engine.engine import Engine
         from shoal.sim.validate import compare, compare_agent, stale_cost_model
 
-        wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
-                             output_len, max_context, seed, prefix_groups, prefix_len)
-        with bar("loading the model"):
-            engine = Engine(EngineConfig(num_blocks=num_blocks, num_tier_blocks=kv_tier_blocks,
-                                         max_num_seqs=max_num_seqs, scheduling_policy=scheduling_policy,
-                                         fair_first_token=fair_first_token, fair_prefill_tokens=fair_prefill_tokens,
-                                         fair_prefill_stretch=fair_prefill_stretch, cost_model=cost_model and str(cost_model),
-                                         max_num_batched_tokens=max_num_batched_tokens, programs=programs))
+        try:
+            wl = _build_workload(workload, rate, burstiness, None, time_scale, trace_start, num_requests, prompt_len,
+                                 output_len, max_context, seed, prefix_groups, prefix_len, tenants, tenant_weights)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        with bar("loading the model"), user_errors():
+            engine = Engine(EngineConfig(
+                num_blocks=num_blocks, num_tier_blocks=kv_tier_blocks, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens, programs=programs, scheduling_policy=scheduling_policy,
+                fair_first_token=fair_first_token, fair_prefill_tokens=fair_prefill_tokens,
+                fair_prefill_stretch=fair_prefill_stretch, admission=admission,
+                urgent_slack_s=None if urgent_slack_ms is None else urgent_slack_ms / 1e3,
+                step_time_limit_s=slo_tpot_ms / 1e3 if token_budget == "slo" else None,
+                cost_model=None if cost_model is None else str(cost_model)))
         agent = isinstance(wl, AgentWorkload)
         with bar(f"real run: {'programs' if agent else 'requests'}") as progress:
             fidelity = (compare_agent(wl, engine, cm, progress) if agent

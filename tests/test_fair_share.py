@@ -281,10 +281,26 @@ def test_a_prefill_stretch_lengthens_a_step_by_at_most_its_fraction(token_s, hea
     assert tokens["heavy"] <= heavy_tokens and tokens["light"] == 128 - 21 - tokens["heavy"] > 0
 
 
-def test_a_prefill_stretch_still_moves_the_prompts_of_the_tenants_ahead():
-    """A stretch too small for one token still lets the tenants ahead prefill a few tokens a step
-    (``FAIR_PREFILL_FLOOR``), so their prompts are never stuck behind a tenant that only decodes."""
-    loop = Loop(max_num_seqs=64, budget=128, fair_prefill_stretch=_stretch(1e-3, 0.01), fair_first_token=False)
+@pytest.mark.parametrize("tokens, heavy_tokens", [(10, 10), (40, 37)])
+def test_with_both_prefill_caps_the_tighter_one_holds(tokens, heavy_tokens):
+    """The stretch of the test above leaves heavy 37 tokens: a token cap of 10 cuts that to 10, one
+    of 40 leaves it at 37."""
+    loop = Loop(max_num_seqs=64, budget=128, fair_prefill_stretch=_stretch(1e-3, 0.5), fair_prefill_tokens=tokens,
+                fair_first_token=False)
+    loop.add("light", prompt=8, out=300)
+    for _ in range(20):
+        loop.add("heavy", prompt=8, out=300)
+    loop.run(5)
+    loop.add("heavy", prompt=200, out=4)
+    assert loop.prefill_tokens(loop.step())["heavy"] == heavy_tokens
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.07])
+def test_a_prefill_stretch_still_moves_the_prompts_of_the_tenants_ahead(fraction):
+    """A stretch with room for no token (0.01 of a 74 ms full step) or for 5 (0.07) still lets the
+    tenants ahead prefill ``FAIR_PREFILL_FLOOR`` tokens a step, so their prompts are never stuck
+    behind a tenant that only decodes."""
+    loop = Loop(max_num_seqs=64, budget=128, fair_prefill_stretch=_stretch(1e-3, fraction), fair_first_token=False)
     loop.add("light", prompt=8, out=300)
     for _ in range(3):  # heavy holds more of the batch than light
         loop.add("heavy", prompt=40, out=300)

@@ -380,6 +380,28 @@ def test_validate_runs_tenants_and_fair_share_settings_on_both_sides(make_tiny_e
     assert engine.scheduler.fair.value("b") >= 5.5 and engine.scheduler.fair.value(None) == 0
 
 
+def test_shoal_sim_validate_hands_tenants_and_scheduler_options_to_the_real_run(monkeypatch, tmp_path):
+    """``shoal sim --validate`` builds the tenant mix it was given and an engine with the command's
+    scheduler options (the comparison itself is stubbed: its tests are above and below)."""
+    import shoal.sim.validate as validate
+    from tests._cli_util import cli
+
+    seen = {}
+
+    def compare(wl, engine, cm, slo, progress):
+        seen["tenants"] = {r.tenant for r in wl.requests}
+        seen["config"] = engine.scheduler.config
+        return {"step_time": {"rel_error": 0.0}}
+
+    monkeypatch.setattr(validate, "compare", compare)
+    r = cli("sim", "--validate", "--tenants", "a=1,b=1", "-n", "8", "--fair-prefill-stretch", "0.3",
+            "--admission", "deadline", "--token-budget", "slo", "--slo-tpot-ms", "150", "--out", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    cfg = seen["config"]
+    assert seen["tenants"] == {"a", "b"}
+    assert (cfg.fair_prefill_stretch.fraction, cfg.admission, cfg.step_time_budget.limit_s) == (0.3, "deadline", 0.15)
+
+
 def test_validate_prices_each_real_step_with_the_cost_model(make_tiny_engine, tmp_path):
     """``compare`` times every real step and prices the same steps with the cost model: at 0.5 s
     a step plus 0.1 s a token, the price is exactly that of the steps and tokens the engine ran,

@@ -298,6 +298,8 @@ class Scheduler:
         # 0. A first-token step (``fair_first_token``): a tenant behind in fair share starts its new
         #    prompts while the tenants ahead of it wait.
         first, waits = self._first_token_first(now)
+        if first:  # the tenant whose first-token step this is is never capped in it
+            self._ahead.discard(first[0].tenant)
         started = set()
         if first:
             budget = self._admit(plan, budget, now, first)
@@ -354,9 +356,9 @@ class Scheduler:
             candidates.remove(req)
             if budget == 0:
                 return budget
-            if req.is_prefilling and req.tenant in self._ahead and not self._ahead_room(plan, req.num_computed_tokens, 1):
-                # The cap on the tenants ahead is spent for this step: none of their prompts start.
-                candidates = [r for r in candidates if not (r.is_prefilling and r.tenant in self._ahead)]
+            if req.is_prefilling and req.tenant in self._ahead and not self._ahead_room(plan, self._start(req), 1):
+                if not self._ahead_room(plan, 0, 1):  # spent for this step: none of their prompts start
+                    candidates = [r for r in candidates if not (r.is_prefilling and r.tenant in self._ahead)]
                 continue
             if len(self.running) >= self.config.max_num_seqs:
                 # Full of sequences: an urgent request takes the slot of the lowest-priority running
@@ -379,7 +381,7 @@ class Scheduler:
                 self.swapped.remove(req)
             else:
                 tokens, salt = req.all_token_ids, req.cache_salt
-                cached = len(self.bm.cached_prefix(tokens, salt)) * self.bm.block_size
+                cached = self._start(req)
                 n = self._chunk_tokens(plan, cached, min(req.num_tokens - cached, budget), req.tenant)
                 if n == 0:
                     return budget
@@ -412,6 +414,12 @@ class Scheduler:
         tb = self.config.step_time_budget
         return want if tb is None or want <= 1 else tb.chunk_tokens(plan, start, want)
 
+    def _start(self, req: Request) -> int:
+        """Where ``req``'s next chunk starts if admitted now: a waiting prompt after its cached prefix."""
+        if req.status is Status.SWAPPED:
+            return req.num_computed_tokens
+        return len(self.bm.cached_prefix(req.all_token_ids, req.cache_salt)) * self.bm.block_size
+
     def _ahead_room(self, plan: StepPlan, start: int, want: int) -> int:
         """The most of ``want`` prefill tokens from ``start`` that the caps on the tenants ahead
         leave them in this step, with ``plan`` planned so far."""
@@ -425,7 +433,7 @@ class Scheduler:
         if self._ahead_s is None:  # the first of their chunks this step
             self._ahead_s = stretch.seconds(base, self.config.max_num_seqs)
         fit = longest_fit(stretch.cost_model, base, start, n, now_s + self._ahead_s)
-        return fit if fit or self._ahead_tokens else min(n, FAIR_PREFILL_FLOOR)
+        return max(fit, min(n, FAIR_PREFILL_FLOOR - self._ahead_tokens))
 
     def _tenants_ahead(self) -> set:
         """Under ``vtc`` with a prefill cap: the tenants with work here whose counter is above that
@@ -436,13 +444,17 @@ class Scheduler:
         if self.config.policy != "vtc" or (self.config.fair_prefill_tokens is None
                                           and self.config.fair_prefill_stretch is None):
             return set()
-        weights = {r.tenant: r.weight for q in (self.waiting, self.running, self.swapped) for r in q}
-        if len(weights) < 2:
+        tenants = {r.tenant for q in (self.waiting, self.running, self.swapped) for r in q}
+        if len(tenants) < 2:
             return set()
+        behind, held = min(tenants, key=self.fair.value), self._batch_held()
+        return {t for t in tenants if self.fair.value(t) > self.fair.value(behind) and held(t) > held(behind)}
+
+    def _batch_held(self) -> Callable[[str | None], float]:
+        """Each tenant's running requests per unit of its weight (0 for a tenant with none)."""
+        weights = {r.tenant: r.weight for q in (self.waiting, self.running, self.swapped) for r in q}
         slots = Counter(r.tenant for r in self.running)
-        behind = min(weights, key=self.fair.value)
-        held = lambda t: slots[t] / weights[t]  # noqa: E731
-        return {t for t in weights if self.fair.value(t) > self.fair.value(behind) and held(t) > held(behind)}
+        return lambda t: slots[t] / weights.get(t, 1.0)
 
     def _watermark(self) -> int:
         """Blocks kept free when admitting; none while nothing runs, so that a request which
