@@ -39,8 +39,8 @@ from shoal.engine.step_budget import PrefillStretch, StepTimeBudget, longest_fit
 
 ADMISSION_ORDERS = ("fcfs", "deadline")
 FAIR_PREFILL_FLOOR = 16
-"""Prefill tokens the tenants ahead may still get in a step where their time stretch fits none (a
-step with little else in it), so their prompts keep moving."""
+"""Prefill tokens the tenants ahead get in a step however few their time stretch allows (a step
+with little else in it), so their prompts keep moving."""
 SCHEDULING_POLICIES = ("fcfs", "priority", "vtc")
 
 
@@ -298,10 +298,9 @@ class Scheduler:
         # 0. A first-token step (``fair_first_token``): a tenant behind in fair share starts its new
         #    prompts while the tenants ahead of it wait.
         first, waits = self._first_token_first(now)
-        if first:  # the tenant whose first-token step this is is never capped in it
-            self._ahead.discard(first[0].tenant)
         started = set()
         if first:
+            self._ahead.discard(first[0].tenant)  # never capped in its own first-token step
             budget = self._admit(plan, budget, now, first)
             started = {c.req_id for c in plan.chunks}
             if not started:  # none could start: an ordinary step
