@@ -433,3 +433,13 @@ def test_validate_prices_each_real_step_with_the_cost_model(make_tiny_engine, tm
     saved.write_text(json.dumps(calibrated["cost_model"]))
     assert LinearCostModel.load(saved).coefficients == calibrated["cost_model"]["coefficients"]
     assert calibrated["metrics"]["e2e_p50"]["rel_error"] < result["metrics"]["e2e_p50"]["rel_error"]
+
+
+def test_a_workload_of_one_tenant_keeps_only_its_requests():
+    from shoal.bench.workloads import with_tenants
+
+    mixed = with_tenants(synthetic("poisson", 40, 4.0, 16, 4, seed=0), {"heavy": 10, "light": 1}, seed=0)
+    light = mixed.of_tenant("light")
+    assert light.requests and {r.tenant for r in light.requests} == {"light"}
+    assert len(light.requests) + len(mixed.of_tenant("heavy").requests) == 40
+    assert light.requests == [r for r in mixed.requests if r.tenant == "light"]

@@ -48,7 +48,7 @@ def mix(seed: int) -> tuple[Workload, Workload]:
     """The 10:1 mix of ``seed``, and its light requests alone."""
     mixed = with_tenants(synthetic("poisson", N, RATE, PROMPT, OUTPUT, seed=seed, len_jitter=0.5),
                          {"heavy": 10, "light": 1}, seed=seed)
-    return mixed, Workload(mixed.kind, [r for r in mixed.requests if r.tenant == "light"], mixed.description)
+    return mixed, mixed.of_tenant("light")
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from shoal.bench.workloads import Workload, synthetic, with_tenants
+from shoal.bench.workloads import synthetic, with_tenants
 from shoal.engine.metadata import SLO
 from shoal.sim.catalog import RooflineCostModel, gpus, model_shape
 from shoal.sim.experiment import SimSetup
@@ -57,7 +57,7 @@ def light_p99(result: dict) -> float:
 def ten_to_one_seed(setup, rate: float, seed: int) -> dict:
     mixed = with_tenants(synthetic("poisson", N, rate, PROMPT, OUTPUT, seed=seed, len_jitter=0.5),
                          {"heavy": 10, "light": 1}, seed=seed)
-    alone = Workload(mixed.kind, [r for r in mixed.requests if r.tenant == "light"], mixed.description)
+    alone = mixed.of_tenant("light")
     capped = [(name, "vtc", kw, mixed) for name, kw in PREFILL_CAPS.items()]
     runs = {name: setup(pol, **kw).run(wl)[0] for name, pol, kw, wl in (
         ("fcfs", "fcfs", {}, mixed), ("vtc", "vtc", {}, mixed),
@@ -94,7 +94,7 @@ def prefill_heavy() -> dict:
     does not help."""
     mixed = with_tenants(synthetic("poisson", 400, 2.0, 1024, 64, seed=0, len_jitter=0.5),
                          {"heavy": 10, "light": 1}, seed=0)
-    alone = Workload(mixed.kind, [r for r in mixed.requests if r.tenant == "light"], mixed.description)
+    alone = mixed.of_tenant("light")
     lone = light_p99(cpu_smollm2("fcfs").run(alone)[0])
     runs = {name: cpu_smollm2(pol, **kw).run(mixed)[0] for name, pol, kw in (
         ("fcfs", "fcfs", {}), ("vtc", "vtc", {}), *((name, "vtc", kw) for name, kw in PREFILL_CAPS.items()))}

@@ -29,6 +29,10 @@ class Workload:
     requests: list[RequestSpec]
     description: dict = field(default_factory=dict)  # goes into the result JSON as is
 
+    def of_tenant(self, tenant: str | None) -> "Workload":
+        """The requests ``tenant`` sends, alone (e.g. to measure what it gets without the others)."""
+        return Workload(self.kind, [r for r in self.requests if r.tenant == tenant], self.description)
+
 
 def synthetic(
     kind: str,

@@ -446,14 +446,10 @@ class Scheduler:
         tenants = {r.tenant for q in (self.waiting, self.running, self.swapped) for r in q}
         if len(tenants) < 2:
             return set()
-        behind, held = min(tenants, key=self.fair.value), self._batch_held()
+        slots, share = self._slot_shares()
+        behind = min(tenants, key=self.fair.value)
+        held = lambda t: slots[t] / share(t)  # noqa: E731  (the batch it holds, per weight)
         return {t for t in tenants if self.fair.value(t) > self.fair.value(behind) and held(t) > held(behind)}
-
-    def _batch_held(self) -> Callable[[str | None], float]:
-        """Each tenant's running requests per unit of its weight (0 for a tenant with none)."""
-        weights = {r.tenant: r.weight for q in (self.waiting, self.running, self.swapped) for r in q}
-        slots = Counter(r.tenant for r in self.running)
-        return lambda t: slots[t] / weights.get(t, 1.0)
 
     def _watermark(self) -> int:
         """Blocks kept free when admitting; none while nothing runs, so that a request which
