@@ -257,8 +257,9 @@ def test_staged_live_migration_and_rollback(make_tiny_engine):
 
 
 def test_decode_kv_buffer_matches_reference_as_the_batch_changes(make_tiny_engine, tiny_hf):
-    """The decodes' K/V carried between steps (engine/decode_kv.py) is rebuilt when requests join,
-    leave or outgrow it; logprobs match the reference and equal the gather-every-step path."""
+    """The decodes' K/V carried between steps (engine/decode_kv.py) gathers the rows of requests
+    that join, repacks when they leave, and is rebuilt when they outgrow it; logprobs match the
+    reference and equal the gather-every-step path."""
     ps = prompts(4, lo=5, hi=30, seed=11)
     lengths = [30, 6, 17, 25]  # different ends: the batch changes as requests leave; 30 > headroom
     results = {}
@@ -279,6 +280,7 @@ def test_decode_kv_buffer_matches_reference_as_the_batch_changes(make_tiny_engin
             outs.setdefault(rid, []).extend(os_)
         if use_buffer:
             assert any(k and k.rebuild for k in kinds) and any(k and not k.rebuild for k in kinds)
+            assert any(k and not k.rebuild and k.fills for k in kinds)  # a join gathered only its row
         else:
             assert all(k is None for k in kinds)
         for p, rid in zip(ps, ids):

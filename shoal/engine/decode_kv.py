@@ -1,14 +1,18 @@
-"""A padded copy of the running decodes' K/V, carried from step to step.
+"""A padded copy of the running decodes' K/V, carried from step to step, one row per decode.
 
 Paged decode attention gathers every decode's blocks into one padded batch per layer and step: a
 copy of the whole context, which on a CPU costs about as much as the attention itself. From one
-step to the next the decode batch is usually the same requests, one token further, so last step's
-padded copy is still right but for one new token per request. This buffer keeps it: the layers
-write each step's new K/V into it, and it is rebuilt with one gather (with room to grow) only
-when the batch changes, a request outgrows it, or the cache was written from outside.
+step to the next most decodes are the same requests, one token further, so their rows of last
+step's copy are still right but for the new token. This buffer keeps them: a request keeps its row
+while it decodes; the layers write each step's new K/V into the rows and gather from the cache only
+the rows of requests that joined (or that the compaction below moved). Rows stay packed in
+``[0, decodes)``, so the batched matmuls see no holes: a request that leaves frees its row for the
+next joiner, and a request in a row past the batch's new end is gathered into a freed row.
 
-The buffer may hold another dtype than the cache (the runner keeps a bf16 model's one or two
-decodes in float32, where the matmuls cost a third less); a change of dtype is a rebuild.
+The whole buffer is rebuilt (every row gathered, with room to grow) only when a request outgrows
+its rows' capacity, the batch outgrows the rows, the cache was written from outside, or the dtype
+changes: it may hold another dtype than the cache (the runner keeps a bf16 model's one or two
+decodes in float32, where the matmuls cost a third less).
 """
 
 from __future__ import annotations
@@ -17,16 +21,26 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_ROWS = 8  # rows a first layout has room for, so a batch growing from one rebuilds rarely
+
 
 @dataclass
 class DecodeKVPlan:
-    """What this step does with the buffer; ``buffers[layer]`` is ``[2 * kv_heads, decodes,
-    capacity, head_dim]``. On a rebuild the layers gather the padded block tables into it; else
-    they write the new token of decode ``i`` at row ``i * capacity + context_len_i - 1``."""
+    """What this step does with the buffer. ``buffers[layer]`` is ``[2, rows, kv_heads, capacity,
+    head_dim]`` (K, then V); decode ``i`` (in the caller's order) sits in row ``rows[i]``, and the
+    decodes fill rows ``0 .. len(rows) - 1``. The rows of ``fills`` (indices into the caller's
+    decodes) are gathered from the cache this step; every row's new token is written at
+    ``write_index`` of the ``[2, rows * kv_heads * capacity, head_dim]`` view."""
 
     buffers: list[torch.Tensor]
-    rebuild: bool
-    write_index: torch.Tensor | None
+    rows: list[int]
+    fills: list[int]
+    write_index: torch.Tensor
+    rebuild: bool  # every row is gathered (a new layout)
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[3]
 
 
 class DecodeKVBuffer:
@@ -34,50 +48,67 @@ class DecodeKVBuffer:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, max_bytes: int, headroom_blocks: int = 2) -> None:
-        self.shape = (num_layers, 2 * num_kv_heads, head_dim)
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size = block_size
         self.dtype, self.device = dtype, device
         self.max_bytes = max_bytes
         self.headroom_blocks = headroom_blocks
         self._storage = torch.empty(0, dtype=dtype, device=device)  # in the dtype last asked for
-        self._key: tuple | None = None  # (request ids, kv version, dtype) it holds
-        self._context_lens: list[int] = []
-        self._capacity = 0  # tokens per request
+        self._kv_version: int | None = None  # of the cache when the rows were filled; None: nothing held
+        self._rows = 0  # rows the layout has room for
+        self._capacity = 0  # tokens per row
+        self._held: dict[str, tuple[int, int]] = {}  # request id -> (row, context length written)
 
-    def plan(self, req_ids: list[str], context_lens: list[int], max_blocks: int, kv_version: int,
+    def plan(self, req_ids: list[str], context_lens: list[int], kv_version: int,
              dtype: torch.dtype | None = None) -> DecodeKVPlan | None:
-        """Decide for this step's decodes (in plan order), held in ``dtype`` (the cache's unless
-        given). ``max_blocks`` is the longest block table; on a rebuild the caller pads the tables
-        to :attr:`capacity_blocks`. None: too big, gather as usual."""
-        layers, heads, d = self.shape
+        """Place this step's decodes, held in ``dtype`` (the cache's unless given). None: the
+        buffer would be too big, gather as usual."""
         dtype = dtype or self.dtype
-        key = (tuple(req_ids), kv_version, dtype)
-        n = len(req_ids)
-        if (key == self._key and max(context_lens) <= self._capacity
-                and all(c == p + 1 for c, p in zip(context_lens, self._context_lens))):
-            self._context_lens = list(context_lens)
-            rows = torch.arange(n, device=self.device) * self._capacity
-            write = rows + torch.tensor(context_lens, device=self.device) - 1
-            return DecodeKVPlan(self._views(n), rebuild=False, write_index=write)
-        capacity = (max_blocks + self.headroom_blocks) * self.block_size
-        numel = layers * heads * n * capacity * d
-        storage = self._storage if self._storage.dtype == dtype else torch.empty(0, dtype=dtype, device=self.device)
-        if numel * storage.element_size() > self.max_bytes:
-            self._key = None
+        n, longest = len(req_ids), max(context_lens)
+        rebuild = (kv_version != self._kv_version or dtype != self._storage.dtype or n > self._rows
+                   or longest > self._capacity)
+        if rebuild and not self._allocate(n, -(-longest // self.block_size), dtype):
+            self._kv_version, self._held = None, {}
             return None
-        if storage.numel() < numel:  # grow geometrically: few reallocations as a batch fills
-            limit = self.max_bytes // storage.element_size()
-            storage = torch.empty(min(max(numel, 2 * storage.numel()), limit), dtype=dtype, device=self.device)
+        self._kv_version = kv_version
+        rows: list[int | None] = [None] * n
+        if not rebuild:  # keep the rows of requests that decoded last step and still fit in [0, n)
+            for i, (rid, length) in enumerate(zip(req_ids, context_lens)):
+                row, written = self._held.get(rid, (n, 0))
+                if row < n and written == length - 1:
+                    rows[i] = row
+        free = iter(sorted(set(range(n)) - set(rows)))
+        fills = [i for i in range(n) if rows[i] is None]
+        for i in fills:
+            rows[i] = next(free)
+        self._held = {rid: (row, length) for rid, row, length in zip(req_ids, rows, context_lens)}
+        by_row = sorted(range(n), key=rows.__getitem__)
+        hkv, cap = self.num_kv_heads, self._capacity
+        heads = torch.arange(hkv, device=self.device)
+        last = torch.tensor([context_lens[i] - 1 for i in by_row], device=self.device)
+        write = ((torch.arange(n, device=self.device)[:, None] * hkv + heads) * cap + last[:, None]).reshape(-1)
+        return DecodeKVPlan(self._views(), rows, sorted(fills, key=rows.__getitem__), write, rebuild)
+
+    def _allocate(self, n: int, blocks: int, dtype: torch.dtype) -> bool:
+        """A new layout for ``n`` rows (doubling the rows, at least ``MIN_ROWS``, room allowing) of
+        ``blocks`` plus headroom.
+        Storage is zeroed when allocated, so padding never holds a NaN."""
+        capacity = (blocks + self.headroom_blocks) * self.block_size
+        per_row = self.num_layers * 2 * self.num_kv_heads * capacity * self.head_dim
+        storage = self._storage if self._storage.dtype == dtype else torch.empty(0, dtype=dtype, device=self.device)
+        limit = self.max_bytes // storage.element_size()
+        roomy = self._rows if n <= self._rows else max(n, 2 * self._rows, MIN_ROWS)
+        rows = next((r for r in (roomy, n) if r * per_row <= limit), None)
+        if rows is None:
+            return False
+        if storage.numel() < rows * per_row:  # grow geometrically: few reallocations as a batch fills
+            storage = torch.zeros(min(max(rows * per_row, 2 * storage.numel()), limit), dtype=dtype,
+                                  device=self.device)
         self._storage = storage  # one dtype at a time: a switch frees the other's memory
-        self._key, self._context_lens, self._capacity = key, list(context_lens), capacity
-        return DecodeKVPlan(self._views(n), rebuild=True, write_index=None)
+        self._rows, self._capacity = rows, capacity
+        return True
 
-    @property
-    def capacity_blocks(self) -> int:
-        return self._capacity // self.block_size
-
-    def _views(self, n: int) -> list[torch.Tensor]:
-        layers, heads, d = self.shape
-        per_layer = heads * n * self._capacity * d
-        data = self._storage[: layers * per_layer].view(layers, heads, n, self._capacity, d)
-        return list(data.unbind(0))
+    def _views(self) -> list[torch.Tensor]:
+        shape = (self.num_layers, 2, self._rows, self.num_kv_heads, self._capacity, self.head_dim)
+        numel = self.num_layers * 2 * self._rows * self.num_kv_heads * self._capacity * self.head_dim
+        return list(self._storage[:numel].view(shape).unbind(0))

@@ -7,8 +7,9 @@ row copy) yields the ``[heads, batch, context, head_dim]`` layout the batched ma
 further copy. A step's tokens are laid out decodes first (one query each), then prefill chunks.
 New K/V are written to their slots, then
 
-* all decodes attend together: their blocks are gathered into one padded batch and a masked,
-  grouped-query attention runs as two batched matmuls;
+* all decodes attend together: their blocks are gathered into one padded batch ``[2, decodes,
+  kv_heads, context, head_dim]`` (or kept in one from step to step, see engine/decode_kv.py) and a
+  masked, grouped-query attention runs as two batched matmuls;
 * each prefill chunk runs one SDPA call: causally over its own fresh K/V when it starts at position
   0, otherwise over its gathered context with an offset causal mask.
 """
@@ -40,18 +41,20 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] long: block * block_size + offset for each token
     num_decodes: int
-    decode_gather_index: torch.Tensor | None  # gather_index of the D block tables, padded to max_blocks
-    decode_mask: torch.Tensor | None  # [1, D, 1, context span] additive float mask
+    # decode_gather_index of the decodes to gather this step, their block tables padded to one length:
+    # all decodes without a LayerKV.decode buffer, else the buffer's rows in decode_fill_rows
+    decode_fill_index: torch.Tensor | None
+    decode_mask: torch.Tensor | None  # [D, 1, 1, context span] additive float mask
     prefills: list[PrefillMeta]
-    # with LayerKV.decode buffers: gather into them (the tables padded to their capacity), or write
-    # the new token of decode i at row decode_write_index[i] of their [2 * Hkv, D * capacity] view
-    decode_rebuild: bool = False
+    decode_fill_rows: torch.Tensor | None = None
+    # with a buffer: the new token of decode i and kv head h goes to row decode_write_index[i * Hkv + h]
+    # of its [2, rows * Hkv * capacity, head_dim] view
     decode_write_index: torch.Tensor | None = None
 
 
 class LayerKV(NamedTuple):
     """One layer's paged cache and, optionally, the padded K/V of the step's decodes
-    ``[2 * Hkv, D, capacity, head_dim]`` kept from the previous step (see engine/decode_kv.py)."""
+    ``[2, rows, Hkv, capacity, head_dim]`` kept from the previous step (see engine/decode_kv.py)."""
 
     cache: torch.Tensor
     decode: torch.Tensor | None = None
@@ -62,6 +65,15 @@ def gather_index(block_ids: torch.Tensor, num_blocks: int, num_kv_heads: int) ->
     hold ``block_ids`` (flattened equal-length block tables) for every K and V head, head-major."""
     heads = torch.arange(2 * num_kv_heads, device=block_ids.device)[:, None] * num_blocks
     return (heads + block_ids[None, :]).reshape(-1)
+
+
+def decode_gather_index(tables: torch.Tensor, num_blocks: int, num_kv_heads: int) -> torch.Tensor:
+    """Rows of that view holding ``tables`` ``[decodes, blocks]``, ordered K / V, decode, head, block:
+    selecting them gives the ``[2, decodes, Hkv, blocks * block_size, head_dim]`` decode layout."""
+    dev = tables.device
+    heads = torch.arange(2, device=dev)[:, None, None, None] * num_kv_heads + torch.arange(
+        num_kv_heads, device=dev)[None, None, :, None]
+    return (heads * num_blocks + tables[None, :, None, :]).reshape(-1)
 
 
 def write_kv(cache: torch.Tensor, new_kv: torch.Tensor, slots: torch.Tensor) -> None:
@@ -83,9 +95,9 @@ def paged_attention(
     nd = meta.num_decodes
     if nd:
         if kv.decode is None:
-            ctx = _gather(cache, meta.decode_gather_index, nd)
+            ctx = _gather_decodes(cache, meta.decode_fill_index, nd)
         else:
-            ctx = _decode_context(kv.decode, cache, new_kv[:nd], meta)
+            ctx = _update_decode_buffer(kv.decode, cache, new_kv[:nd], meta)[:, :nd]
         decoded = _decode_attention(q[:nd], ctx, meta.decode_mask, scale)
         if not meta.prefills:
             return decoded
@@ -121,37 +133,41 @@ def _gather(cache: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tenso
     return cache.view(h2 * nb, bs * d).index_select(0, index).view(h2, batch, -1, d)
 
 
-def _decode_context(buf: torch.Tensor, cache: torch.Tensor, new_kv: torch.Tensor,
-                    meta: AttentionMetadata) -> torch.Tensor:
-    """Bring the decodes' padded K/V buffer up to date: one gather on a rebuild, else only the new
-    token of each decode (``new_kv`` [D, 2 * Hkv, Dh])."""
-    h2, n, cap, d = buf.shape
-    rows, out = cache.view(-1, cache.shape[2] * d), buf.view(-1, cache.shape[2] * d)
-    if meta.decode_rebuild and buf.dtype == cache.dtype:
-        torch.index_select(rows, 0, meta.decode_gather_index, out=out)
-    elif meta.decode_rebuild:  # a float32 buffer beside a bf16 / fp16 cache (see ModelRunner)
-        out.copy_(rows.index_select(0, meta.decode_gather_index))
-    else:
-        new = new_kv.transpose(0, 1)
-        new = new if new.dtype == buf.dtype else new.to(buf.dtype)
-        buf.view(h2, n * cap, d).index_copy_(1, meta.decode_write_index, new)
+def _gather_decodes(cache: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:
+    """The blocks that ``index`` (from :func:`decode_gather_index`) names -> [2, batch, Hkv, context, D]."""
+    h2, nb, bs, d = cache.shape
+    return cache.view(h2 * nb, bs * d).index_select(0, index).view(2, batch, h2 // 2, -1, d)
+
+
+def _update_decode_buffer(buf: torch.Tensor, cache: torch.Tensor, new_kv: torch.Tensor,
+                          meta: AttentionMetadata) -> torch.Tensor:
+    """Bring the decodes' K/V buffer ``[2, rows, Hkv, capacity, Dh]`` up to date: gather the rows
+    to fill (the cache already holds this step's K/V), then write each decode's new token
+    (``new_kv`` [D, 2 * Hkv, Dh], decode i in row i)."""
+    _, rows, hkv, cap, d = buf.shape
+    if meta.decode_fill_rows is not None:
+        fill = meta.decode_fill_rows
+        got = _gather_decodes(cache, meta.decode_fill_index, len(fill))
+        buf[:, fill, :, : got.shape[3]] = got if got.dtype == buf.dtype else got.to(buf.dtype)
+    new = new_kv.view(-1, 2, hkv, d).transpose(0, 1).reshape(2, -1, d)
+    buf.view(2, rows * hkv * cap, d).index_copy_(1, meta.decode_write_index, new.to(buf.dtype))
     return buf
 
 
 def _decode_attention(q: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Single-query attention for a batch of decodes: q [D, H, Dh], ctx [2 * Hkv, D, capacity, Dh]
-    (K's heads then V's), additive mask [1, D, 1, L] with L <= capacity -> [D, H, Dh]. Only the first
-    L positions are read: batched matmuls over strided [batch, L, Dh] views, so nothing is copied.
+    """Single-query attention for a batch of decodes: q [D, H, Dh], ctx [2, D, Hkv, capacity, Dh]
+    (K, then V), additive mask [D, 1, 1, L] with L <= capacity -> [D, H, Dh]. Only the first L
+    positions are read: batched matmuls over strided [D * Hkv, L, Dh] views, so nothing is copied.
     The matmuls run in ``ctx``'s dtype (float32 for a bf16 model's few decodes: see ModelRunner)."""
     n, h, dh = q.shape
-    h2, _, cap, _ = ctx.shape
-    hkv, g, span = h2 // 2, h // (h2 // 2), mask.shape[-1]
-    rows = ctx.view(h2 * n, cap, dh)[:, :span]
-    kc, vc = rows[: hkv * n], rows[hkv * n :]
+    _, _, hkv, cap, _ = ctx.shape
+    g, span = h // hkv, mask.shape[-1]
+    kc = ctx[0].view(n * hkv, cap, dh)[:, :span]
+    vc = ctx[1].view(n * hkv, cap, dh)[:, :span]
     widen = ctx.dtype != q.dtype
-    qg = q.view(n, hkv, g, dh).transpose(0, 1).reshape(hkv * n, g, dh)
-    scores = torch.bmm(qg.to(ctx.dtype) if widen else qg, kc.transpose(1, 2)).view(hkv, n, g, span).float()
+    qg = q.reshape(n * hkv, g, dh)
+    scores = torch.bmm(qg.to(ctx.dtype) if widen else qg, kc.transpose(1, 2)).view(n, hkv, g, span).float()
     scores = torch.add(mask, scores, alpha=scale)
-    probs = torch.softmax(scores, dim=-1).to(ctx.dtype).view(hkv * n, g, span)
-    out = torch.bmm(probs, vc).view(hkv, n, g, dh).transpose(0, 1).reshape(n, h, dh)  # from [Hkv * D, G, Dh]
+    probs = torch.softmax(scores, dim=-1).to(ctx.dtype).view(n * hkv, g, span)
+    out = torch.bmm(probs, vc).view(n, h, dh)
     return out.to(q.dtype) if widen else out
