@@ -305,20 +305,20 @@ def test_decode_kv_buffer_holds_a_batch_that_fills_the_cpu_pool(make_tiny_engine
 
 def test_a_bf16_models_few_decodes_attend_in_float32(make_tiny_engine, tiny_hf):
     """On a CPU a bf16 model's one or two decodes keep their carried K/V in float32
-    (``FLOAT32_DECODE_ROWS``), more decodes in bf16; the buffer switches dtype (a rebuild) as the
-    batch crosses that size, and every step's logprobs stay those of the float32 reference to
-    within bf16's rounding."""
+    (``FLOAT32_DECODE_ROWS``), more decodes in bf16; the buffer switches between a layout per
+    dtype as the batch crosses that size (regathering the rows that went stale in the other), and
+    every step's logprobs stay those of the float32 reference to within bf16's rounding."""
     from shoal.engine.model_runner import FLOAT32_DECODE_ROWS
 
     engine = make_tiny_engine(dtype="bfloat16")
     if engine.dtype != torch.bfloat16:
         pytest.skip("this CPU computes no bf16")
-    seen = []  # (decodes, buffer dtype, rebuild) per step
+    seen = []  # (decodes, buffer dtype, rows gathered) per step
     orig_plan = engine.runner.decode_kv.plan
 
     def plan(req_ids, *args):
         p = orig_plan(req_ids, *args)
-        seen.append((len(req_ids), p.buffers[0].dtype, p.rebuild))
+        seen.append((len(req_ids), p.buffers[0].dtype, p.fills))
         return p
 
     engine.runner.decode_kv.plan = plan
@@ -335,7 +335,7 @@ def test_a_bf16_models_few_decodes_attend_in_float32(make_tiny_engine, tiny_hf):
     large = {dtype for n, dtype, _ in seen if n > FLOAT32_DECODE_ROWS}
     assert small == {torch.float32} and large == {torch.bfloat16}
     switches = [b for a, b in zip(seen, seen[1:]) if a[1] != b[1]]
-    assert len(switches) >= 2 and all(rebuild for _, _, rebuild in switches)
+    assert len(switches) >= 2 and all(fills for _, _, fills in switches)  # stale rows of the other dtype
     for p, rid in zip(ps, ids):
         generated = tokens_of(outs[rid])
         with torch.no_grad():

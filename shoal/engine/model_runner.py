@@ -189,7 +189,7 @@ class ModelRunner:
             lens = [c.context_len for c in in_rows]
             fills = decode_plan.fills if decode_plan else list(range(nd))
             if fills:
-                width = max(-(-decodes[i].context_len // bs) for i in fills)
+                width = decode_plan.capacity // bs if decode_plan else -(-max(lens) // bs)
                 tables = [decodes[i].block_table[:width] + [0] * (width - len(decodes[i].block_table[:width]))
                           for i in fills]
                 fill_index = decode_gather_index(torch.tensor(tables, device=dev), nb, hkv)
@@ -210,6 +210,7 @@ class ModelRunner:
             decode_mask=decode_mask,
             prefills=prefills,
             decode_fill_rows=fill_rows,
+            decode_rebuild=decode_plan is not None and decode_plan.rebuild,
             decode_write_index=decode_plan.write_index if decode_plan else None,
         )
         if decode_plan is None:

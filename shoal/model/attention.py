@@ -47,6 +47,7 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [D, 1, 1, context span] additive float mask
     prefills: list[PrefillMeta]
     decode_fill_rows: torch.Tensor | None = None
+    decode_rebuild: bool = False  # the rows to fill are all of them, in order
     # with a buffer: the new token of decode i and kv head h goes to row decode_write_index[i * Hkv + h]
     # of its [2, rows * Hkv * capacity, head_dim] view
     decode_write_index: torch.Tensor | None = None
@@ -142,13 +143,17 @@ def _gather_decodes(cache: torch.Tensor, index: torch.Tensor, batch: int) -> tor
 def _update_decode_buffer(buf: torch.Tensor, cache: torch.Tensor, new_kv: torch.Tensor,
                           meta: AttentionMetadata) -> torch.Tensor:
     """Bring the decodes' K/V buffer ``[2, rows, Hkv, capacity, Dh]`` up to date: gather the rows
-    to fill (the cache already holds this step's K/V), then write each decode's new token
+    to fill, whole (the cache already holds this step's K/V), then write each decode's new token
     (``new_kv`` [D, 2 * Hkv, Dh], decode i in row i)."""
     _, rows, hkv, cap, d = buf.shape
-    if meta.decode_fill_rows is not None:
-        fill = meta.decode_fill_rows
-        got = _gather_decodes(cache, meta.decode_fill_index, len(fill))
-        buf[:, fill, :, : got.shape[3]] = got if got.dtype == buf.dtype else got.to(buf.dtype)
+    fill, index = meta.decode_fill_rows, meta.decode_fill_index
+    if meta.decode_rebuild and buf.dtype == cache.dtype:  # straight into K's and V's rows, no copy between
+        view, half = cache.view(-1, cache.shape[2] * d), index.numel() // 2
+        for kv, part in ((0, index[:half]), (1, index[half:])):
+            torch.index_select(view, 0, part, out=buf[kv, : len(fill)].view(-1, view.shape[1]))
+    elif fill is not None:
+        got = _gather_decodes(cache, index, len(fill))
+        buf[:, fill] = got if got.dtype == buf.dtype else got.to(buf.dtype)
     new = new_kv.view(-1, 2, hkv, d).transpose(0, 1).reshape(2, -1, d)
     buf.view(2, rows * hkv * cap, d).index_copy_(1, meta.decode_write_index, new.to(buf.dtype))
     return buf
