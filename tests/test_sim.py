@@ -423,6 +423,11 @@ def test_validate_prices_each_real_step_with_the_cost_model(make_tiny_engine, tm
     assert steps["steps"] >= 40 and steps["predicted_s"] == pytest.approx(0.5 * steps["steps"] + 0.1 * tokens)
     assert 0 < steps["real_s"] < steps["predicted_s"]  # a tiny model steps far faster than 0.5 s
     assert steps["rel_error"] == pytest.approx((steps["predicted_s"] - steps["real_s"]) / steps["real_s"])
+    buckets = steps["by_decodes"]  # the same steps by decodes a step: 0 (prefill only), 1-8 here
+    assert set(buckets) <= {"0", "1-8"} and "1-8" in buckets
+    assert sum(b["steps"] for b in buckets.values()) == steps["steps"]
+    assert sum(b["predicted_s"] for b in buckets.values()) == pytest.approx(steps["predicted_s"])
+    assert sum(b["real_s"] for b in buckets.values()) == pytest.approx(steps["real_s"])
     calibrated = result["calibrated"]
     assert calibrated["cost_model"]["fit"]["samples"] == steps["steps"]
     from shoal.sim.validate import stale_cost_model  # the 0.5 s steps are far off: `sim --validate` warns

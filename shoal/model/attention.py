@@ -1,10 +1,10 @@
 """Attention over a paged KV cache.
 
 The cache of one layer is one tensor ``[2 * num_kv_heads, num_blocks, block_size, head_dim]``: K's
-heads, then V's. It is head-major, so gathering a batch's blocks for K and V at once with one
-``index_select`` over its ``[2 * num_kv_heads * num_blocks, block_size * head_dim]`` view (a plain
-row copy) yields the ``[heads, batch, context, head_dim]`` layout the batched matmuls want, with no
-further copy. A step's tokens are laid out decodes first (one query each), then prefill chunks.
+heads, then V's. Gathering blocks for K and V at once is one ``index_select`` over its
+``[2 * num_kv_heads * num_blocks, block_size * head_dim]`` view (a plain row copy), whose row order
+gives the layout the matmuls want with no further copy: ``[heads, context, head_dim]`` for a prefill
+chunk, ``[2, decodes, kv_heads, context, head_dim]`` for the decodes (:func:`decode_gather_index`). A step's tokens are laid out decodes first (one query each), then prefill chunks.
 New K/V are written to their slots, then
 
 * all decodes attend together: their blocks are gathered into one padded batch ``[2, decodes,

@@ -31,6 +31,10 @@ from shoal.sim.profile import fit_steps
 from shoal.sim.simulator import InstanceSpec, simulate
 
 
+DECODE_BUCKETS = (("0", 0, 0), ("1-8", 1, 8), ("9-32", 9, 32), ("33+", 33, float("inf")))  # decodes a step
+_DECODES = FEATURES.index("decodes")
+
+
 class StepLog:
     """An engine's executor, wrapped for a real run: the features and wall time of every step."""
 
@@ -56,13 +60,23 @@ class StepLog:
         return fit_steps(engine, np.array(self.features), np.array(self.seconds))
 
     def report(self, cost_model: CostModel) -> dict:
-        """The real steps' total time against the cost model's price of the same steps."""
+        """The real steps' total time against the cost model's price of the same steps, overall
+        and (``by_decodes``) for steps of 0, 1-8, 9-32 and more decodes: where a profile fitted on
+        a grid of small batches misprices a busy engine."""
         predicted = [cost_model.time(f) for f in self.features]
         real, priced = sum(self.seconds), sum(predicted)
+        by_decodes = {}
+        for label, lo, hi in DECODE_BUCKETS:
+            picked = [i for i, f in enumerate(self.features) if lo <= f[_DECODES] <= hi]
+            if picked:
+                r, p = sum(self.seconds[i] for i in picked), sum(predicted[i] for i in picked)
+                by_decodes[label] = {"steps": len(picked), "real_s": r, "predicted_s": p,
+                                     "rel_error": (p - r) / r if r else None}
         return {"steps": len(self.seconds), "real_s": real, "predicted_s": priced,
                 "rel_error": (priced - real) / real if real else None,
                 "mean_abs_rel_error": (float(np.mean([abs(p - s) / s for p, s in zip(predicted, self.seconds) if s > 0]))
-                                       if self.seconds else None)}
+                                       if self.seconds else None),
+                "by_decodes": by_decodes}
 
 
 def logged_steps(engine: Engine, run: Callable[[], tuple]) -> tuple[tuple, StepLog]:
