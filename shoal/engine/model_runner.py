@@ -49,7 +49,7 @@ class KVCache:
         else:
             self.tier = torch.zeros(tier_shape, dtype=dtype, pin_memory=pin and num_tier_blocks > 0)
         self.layers = list(self.data.unbind(0))
-        self.version = 0  # bumped by every write that does not come from a forward pass
+        self.version = 0  # bumped by every write to device blocks that does not come from a forward pass
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -60,8 +60,7 @@ class KVCache:
         if pairs:
             src, dst = _index(pairs, self.k.device)
             self.swap_k[:, :, dst.cpu()] = self.k[:, :, src].cpu()
-            self.swap_v[:, :, dst.cpu()] = self.v[:, :, src].cpu()
-            self.version += 1
+            self.swap_v[:, :, dst.cpu()] = self.v[:, :, src].cpu()  # reads only: the version stays
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         if pairs:
