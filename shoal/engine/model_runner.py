@@ -186,20 +186,17 @@ class ModelRunner:
         fill_index = fill_rows = decode_mask = None
         if nd:
             lens = [c.context_len for c in in_rows]
+            width = decode_plan.capacity // bs if decode_plan else -(-max(lens) // bs)  # blocks a row holds
             fills = decode_plan.fills if decode_plan else list(range(nd))
             if fills:
-                width = decode_plan.capacity // bs if decode_plan else -(-max(lens) // bs)
-                tables = [decodes[i].block_table[:width] + [0] * (width - len(decodes[i].block_table[:width]))
-                          for i in fills]
+                tables = [(t := decodes[i].block_table[:width]) + [0] * (width - len(t)) for i in fills]
                 fill_index = decode_gather_index(torch.tensor(tables, device=dev), nb, hkv)
                 if decode_plan:
                     fill_rows = torch.tensor([rows[i] for i in fills], device=dev)
             # Attention reads only up to the longest context, except in CPU bf16 / fp16, where a
             # batched matmul over a sliced (strided) view copies it first: there the buffer's whole
             # padded width is cheaper (measured 0.36 vs 0.74 ms per layer at 32 decodes).
-            span = max(lens)
-            if self._half_on_cpu and not (decode_plan and in_float32):
-                span = decode_plan.capacity if decode_plan else width * bs
+            span = width * bs if self._half_on_cpu and not (decode_plan and in_float32) else max(lens)
             valid = torch.arange(span, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
             decode_mask = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))[:, None, None, :]
         meta = AttentionMetadata(

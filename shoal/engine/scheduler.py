@@ -355,7 +355,9 @@ class Scheduler:
             candidates.remove(req)
             if budget == 0:
                 return budget
-            if req.is_prefilling and req.tenant in self._ahead and not self._ahead_room(plan, self._start(req), 1):
+            capped = req.is_prefilling and req.tenant in self._ahead
+            start = self._start(req) if capped else None  # reused below unless req's status changes
+            if capped and not self._ahead_room(plan, start, 1):
                 if not self._ahead_room(plan, 0, 1):  # spent for this step: none of their prompts start
                     candidates = [r for r in candidates if not (r.is_prefilling and r.tenant in self._ahead)]
                 continue
@@ -368,6 +370,7 @@ class Scheduler:
                 budget += self._preempt(self._victim(lower), plan, for_slot=True)
             if req.status is Status.SWAPPED and self.bm.resident_blocks(req.req_id) is None:
                 self.recompute_instead(req)  # its resident prefix was evicted while it waited
+                start = None
             if req.status is Status.SWAPPED:
                 n = self._chunk_tokens(plan, req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget), req.tenant)
                 if n == 0:
@@ -380,7 +383,7 @@ class Scheduler:
                 self.swapped.remove(req)
             else:
                 tokens, salt = req.all_token_ids, req.cache_salt
-                cached = self._start(req)
+                cached = self._start(req) if start is None else start
                 n = self._chunk_tokens(plan, cached, min(req.num_tokens - cached, budget), req.tenant)
                 if n == 0:
                     return budget

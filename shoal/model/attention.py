@@ -112,7 +112,7 @@ def paged_attention(
         if p.mask is None:
             kc, vc = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
         else:
-            ctx = _gather(cache, p.gather_index, 1)[:, 0, : p.ctx_len]
+            ctx = _gather_context(cache, p.gather_index)[:, : p.ctx_len]
             kc, vc = ctx[:hkv], ctx[hkv:]
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0),
@@ -127,11 +127,11 @@ def paged_attention(
     return out
 
 
-def _gather(cache: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:
-    """The blocks that ``index`` (from :func:`gather_index`) names, for ``batch`` equally long block
-    tables -> [2 * Hkv, batch, context, D]."""
+def _gather_context(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The blocks that ``index`` (from :func:`gather_index`) names, for one block table
+    -> [2 * Hkv, context, D]."""
     h2, nb, bs, d = cache.shape
-    return cache.view(h2 * nb, bs * d).index_select(0, index).view(h2, batch, -1, d)
+    return cache.view(h2 * nb, bs * d).index_select(0, index).view(h2, -1, d)
 
 
 def _gather_decodes(cache: torch.Tensor, index: torch.Tensor, batch: int) -> torch.Tensor:
