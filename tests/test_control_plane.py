@@ -29,10 +29,10 @@ from shoal.sim.experiment import SimSetup, parse_speeds
 from shoal.sim.simulator import CostModelExecutor, InstanceSpec, VirtualClock, simulate
 
 
-def linear(intercept=0.0, tokens=0.0, decodes=0.0, ctx=0.0, attn=0.0, chunks=0.0) -> LinearCostModel:
+def linear(intercept=0.0, tokens=0.0, decodes=0.0, ctx=0.0, attn=0.0, chunks=0.0, span=0.0) -> LinearCostModel:
     coef = dict.fromkeys(FEATURES, 0.0)
     coef.update(intercept=intercept, tokens=tokens, decodes=decodes, decode_context=ctx, prefill_attention=attn,
-                prefill_chunks=chunks)
+                prefill_chunks=chunks, decode_span=span)
     return LinearCostModel([coef[f] for f in FEATURES])
 
 
@@ -58,6 +58,22 @@ def test_ttft_and_tpot_by_hand():
     decode_only = 0.010 + 0.001 * 4
     joined = 0.010 + 0.001 * 5
     assert pred.tpot_s == pytest.approx(joined + 5 * (step - decode_only) / 100)
+
+
+def test_tpot_prices_the_running_batch_padded_to_its_longest_request():
+    """A profile that prices decode attention on the span (decodes x the longest context) predicts
+    a batch by its longest request, from the snapshot's running batch: 3 of 100 tokens and one of
+    900, and a 200-token newcomer -> 5 decodes padded to 900 when it joins."""
+    from shoal.engine.outputs import RunningRequest
+
+    cm = linear(intercept=0.010, span=1e-5)
+    batch = tuple(RunningRequest(str(i), 0, n) for i, n in enumerate((100, 100, 100, 900)))
+    busy = dataclasses.replace(load(running=4, in_flight=1200), running=batch)
+    pred = LatencyPredictor().predict(InstanceProfile(cm), busy, prompt_len=200)
+    assert pred.tpot_s == pytest.approx(0.010 + 1e-5 * 5 * 900)
+    even = dataclasses.replace(busy, running=tuple(RunningRequest(str(i), 0, 300) for i in range(4)))  # the same tokens
+    assert LatencyPredictor().predict(InstanceProfile(cm), even, prompt_len=200).tpot_s == pytest.approx(
+        0.010 + 1e-5 * 5 * 300)
 
 
 def test_prefix_hits_and_speed_shorten_and_lengthen_the_prediction():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from dataclasses import asdict
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_two_requests_batch_and_chunk_by_hand():
 def test_same_seed_same_result_and_fast_forward_is_exact():
     wl = synthetic("gamma", 120, rate=6.0, prompt_len=200, output_len=60, burstiness=0.5, seed=3, len_jitter=0.5)
     # every feature a decode step has priced, so a skipped stretch must price each one as a step does
-    cm = LinearCostModel([0.02, 0.008, 0.0004, 0.0002, 1e-6, 1e-7, 1e-4, 0.005, 0.0])
+    cm = LinearCostModel([0.02, 0.008, 0.0004, 0.0002, 1e-6, 2e-6, 1e-7, 1e-4, 0.005, 0.0])
     assert len(cm.coefficients) == len(FEATURES)
     specs = [InstanceSpec(cm, num_blocks=300, max_num_seqs=16)] * 3
     runs = [simulate(wl, specs, policies.LeastLoad(), seed=1, fast_forward=ff)[0] for ff in (True, True, False)]
@@ -94,7 +95,7 @@ def test_result_schema_matches_bench():
 
 def test_linear_fit_recovers_known_coefficients():
     rng = np.random.default_rng(0)
-    true = np.array([0.005, 0.001, 2e-4, 3e-4, 1e-6, 1e-8, 1e-4, 5e-4, 0.0])
+    true = np.array([0.005, 0.001, 2e-4, 3e-4, 1e-6, 2e-6, 1e-8, 1e-4, 5e-4, 0.0])
     plans = []
     for _ in range(200):
         chunks = [ScheduledChunk("d", int(rng.integers(10, 500)), [0], [], True) for _ in range(rng.integers(0, 20))]
@@ -124,16 +125,40 @@ def test_a_profile_fitted_with_the_old_small_step_feature_prices_steps_as_before
     """Profiles written before ``large_step`` replaced ``small_step`` (= 1 - large_step) still load,
     and price every step exactly as their own coefficients did."""
     old = [0.0114, 0.003, 4e-4, 4e-5, 5e-6, 4e-7, 0.0, 5e-3, 0.0]
-    data = {"kind": "linear", "features": ["intercept", "small_step", *FEATURES[2:]], "coefficients": old,
-            "device": "cpu", "model": "m", "dtype": "bfloat16"}
+    names = ["intercept", "small_step", "tokens", "decodes", "decode_context", "prefill_attention", "sampled",
+             "prefill_chunks", "swapped_blocks"]
+    data = {"kind": "linear", "features": names, "coefficients": old, "device": "cpu", "model": "m", "dtype": "bfloat16"}
     cm = LinearCostModel.from_dict(data)
     for decodes in (1, 4, 5, 32):
-        plan = StepPlan(chunks=[ScheduledChunk(str(i), 100, [0], [], True) for i in range(decodes)])
-        f = plan_features(plan)
-        small = float(f[FEATURES.index("large_step")] == 0)
-        assert cm.step_time(plan) == pytest.approx(float(np.dot(old, [f[0], small, *f[2:]])))
-    with pytest.raises(ValueError, match="not a linear cost model"):
-        LinearCostModel.from_dict({**data, "features": ["intercept", "bogus", *FEATURES[2:]]})
+        plan = StepPlan(chunks=[ScheduledChunk(str(i), 100 + 50 * i, [0], [], True) for i in range(decodes)])
+        f = dict(zip(FEATURES, plan_features(plan)))
+        f["small_step"] = float(f["large_step"] == 0)
+        assert cm.step_time(plan) == pytest.approx(float(np.dot(old, [f[n] for n in names])))
+    for bogus in (["intercept", "bogus", *names[2:]], names[:-1], [*names, "decode_context"]):
+        with pytest.raises(ValueError, match="not a linear cost model"):
+            LinearCostModel.from_dict({**data, "features": bogus, "coefficients": [0.0] * len(bogus)})
+
+
+def test_the_committed_profile_prices_decode_attention_padded_to_the_longest_context():
+    """Shoal's decode attention reads every decode's K/V padded to the longest, so one long decode
+    in a batch of short ones costs the whole batch its length; the profile before decode_span
+    (summed contexts) prices only the sum, and the roofline (paged attention) too."""
+    def batch(contexts):
+        return StepPlan(chunks=[ScheduledChunk(str(i), c, [0], [], True) for i, c in enumerate(contexts)])
+
+    mixed, even = batch([1000] + [100] * 31), batch([128] * 28 + [129] * 4)  # the same summed context
+    f_mixed, f_even = plan_features(mixed), plan_features(even)
+    assert f_mixed[FEATURES.index("decode_context")] == f_even[FEATURES.index("decode_context")] == 4132
+    assert (f_mixed[FEATURES.index("decode_span")], f_even[FEATURES.index("decode_span")]) == (32 * 1001, 32 * 130)
+    padded = LinearCostModel.load(default_profile_path())
+    per_token = padded.coefficients[FEATURES.index("decode_span")]
+    assert per_token > 0 and padded.coefficients[FEATURES.index("decode_context")] == 0
+    assert padded.step_time(mixed) - padded.step_time(even) == pytest.approx(per_token * 32 * (1001 - 130))
+    summed = LinearCostModel.load(Path(__file__).parents[1] / "benchmarks/profiles/smollm2_cpu_2026-12-07.json")
+    assert summed.step_time(mixed) == pytest.approx(summed.step_time(even))
+    assert summed.step_time(batch([128] * 32)) == pytest.approx(padded.step_time(batch([128] * 32)))
+    roofline = RooflineCostModel(gpus()["A100-80G"], model_shape("smollm2-135m"))
+    assert roofline.step_time(mixed) == pytest.approx(roofline.step_time(even))
 
 
 def test_roofline_orders_gpus_and_checks_memory():

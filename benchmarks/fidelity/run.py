@@ -4,7 +4,8 @@ TTFT, TPOT and E2E at p50 and p90, how far the cost model prices the real steps 
 errors again with a cost model fitted on the run's own steps (what is left is the scheduling) and,
 for the later workloads, with the one fitted on the first slice's steps (out of sample).
 
-    python benchmarks/fidelity/run.py [--profile PATH] [--real-runs N] [--out benchmarks/fidelity/result.json]
+    python benchmarks/fidelity/run.py [--profile PATH] [--also-profile PATH ...] [--real-runs N]
+        [--out benchmarks/fidelity/result.json]
 
 Workloads: two slices of the Azure conversation trace (its first 50 requests and 50 from half an
 hour in; time scale 8, clipped to 1,024 tokens: the README's fidelity command) and one
@@ -40,9 +41,12 @@ def main() -> None:
     ap.add_argument("--real-runs", type=int, default=1,
                     help="real runs of each workload: with 2 or more, also their own spread and the errors "
                          "against their median (the simulator is deterministic)")
+    ap.add_argument("--also-profile", type=Path, action="append", default=[],
+                    help="another profile to simulate each workload with, against the same real runs")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("result.json"))
     args = ap.parse_args()
     cm = LinearCostModel.load(args.profile or default_profile_path())
+    others = {f"profile {p.name}": LinearCostModel.load(p) for p in args.also_profile}
     workloads = {
         "conv trace, first 50": load_trace(TRACE, time_scale=8, max_context=1024, num_requests=50),
         "conv trace, 50 from 1800 s": load_trace(TRACE, time_scale=8, max_context=1024, num_requests=50, start_s=1800),
@@ -54,14 +58,15 @@ def main() -> None:
         runs = []
         for _ in range(args.real_runs):
             engine = Engine(EngineConfig(num_blocks=2800))
-            also = {"calibrated on conv slice 1": first_fit} if first_fit is not None else None
+            also = {**others, **({"calibrated on conv slice 1": first_fit} if first_fit is not None else {})}
             fid = compare(wl, engine, cm, (5000.0, 200.0), also=also)
             runs.append(fid)
             print(f"{_line(name, fid['metrics'])}  (steps priced {fid['step_time']['rel_error']:+.1%})", flush=True)
             if "calibrated" in fid:
                 print(_line("  calibrated on its own steps", fid["calibrated"]["metrics"]), flush=True)
             for label, other in fid.get("also", {}).items():
-                print(_line("  " + label, other["metrics"]), flush=True)
+                print(f"{_line('  ' + label, other['metrics'])}  (steps priced {other['step_time']['rel_error']:+.1%})",
+                      flush=True)
         if first_fit is None and "calibrated" in runs[0]:
             first_fit = LinearCostModel.from_dict(runs[0]["calibrated"]["cost_model"])
         out["workloads"][name] = summary = {"runs": runs}
@@ -73,6 +78,11 @@ def main() -> None:
             print(f"{'  real runs against each other (max/min-1)':42s} "
                   + "  ".join(f"{k} {v:.1%}" for k, v in summary["real_spread"].items()), flush=True)
             print(_line("  simulator against their median", summary["vs_median_real"]), flush=True)
+            for label in others:
+                summary.setdefault("also_vs_median_real", {})[label] = row = {
+                    k: metric_row(statistics.median(v), runs[0]["also"][label]["metrics"][k]["sim_ms"], "ms")
+                    for k, v in real.items()}
+                print(_line(f"  {label} against their median", row), flush=True)
     args.out.write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
 

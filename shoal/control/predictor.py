@@ -63,9 +63,11 @@ class LatencyPredictor:
         cm = profile.cost_model
         decodes = load.num_running
         context = load.tokens_in_flight
+        longest = max((r.num_tokens for r in load.running), default=context // max(decodes, 1))
         own = max(1, prompt_len - cached)
         queued = load.waiting_prompt_tokens + own
-        decode_step = step_features(tokens=decodes, decodes=decodes, decode_context=context, sampled=decodes)
+        decode_step = step_features(tokens=decodes, decodes=decodes, decode_context=context, sampled=decodes,
+                                    decode_span=decodes * longest)
         start = cached + own // 2  # where a typical chunk of this prompt starts
         chunk = max(1, profile.max_num_batched_tokens - decodes)
         if profile.step_time_budget is not None:
@@ -76,7 +78,7 @@ class LatencyPredictor:
         ttft = steps * prefill_step + self._kv_wait(cm, load, own, decode_step)
         # this request decoding: the batch with it, plus the queued prefill spread over its output
         joined = step_features(tokens=decodes + 1, decodes=decodes + 1, decode_context=context + prompt_len,
-                               sampled=decodes + 1)
+                               sampled=decodes + 1, decode_span=(decodes + 1) * max(longest, prompt_len))
         extra = steps * max(0.0, prefill_step - cm.time(decode_step)) if decodes else 0.0
         tpot = cm.time(joined) + extra / self.expected_output_tokens
         return Prediction(ttft, tpot)

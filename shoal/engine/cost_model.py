@@ -24,17 +24,22 @@ from shoal.model.linear import INT4_MAX_ROWS
 if TYPE_CHECKING:
     from shoal.engine.scheduler import StepPlan
 
-FEATURES = ("intercept", "large_step", "tokens", "decodes", "decode_context", "prefill_attention",
+FEATURES = ("intercept", "large_step", "tokens", "decodes", "decode_context", "decode_span", "prefill_attention",
             "sampled", "prefill_chunks", "swapped_blocks")
 """``large_step``: 1 for a step of more rows than the small-batch path takes (on CPU, more than
 ``INT4_MAX_ROWS``: the bf16 weights are read instead of the int4 copy, a fixed extra cost that a
-non-negative fit can price, where the discount of a small step could not be)."""
-_LEGACY_FEATURES = ("intercept", "small_step") + FEATURES[2:]  # profiles fitted before 2026-12-07
+non-negative fit can price, where the discount of a small step could not be).
+
+``decode_context`` sums the decodes' contexts (what paged attention reads: the roofline prices
+it); ``decode_span`` is the decodes times the longest of them (what Shoal's own decode attention
+reads: every decode's K/V padded to the longest). Profiles of Shoal's engine price the span."""
+_UNFITTED = {"decode_span"}  # features added since some profiles were fitted: 0 in those
+_RENAMED = {"small_step": "large_step"}  # profiles fitted before 2026-12-07: small_step = 1 - large_step
 
 
 def plan_features(plan: StepPlan, small_rows: int = INT4_MAX_ROWS) -> list[float]:
     """The plan's features, in :data:`FEATURES` order."""
-    tokens = decodes = decode_ctx = attn = sampled = chunks = 0
+    tokens = decodes = decode_ctx = longest = attn = sampled = chunks = 0
     for c in plan.chunks:
         n = len(c.token_ids)
         tokens += n
@@ -43,19 +48,22 @@ def plan_features(plan: StepPlan, small_rows: int = INT4_MAX_ROWS) -> list[float
         if n == 1 and c.sample:
             decodes += 1
             decode_ctx += c.start + 1
+            longest = max(longest, c.start + 1)
         else:
             chunks += 1
             attn += n * (c.start + n)
     return step_features(tokens, decodes, decode_ctx, attn, sampled, chunks, len(plan.swap_in) + len(plan.swap_out),
-                         small_rows)
+                         small_rows, decode_span=decodes * longest)
 
 
 def step_features(tokens: float = 0, decodes: float = 0, decode_context: float = 0, prefill_attention: float = 0,
                   sampled: float = 0, prefill_chunks: float = 0, swapped_blocks: float = 0,
-                  small_rows: int = INT4_MAX_ROWS) -> list[float]:
+                  small_rows: int = INT4_MAX_ROWS, decode_span: float | None = None) -> list[float]:
     """The features of a step described by its totals, in :data:`FEATURES` order (what a
-    predictor uses for a step it has not planned)."""
-    return [1.0, float(tokens > small_rows), float(tokens), float(decodes), float(decode_context),
+    predictor uses for a step it has not planned). ``decode_span`` defaults to ``decode_context``
+    (decodes of one context)."""
+    span = decode_context if decode_span is None else decode_span
+    return [1.0, float(tokens > small_rows), float(tokens), float(decodes), float(decode_context), float(span),
             float(prefill_attention), float(sampled), float(prefill_chunks), float(swapped_blocks)]
 
 
@@ -67,7 +75,7 @@ def with_chunk(features: Sequence[float], start: int, n: int, small_rows: int = 
     return step_features(tokens=f["tokens"] + n, decodes=f["decodes"], decode_context=f["decode_context"],
                          prefill_attention=f["prefill_attention"] + n * (start + n), sampled=f["sampled"] + 1,
                          prefill_chunks=f["prefill_chunks"] + 1, swapped_blocks=f["swapped_blocks"],
-                         small_rows=small_rows)
+                         small_rows=small_rows, decode_span=f["decode_span"])
 
 
 class CostModel(Protocol):
@@ -142,14 +150,18 @@ class LinearCostModel:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "cost model") -> "LinearCostModel":
-        """The inverse of :meth:`to_dict`; ValueError if ``data`` is not a linear model of these features."""
-        coefficients = list(data.get("coefficients", []))
-        if data.get("kind") == "linear" and data.get("features") == list(_LEGACY_FEATURES) and len(coefficients) == 9:
-            # small_step = 1 - large_step: the same times from an intercept and a (negative) large_step
-            coefficients[0] += coefficients[1]
-            coefficients[1] = -coefficients[1]
-        elif data.get("kind") != "linear" or data.get("features") != list(FEATURES):
+        """The inverse of :meth:`to_dict`, also for profiles saved with older feature lists (by name; a
+        feature they lack costs 0); ValueError if ``data`` is not a linear model of these features."""
+        names, values = list(data.get("features", [])), list(data.get("coefficients", []))
+        known = [_RENAMED.get(n, n) for n in names]
+        if (data.get("kind") != "linear" or len(values) != len(names) or len(set(known)) != len(known)
+                or set(FEATURES) - set(known) - _UNFITTED or set(known) - set(FEATURES)):
             raise ValueError(f"{where}: not a linear cost model with features {FEATURES}")
+        by_name = dict(zip(known, values))
+        if "small_step" in names:  # small_step = 1 - large_step: the same times from an intercept and a (negative) large_step
+            by_name["intercept"] += by_name["large_step"]
+            by_name["large_step"] = -by_name["large_step"]
+        coefficients = [by_name.get(n, 0.0) for n in FEATURES]
         return cls(coefficients=coefficients, device=data["device"], model=data["model"],
                    dtype=data["dtype"], fit=data.get("fit", {}))
 

@@ -13,7 +13,7 @@ from typing import Iterator
 from shoal.engine.core import EngineCore
 from shoal.engine.cost_model import CostModel, FEATURES, step_features
 
-_CTX = FEATURES.index("decode_context")
+_CTX, _SPAN = FEATURES.index("decode_context"), FEATURES.index("decode_span")
 
 
 def steady_decode_steps(engine: EngineCore, limit: int) -> int:
@@ -44,11 +44,12 @@ def step_times(engine: EngineCore, cost_model: CostModel, k: int) -> Iterator[fl
     lazily: callers stop at their horizon."""
     n = len(engine.scheduler.running)
     ctx = sum(r.num_computed_tokens + 1 for r in engine.scheduler.running)
+    span = n * max(r.num_computed_tokens + 1 for r in engine.scheduler.running)
     coef = getattr(cost_model, "coefficients", None)
     if coef is not None and len(coef) == len(FEATURES):  # linear: no plan objects needed
         base = sum(c * f for c, f in zip(coef, step_features(tokens=n, decodes=n, sampled=n)))
-        for j in range(k):
-            yield max(1e-6, base + coef[_CTX] * (ctx + j * n))
+        for j in range(k):  # every context, the longest too, grows by one a step
+            yield max(1e-6, base + coef[_CTX] * (ctx + j * n) + coef[_SPAN] * (span + j * n))
         return
     for j in range(k):
         yield cost_model.step_time(_decode_plan(engine, j))

@@ -8,7 +8,7 @@ import numpy as np
 
 from shoal.engine.engine import Engine
 from shoal.engine.sampling_params import SamplingParams
-from shoal.engine.cost_model import LinearCostModel, plan_features
+from shoal.engine.cost_model import FEATURES, LinearCostModel, plan_features
 from shoal.progress import Progress
 
 DECODES = (0, 1, 2, 4, 8, 16, 32)
@@ -69,7 +69,10 @@ def fit_profile(engine: Engine, repeats: int = 3, progress: Progress | None = No
 
 def fit_steps(engine: Engine, features: np.ndarray, seconds: np.ndarray) -> LinearCostModel:
     """The cost model fitted on steps ``engine`` ran (their features and seconds), labelled with
-    what it was measured on."""
+    what it was measured on. Its decode attention is priced on ``decode_span`` alone: the engine
+    pads every decode's K/V to the longest, so the contexts' sum does not enter its time."""
+    features = np.array(features, dtype=float)
+    features[:, FEATURES.index("decode_context")] = 0.0
     cost = LinearCostModel.fit_samples(
         features, seconds, device=_device_name(engine), model=engine.model_config.name,
         dtype=str(engine.dtype).removeprefix("torch.")

@@ -212,7 +212,8 @@ def _verdicts(rows: Callable[[CostModel], tuple[dict, dict]], cost_model: CostMo
         out["calibrated"] = {"metrics": again, **facts, "max_rel_error": _max_error(again), "cost_model": fitted.to_dict()}
     for name, cm in (also or {}).items():
         again, facts = rows(cm)
-        out.setdefault("also", {})[name] = {"metrics": again, **facts, "max_rel_error": _max_error(again)}
+        out.setdefault("also", {})[name] = {"metrics": again, **facts, "max_rel_error": _max_error(again),
+                                            "step_time": log.report(cm)}
     return out
 
 
