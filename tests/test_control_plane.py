@@ -19,7 +19,7 @@ from shoal.engine.block_manager import BlockManager
 from shoal.engine.core import EngineCore
 from shoal.engine.cost_model import FEATURES, LinearCostModel, ScaledCostModel, plan_features
 from shoal.engine.metadata import SLO, RequestMetadata
-from shoal.engine.outputs import InstanceLoad
+from shoal.engine.outputs import InstanceLoad, RunningRequest
 from shoal.engine.request import Request
 from shoal.engine.sampling_params import SamplingParams
 from shoal.engine.scheduler import Scheduler, SchedulerConfig, ScheduledChunk, StepPlan
@@ -64,8 +64,6 @@ def test_tpot_prices_the_running_batch_padded_to_its_longest_request():
     """A profile that prices decode attention on the span (decodes x the longest context) predicts
     a batch by its longest request, from the snapshot's running batch: 3 of 100 tokens and one of
     900, and a 200-token newcomer -> 5 decodes padded to 900 when it joins."""
-    from shoal.engine.outputs import RunningRequest
-
     cm = linear(intercept=0.010, span=1e-5)
     batch = tuple(RunningRequest(str(i), 0, n) for i, n in enumerate((100, 100, 100, 900)))
     busy = dataclasses.replace(load(running=4, in_flight=1200), running=batch)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -453,8 +453,11 @@ def test_validate_prices_each_real_step_with_the_cost_model(make_tiny_engine, tm
     assert sum(b["steps"] for b in buckets.values()) == steps["steps"]
     assert sum(b["predicted_s"] for b in buckets.values()) == pytest.approx(steps["predicted_s"])
     assert sum(b["real_s"] for b in buckets.values()) == pytest.approx(steps["real_s"])
+    assert result["also"]["slower"]["step_time"]["predicted_s"] == pytest.approx(2 * steps["predicted_s"])
     calibrated = result["calibrated"]
     assert calibrated["cost_model"]["fit"]["samples"] == steps["steps"]
+    # the engine pads decodes' K/V to the longest: a fit of its steps prices the span, never the sum
+    assert calibrated["cost_model"]["coefficients"][FEATURES.index("decode_context")] == 0
     from shoal.sim.validate import stale_cost_model  # the 0.5 s steps are far off: `sim --validate` warns
 
     assert "--cost-model x.json" in stale_cost_model(result, "x.json")
