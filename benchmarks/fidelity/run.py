@@ -25,16 +25,14 @@ import json
 import statistics
 from pathlib import Path
 
-from shoal.bench.report import summarize
 from shoal.bench.workloads import Workload, load_trace, synthetic
-from shoal.control.policies import LeastLoad
 from shoal.engine.config import EngineConfig
 from shoal.engine.cost_model import CostModel, LinearCostModel, ScaledCostModel, default_profile_path
 from shoal.engine.engine import Engine
-from shoal.sim.simulator import simulate
-from shoal.sim.validate import compare, metric_row, spec_of
+from shoal.sim.validate import COMPARED, compare, metric_row, quantile, simulated_summary
 
 TRACE = Path(__file__).resolve().parents[2].parent / "shared/data/traces/azure_conv_2023.csv"
+SLO = (5000.0, 200.0)  # TTFT, TPOT ms
 
 
 def _line(label: str, metrics: dict) -> str:
@@ -46,13 +44,8 @@ def at_its_pace(wl: Workload, engine: Engine, cm: CostModel, run: dict) -> dict:
     (the real steps' time against the profile's price of the same steps, one number): the error
     left once the machine's speed of the moment is taken out."""
     pace = run["step_time"]["predicted_s"] / run["step_time"]["real_s"]
-    sim, duration = simulate(wl, [spec_of(engine, ScaledCostModel(cm, pace))], LeastLoad())[:2]
-    s = summarize(sim, wl.description, 5000.0, 200.0, duration)
-    rows = {}
-    for key, real in run["metrics"].items():
-        metric, q = key.rsplit("_", 1)
-        rows[key] = metric_row(real["real_ms"], s[f"{metric}_ms"][q], "ms")
-    return {"pace": pace, "metrics": rows}
+    s = simulated_summary(wl, engine, ScaledCostModel(cm, pace), SLO)
+    return {"pace": pace, "metrics": {k: metric_row(run["metrics"][k]["real_ms"], quantile(s, k), "ms") for k in COMPARED}}
 
 
 def main() -> None:
@@ -90,7 +83,7 @@ def main() -> None:
         for _ in range(args.real_runs):
             engine = Engine(EngineConfig(num_blocks=2800))
             also = {**others, **({"calibrated on conv slice 1": first_fit} if first_fit is not None else {})}
-            fid = compare(wl, engine, cm, (5000.0, 200.0), also=also)
+            fid = compare(wl, engine, cm, SLO, also=also)
             fid["at_its_pace"] = paced = at_its_pace(wl, engine, cm, fid)
             runs.append(fid)
             print(f"{_line(name, fid['metrics'])}  (steps priced {fid['step_time']['rel_error']:+.1%})", flush=True)

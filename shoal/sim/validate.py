@@ -180,12 +180,26 @@ def compare(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000
     r = summarize(real, workload.description, *slo, real_dur)
 
     def rows(cm: CostModel) -> tuple[dict, dict]:
-        sim, sim_dur = simulate(workload, [spec_of(engine, cm)], LeastLoad())[:2]
-        s = summarize(sim, workload.description, *slo, sim_dur)
-        return {f"{metric[:-3]}_{q}": metric_row(r[metric][q], s[metric][q], "ms")
-                for metric in ("ttft_ms", "tpot_ms", "e2e_ms") for q in ("p50", "p90")}, {}
+        s = simulated_summary(workload, engine, cm, slo)
+        return {k: metric_row(quantile(r, k), quantile(s, k), "ms") for k in COMPARED}, {}
 
     return {"workload": workload.description, **_verdicts(rows, cost_model, log, engine, also)}
+
+
+COMPARED = tuple(f"{m}_{q}" for m in ("ttft", "tpot", "e2e") for q in ("p50", "p90"))
+"""The latencies :func:`compare` sets real against simulated, as its rows are keyed."""
+
+
+def quantile(summary: dict, key: str) -> float:
+    """The latency a :data:`COMPARED` key names (e.g. ``tpot_p50``), in ms, from a run's summary."""
+    metric, q = key.rsplit("_", 1)
+    return summary[f"{metric}_ms"][q]
+
+
+def simulated_summary(workload: Workload, engine: Engine, cost_model: CostModel, slo=(1000.0, 100.0)) -> dict:
+    """``workload`` run in the simulator on one instance shaped like ``engine``, priced by ``cost_model``."""
+    sim, duration = simulate(workload, [spec_of(engine, cost_model)], LeastLoad())[:2]
+    return summarize(sim, workload.description, *slo, duration)
 
 
 def metric_row(real: float, sim: float, unit: str) -> dict:
