@@ -41,6 +41,11 @@ ADMISSION_ORDERS = ("fcfs", "deadline")
 FAIR_PREFILL_FLOOR = 16
 """Prefill tokens the tenants ahead get in a step however few their time stretch allows (a step
 with little else in it), so their prompts keep moving."""
+FIRST_TOKEN_STEPS_IN_A_ROW = 2
+"""Under ``fair_first_token``: the most steps in a row a running request sits out for other tenants'
+first tokens. One lets two prompts of a light tenant that arrive a step apart both start alone (the
+second no longer rides a full step of the others' decodes); its cost is one more step of waiting
+for the deferred decodes, now and then."""
 SCHEDULING_POLICIES = ("fcfs", "priority", "vtc")
 
 
@@ -81,7 +86,7 @@ class SchedulerConfig:
     """Under ``vtc``: when the tenant furthest behind in fair share (least counter among those waiting
     at the first priority level) has only new prompts waiting, no more than its slot share has room
     for, the step runs their prefill without the running work of the tenants ahead of it, which waits
-    one step (never two in a row). A tenant that sends little then waits for a step of its own for
+    one step (at most ``FIRST_TOKEN_STEPS_IN_A_ROW`` in a row). A tenant that sends little then waits for a step of its own for
     its first token, not for one that carries every other tenant's decodes."""
     fair_prefill_tokens: int | None = None
     """Under ``vtc``: while a tenant behind in fair share has work here, the prefill chunks of the
@@ -167,7 +172,7 @@ class Scheduler:
         self.num_swapped_out_blocks = 0  # KV blocks copied to the swap pool by preemptions, ever
         self.fair = VirtualTokenCounter(output_weight=config.vtc_output_weight)
         self.programs = ProgramTable(config.programs, block_manager)
-        self._deferred: set[str] = set()  # running requests the last step left out for a first token
+        self._deferred: Counter = Counter()  # running requests left out for first tokens: steps in a row
         self._ahead: set = set()  # this step: tenants whose prefill is capped (``fair_prefill_*``)
         self._ahead_tokens = 0  # this step: prefill tokens they got
         self._ahead_s: float | None = None  # this step: seconds their prefill may still add (stretch)
@@ -284,7 +289,8 @@ class Scheduler:
             return [], set()
         mine = self.fair.value(tenant)
         ahead = {r.tenant for r in self.running if r.tenant != tenant and self.fair.value(r.tenant) >= mine}
-        if not ahead or any(r.req_id in self._deferred for r in self.running if r.tenant in ahead):
+        if not ahead or any(self._deferred[r.req_id] >= FIRST_TOKEN_STEPS_IN_A_ROW
+                            for r in self.running if r.tenant in ahead):
             return [], set()
         return first, ahead
 
@@ -305,10 +311,13 @@ class Scheduler:
             started = {c.req_id for c in plan.chunks}
             if not started:  # none could start: an ordinary step
                 waits = set()
-        self._deferred = {r.req_id for r in self.running if r.tenant in waits}
+        self._deferred = Counter({r.req_id: self._deferred[r.req_id] + 1 for r in self.running if r.tenant in waits})
 
-        # 1. Running requests: decodes first, then prefill chunks, each in priority order.
-        for req in sorted(self.running, key=lambda r: (r.is_prefilling, r.sort_key)):
+        # 1. Running requests: decodes first, in priority order, then prefill chunks in the admission
+        #    order (under vtc the tenant behind first: a light tenant's half-done prompt does not wait
+        #    on the heavy tenant's older ones).
+        for req in sorted(self.running, key=lambda r: (True, self._effective_priority(r, now)) if r.is_prefilling
+                          else (False, r.sort_key)):
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:  # preempted earlier in this loop
