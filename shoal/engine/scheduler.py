@@ -43,9 +43,9 @@ FAIR_PREFILL_FLOOR = 16
 with little else in it), so their prompts keep moving."""
 FIRST_TOKEN_STEPS_IN_A_ROW = 2
 """Under ``fair_first_token``: the most steps in a row a running request sits out for other tenants'
-first tokens. One lets two prompts of a light tenant that arrive a step apart both start alone (the
-second no longer rides a full step of the others' decodes); its cost is one more step of waiting
-for the deferred decodes, now and then."""
+first tokens. Two, not one, so that two prompts of a light tenant arriving a step apart both start
+alone (with one, the second rode a full step of every other tenant's decodes); the price is a
+second step of waiting for the deferred decodes, now and then."""
 SCHEDULING_POLICIES = ("fcfs", "priority", "vtc")
 
 
@@ -86,8 +86,9 @@ class SchedulerConfig:
     """Under ``vtc``: when the tenant furthest behind in fair share (least counter among those waiting
     at the first priority level) has only new prompts waiting, no more than its slot share has room
     for, the step runs their prefill without the running work of the tenants ahead of it, which waits
-    one step (at most ``FIRST_TOKEN_STEPS_IN_A_ROW`` in a row). A tenant that sends little then waits for a step of its own for
-    its first token, not for one that carries every other tenant's decodes."""
+    that step (at most ``FIRST_TOKEN_STEPS_IN_A_ROW`` in a row). A tenant that sends little then
+    waits for a step of its own for its first token, not for one that carries every other tenant's
+    decodes."""
     fair_prefill_tokens: int | None = None
     """Under ``vtc``: while a tenant behind in fair share has work here, the prefill chunks of the
     tenants ahead of it get at most this many tokens a step, so the step a newcomer of the tenant
