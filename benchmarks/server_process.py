@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,10 +22,14 @@ def free_port() -> int:
 
 class Server:
     """`shoal serve` in a subprocess on a free loopback port, its output in ``log_dir/name.log``.
-    ``command`` replaces ``shoal serve`` (another OpenAI server; it gets ``--port PORT`` appended)."""
+    ``command`` replaces ``shoal serve`` (another OpenAI server; it gets ``--port PORT`` appended);
+    ``checkout`` serves the Shoal of another source tree (a ``git worktree``) instead of the installed one."""
 
     def __init__(self, *args: str, log_dir: Path, name: str, command: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, checkout: Path | None = None) -> None:
+        if checkout is not None:
+            command = [sys.executable, "-m", "shoal", "serve"]
+            env = {**(env or os.environ), "PYTHONPATH": str(checkout.resolve())}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_dir / f"{name}.log", "w")

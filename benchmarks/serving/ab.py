@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -27,10 +26,8 @@ LEVELS = {1: 4, 8: 16, 32: 64}  # concurrency: requests
 
 
 def one(checkout: Path, log_dir: Path, name: str, extra: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(checkout.resolve())}
     t0 = time.monotonic()
-    srv = Server(*extra, "--max-num-seqs", "64", log_dir=log_dir, name=name,
-                 command=[sys.executable, "-m", "shoal", "serve"], env=env)
+    srv = Server(*extra, "--max-num-seqs", "64", log_dir=log_dir, name=name, checkout=checkout)
     try:
         srv.wait_ready()
         ready = time.monotonic() - t0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -32,9 +31,8 @@ STRETCHES = {f"vtc_prefill_stretch_{f}": f for f in ("0.3", "0.25")}
 
 def run(name: str, workload: Workload, log_dir: Path, *args: str, checkout: Path | None = None) -> dict:
     """``workload`` through a fresh ``shoal serve *args`` (of ``checkout`` when given; else the installed one)."""
-    other = {} if checkout is None else {"command": [sys.executable, "-m", "shoal", "serve"],
-                                         "env": {**os.environ, "PYTHONPATH": str(checkout.resolve())}}
-    srv = Server(*args, "--max-waiting", "100000", "--max-model-len", "1024", log_dir=log_dir, name=name, **other)
+    srv = Server(*args, "--max-waiting", "100000", "--max-model-len", "1024", log_dir=log_dir, name=name,
+                 checkout=checkout)
     try:
         srv.wait_ready()
         records, _, duration = asyncio.run(run_workload(srv.url, workload, load_tokenizer(default_model_path()),

@@ -55,8 +55,8 @@ def light_p99(result: dict) -> float:
     return result["tenants"]["by_tenant"]["light"]["ttft_ms"]["p99"]
 
 
-def ten_to_one_seed(setup, rate: float, seed: int) -> dict:
-    mixed = with_tenants(synthetic("poisson", N, rate, PROMPT, OUTPUT, seed=seed, len_jitter=0.5),
+def ten_to_one_seed(setup, rate: float, seed: int, n: int = N, prompt: int = PROMPT, output: int = OUTPUT) -> dict:
+    mixed = with_tenants(synthetic("poisson", n, rate, prompt, output, seed=seed, len_jitter=0.5),
                          {"heavy": 10, "light": 1}, seed=seed)
     alone = mixed.of_tenant("light")
     capped = [(name, "vtc", kw, mixed) for name, kw in PREFILL_CAPS.items()]
@@ -80,41 +80,23 @@ def ten_to_one_seed(setup, rate: float, seed: int) -> dict:
     }
 
 
-def ten_to_one(setup, rate: float, seeds: range = range(5)) -> dict:
+def ten_to_one(setup, rate: float, seeds: range = range(5), **shape: int) -> dict:
     """Each seed's figures, and the medians over seeds of the ratios (one seed's P99 rests on the
-    slowest one or two of ~120 light requests)."""
-    rows = [ten_to_one_seed(setup, rate, seed) for seed in seeds]
+    slowest one or two of ~120 light requests); ``shape``: ``n``, ``prompt``, ``output``."""
+    rows = [ten_to_one_seed(setup, rate, seed, **shape) for seed in seeds]
     keys = ("vtc_light_vs_alone", "vtc_no_first_token_light_vs_alone", "fcfs_light_vs_alone", "vtc_throughput_vs_fcfs",
             *(f"{name}_{what}" for name in PREFILL_CAPS for what in ("light_vs_alone", "throughput_vs_fcfs")))
     return {"rate": rate, "median_over_seeds": {k: round(statistics.median(r[k] for r in rows), 3) for k in keys},
             "seeds": rows}
 
 
-def prefill_heavy_seed(seed: int) -> dict:
-    mixed = with_tenants(synthetic("poisson", 400, 2.0, 1024, 64, seed=seed, len_jitter=0.5),
-                         {"heavy": 10, "light": 1}, seed=seed)
-    lone = light_p99(cpu_smollm2("fcfs").run(mixed.of_tenant("light"))[0])
-    runs = {name: cpu_smollm2(pol, **kw).run(mixed)[0] for name, pol, kw in (
-        ("fcfs", "fcfs", {}), ("vtc", "vtc", {}), *((name, "vtc", kw) for name, kw in PREFILL_CAPS.items()))}
-    return {"seed": seed, "light_alone_p99_ttft_ms": round(lone, 1),
-            **{f"{k}_light_vs_alone": round(light_p99(r) / lone, 2) for k, r in runs.items()},
-            **{f"{k}_throughput_vs_fcfs": round(r["output_token_throughput"] / runs["fcfs"]["output_token_throughput"], 3)
-               for k, r in runs.items() if k != "fcfs"}}
-
-
-def prefill_heavy(seeds: range = range(5)) -> dict:
-    """The 10:1 mix with 1,024-token prompts and 64 output tokens (CPU), five seeds and the medians."""
-    rows = [prefill_heavy_seed(seed) for seed in seeds]
-    keys = [k for k in rows[0] if k.endswith(("_vs_alone", "_vs_fcfs"))]
-    return {"rate": 2.0, "prompt_len": 1024, "output_len": 64,
-            "median_over_seeds": {k: round(statistics.median(r[k] for r in rows), 3) for k in keys}, "seeds": rows}
-
-
 def main() -> None:
     out = {"workload": {"num_requests": N, "prompt_len": PROMPT, "output_len": OUTPUT, "len_jitter": 0.5,
                         "tenants": {"heavy": 10, "light": 1}},
            "ten_to_one": {"cpu_smollm2": ten_to_one(cpu_smollm2, 8.0), "a100_llama3_8b": ten_to_one(a100_llama3_8b, 50.0)},
-           "prefill_heavy_cpu_smollm2": prefill_heavy()}
+           # Prefill-heavy (1,024-token prompts, 64 out): where a prefill cap does not help.
+           "prefill_heavy_cpu_smollm2": {"prompt_len": 1024, "output_len": 64,
+                                         **ten_to_one(cpu_smollm2, 2.0, n=400, prompt=1024, output=64)}}
     weighted = with_tenants(synthetic("poisson", N, 8.0, PROMPT, OUTPUT, seed=1, len_jitter=0.5),
                             {"gold": 1, "bronze": 1}, {"gold": 3, "bronze": 1}, seed=1)
     w = cpu_smollm2("vtc").run(weighted)[0]["tenants"]
